@@ -1,0 +1,122 @@
+"""Command line: ``python -m kaggle_utils <command> [--help]``.
+
+Each command is a pair of functions here: ``_args_<name>(parser)`` declares its arguments and
+``_run_<name>(args) -> int`` maps them onto the library call. Heavy imports (torch) happen inside
+the run functions so ``--help`` and the data commands start fast. Library errors that describe bad
+input (:class:`~kaggle_utils.data.DataError`, :class:`~kaggle_utils.config.ConfigError`) are
+printed as one line and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+# ----------------------------------------------------------------------------------------------
+# synth
+# ----------------------------------------------------------------------------------------------
+
+
+def _args_synth(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, type=Path, help="output folder (competition layout)")
+    p.add_argument("--n-train", type=int, default=8, help="number of training volumes")
+    p.add_argument("--n-test", type=int, default=2, help="number of test volumes")
+    p.add_argument("--size", type=int, default=128, help="edge length S of most volumes (some are 0.8*S)")
+    p.add_argument("--n-scrolls", type=int, default=4, help="number of distinct scroll_ids")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
+    p.add_argument("--preview", type=Path, default=None, help="also save a slice montage PNG here")
+
+
+def _run_synth(args: argparse.Namespace) -> int:
+    from .synthetic import generate_dataset, save_preview
+
+    root = generate_dataset(
+        args.out, n_train=args.n_train, n_test=args.n_test, size=args.size,
+        n_scrolls=args.n_scrolls, seed=args.seed,
+    )
+    print(f"wrote synthetic competition data to {root}")
+    if args.preview is not None:
+        save_preview(root, args.preview)
+        print(f"wrote preview {args.preview}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# check-data
+# ----------------------------------------------------------------------------------------------
+
+
+def _args_check_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data_dir", type=Path, help="competition-layout folder (train.csv, train_images/, ...)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _run_check_data(args: argparse.Namespace) -> int:
+    from .data import check_data
+
+    rows = check_data(args.data_dir)
+    n_bad = sum(bool(r["problems"]) for r in rows)
+    if args.json:
+        print(json.dumps({"volumes": rows, "n_problems": n_bad}, indent=1, default=str))
+        return 1 if n_bad else 0
+    print(f"{'split':5} {'id':>14} {'scroll':>7} {'shape':>16} {'dtype':>6} {'bg%':>6} {'surf%':>6} {'ign%':>6}  problems")
+    for r in rows:
+        shares = [f"{100 * r[k]:6.1f}" if r[k] is not None else f"{'-':>6}" for k in ("share0", "share1", "share2")]
+        shape = "x".join(map(str, r["shape"])) if r["shape"] else "-"
+        print(f"{r['split']:5} {r['id']:>14} {r['scroll_id']:>7} {shape:>16} {str(r['dtype'] or '-'):>6} "
+              f"{' '.join(shares)}  {'; '.join(r['problems']) or 'ok'}")
+    labelled = [r for r in rows if r["share1"] is not None]
+    if labelled:
+        for k, name in (("share0", "background"), ("share1", "surface"), ("share2", "ignore")):
+            vals = [100 * r[k] for r in labelled]
+            print(f"{name:>10} share over {len(vals)} labelled volumes: "
+                  f"min {min(vals):.1f}%  mean {sum(vals) / len(vals):.1f}%  max {max(vals):.1f}%")
+    print(f"{len(rows)} volume(s), {n_bad} with problems")
+    return 1 if n_bad else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# registry
+# ----------------------------------------------------------------------------------------------
+
+_Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+
+COMMANDS: list[_Command] = [
+    ("synth", "write a synthetic dataset in the competition layout", _args_synth, _run_synth),
+    ("check-data", "validate a competition-layout folder and report label shares", _args_check_data, _run_check_data),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m kaggle_utils",
+        description="Vesuvius Challenge - Surface Detection toolkit: data, training, inference, scoring.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, help_text, add_args, run in COMMANDS:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(p)
+        p.set_defaults(_run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .config import ConfigError
+    from .data import DataError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except (DataError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,493 @@
+"""Competition data I/O: volumes, the dataset index, scroll-grouped folds, intensity normalization.
+
+Volumes are numpy ``uint8 (Z, Y, X)`` arrays on disk and in memory (axis order z, y, x as Kaggle
+ships them). Labels are ``uint8 (Z, Y, X)`` with values ``0`` background, ``1`` surface and
+``2`` unlabeled (:data:`IGNORE_LABEL`).
+
+Every problem with the input raises :class:`DataError` whose message names the file and the
+problem, never a traceback from deep inside numpy or tifffile.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+__all__ = [
+    "KAGGLE_SLUG",
+    "IGNORE_LABEL",
+    "LABEL_VALUES",
+    "DataError",
+    "VolumeRecord",
+    "DatasetIndex",
+    "read_volume",
+    "read_label",
+    "write_volume",
+    "atomic_path",
+    "find_data_root",
+    "load_index",
+    "make_folds",
+    "split_fold",
+    "IntensityStats",
+    "intensity_stats",
+    "normalize_intensity",
+    "label_shares",
+    "check_data",
+]
+
+KAGGLE_SLUG = "vesuvius-challenge-surface-detection"
+IGNORE_LABEL = 2
+LABEL_VALUES = (0, 1, 2)
+
+
+class DataError(ValueError):
+    """Bad competition data. The message names the file (or CSV) and what is wrong with it."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Volumes
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_is_file(path: Path) -> None:
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, expected a TIFF file")
+
+
+def read_volume(path: str | os.PathLike) -> np.ndarray:
+    """Read one competition volume (image or label) from a multi-page TIFF.
+
+    Args:
+        path: ``.tif`` file (LZW-compressed TIFFs need ``imagecodecs``).
+
+    Returns:
+        ``uint8 (Z, Y, X)`` array.
+
+    Raises:
+        DataError: missing file, directory, truncated/corrupt TIFF, not 3D, not uint8.
+    """
+    import tifffile
+
+    path = Path(path)
+    _check_is_file(path)
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: empty file (0 bytes), expected a TIFF volume")
+    try:
+        with tifffile.TiffFile(path) as tif:
+            n_pages = len(tif.pages)
+            volume = tif.asarray()
+    except Exception as exc:  # tifffile raises many types for broken files
+        raise DataError(
+            f"{path}: cannot read TIFF, file truncated or corrupt ({type(exc).__name__}: {exc})"
+        ) from None
+    if volume.ndim != 3:
+        raise DataError(
+            f"{path}: expected a 3D volume (z, y, x), got {volume.ndim}D array of shape "
+            f"{tuple(volume.shape)} ({n_pages} page(s))"
+        )
+    if volume.dtype != np.uint8:
+        raise DataError(f"{path}: expected dtype uint8, got {volume.dtype}")
+    return np.ascontiguousarray(volume)
+
+
+def read_label(path: str | os.PathLike) -> np.ndarray:
+    """Read a label volume and check its values are in ``{0, 1, 2}``.
+
+    Returns:
+        ``uint8 (Z, Y, X)`` array with values 0 (background), 1 (surface), 2 (ignore).
+    """
+    label = read_volume(path)
+    if label.size and int(label.max()) > 2:
+        values = np.flatnonzero(np.bincount(label.ravel(), minlength=256))
+        bad = [int(v) for v in values if v > 2]
+        raise DataError(
+            f"{path}: label values must be in {{0, 1, 2}}, found {bad[:10]}"
+            + (" ..." if len(bad) > 10 else "")
+        )
+    return label
+
+
+class atomic_path:
+    """Context manager yielding a temporary path beside ``path``; renamed onto it on success.
+
+    A killed or failing write leaves no half-written file at ``path``::
+
+        with atomic_path("sub.zip") as tmp:
+            write_zip(tmp)
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(
+            prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent
+        )
+        os.close(fd)
+        self.tmp = Path(name)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        assert self.tmp is not None
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
+def write_volume(path: str | os.PathLike, volume: np.ndarray, compression: str | None = "lzw") -> Path:
+    """Write a ``uint8 (Z, Y, X)`` volume as a multi-page TIFF, atomically.
+
+    Args:
+        path: destination ``.tif``.
+        volume: ``uint8 (Z, Y, X)`` array.
+        compression: tifffile compression (``"lzw"`` as the competition files, or ``None``).
+    """
+    import tifffile
+
+    volume = np.asarray(volume)
+    if volume.ndim != 3:
+        raise DataError(f"{path}: refusing to write a {volume.ndim}D array, expected (z, y, x)")
+    if volume.dtype != np.uint8:
+        raise DataError(f"{path}: refusing to write dtype {volume.dtype}, expected uint8")
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(tmp, volume, compression=compression, photometric="minisblack")
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset index
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VolumeRecord:
+    """One row of ``train.csv``/``test.csv`` with its files."""
+
+    id: str
+    scroll_id: str
+    image_path: Path
+    label_path: Path | None = None
+
+
+@dataclass
+class DatasetIndex:
+    """The volumes of one split (``train`` or ``test``) of a competition-layout folder."""
+
+    root: Path
+    split: str
+    records: list[VolumeRecord]
+    skipped: list[str] = field(default_factory=list)  # ids listed but deprecated (no file)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[VolumeRecord]:
+        return iter(self.records)
+
+    def __getitem__(self, i: int) -> VolumeRecord:
+        return self.records[i]
+
+    @property
+    def ids(self) -> list[str]:
+        return [r.id for r in self.records]
+
+    @property
+    def scroll_ids(self) -> list[str]:
+        return sorted({r.scroll_id for r in self.records})
+
+    def by_id(self, volume_id: str) -> VolumeRecord:
+        for r in self.records:
+            if r.id == volume_id:
+                return r
+        raise KeyError(f"id {volume_id!r} not in {self.root / (self.split + '.csv')}")
+
+    def subset(self, ids: Sequence[str]) -> "DatasetIndex":
+        wanted = set(ids)
+        return DatasetIndex(self.root, self.split, [r for r in self.records if r.id in wanted])
+
+
+_KAGGLE_CANDIDATES = (
+    f"/kaggle/input/{KAGGLE_SLUG}",
+    f"/kaggle/input/competitions/{KAGGLE_SLUG}",
+)
+
+
+def find_data_root(explicit: str | os.PathLike | None = None) -> Path:
+    """Locate the competition folder.
+
+    Order: ``explicit`` if given; the Kaggle mounts ``/kaggle/input/<slug>`` and
+    ``/kaggle/input/competitions/<slug>``; any ``/kaggle/input/**/test.csv`` beside a
+    ``test_images`` folder.
+    """
+    if explicit is not None:
+        root = Path(explicit)
+        if not root.is_dir():
+            raise DataError(f"{root}: data directory not found")
+        return root
+    for cand in _KAGGLE_CANDIDATES:
+        if Path(cand, "test.csv").is_file():
+            return Path(cand)
+    for csv_path in sorted(glob.glob("/kaggle/input/**/test.csv", recursive=True)):
+        if Path(csv_path).with_name("test_images").is_dir():
+            return Path(csv_path).parent
+    raise DataError(
+        "competition data not found: pass --data-dir, or attach the competition to the notebook "
+        f"(looked in {', '.join(_KAGGLE_CANDIDATES)} and /kaggle/input/**/test.csv)"
+    )
+
+
+def _read_csv(csv_path: Path) -> list[dict[str, str]]:
+    if not csv_path.exists():
+        raise DataError(f"{csv_path}: CSV file not found")
+    if csv_path.is_dir():
+        raise DataError(f"{csv_path}: is a directory, expected a CSV file")
+    with open(csv_path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames:
+            raise DataError(f"{csv_path}: empty CSV (no header), expected columns id,scroll_id")
+        fields = [f.strip() for f in reader.fieldnames]
+        if "id" not in fields:
+            raise DataError(f"{csv_path}: no 'id' column (columns: {fields})")
+        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    if not rows:
+        raise DataError(f"{csv_path}: CSV has a header but no rows")
+    seen: set[str] = set()
+    for i, row in enumerate(rows, start=2):
+        if not row.get("id"):
+            raise DataError(f"{csv_path}: line {i} has an empty id")
+        if row["id"] in seen:
+            raise DataError(f"{csv_path}: id {row['id']!r} listed twice (line {i})")
+        seen.add(row["id"])
+    return rows
+
+
+def load_index(root: str | os.PathLike, split: str = "train", check_files: bool = True) -> DatasetIndex:
+    """Build the index of one split of a competition-layout folder.
+
+    Layout: ``{split}.csv`` (columns ``id,scroll_id``), ``{split}_images/{id}.tif`` and, for
+    ``train``, ``train_labels/{id}.tif``. Train ids whose image lives only under a
+    ``deprecated_train_*`` folder are left out and listed in ``index.skipped``.
+
+    Raises:
+        DataError: missing/empty CSV, an id without its image or label file, an image without
+            an id, a directory where a file should be.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: data directory not found")
+    csv_path = root / f"{split}.csv"
+    rows = _read_csv(csv_path)
+    img_dir = root / f"{split}_images"
+    lbl_dir = root / "train_labels" if split == "train" else None
+    if check_files and not img_dir.is_dir():
+        raise DataError(f"{img_dir}: image folder not found (listed by {csv_path})")
+    deprecated = {p.stem for p in root.glob(f"deprecated_{split}_*/*.tif")}
+    records: list[VolumeRecord] = []
+    skipped: list[str] = []
+    missing: list[str] = []
+    for row in rows:
+        vid = row["id"]
+        image_path = img_dir / f"{vid}.tif"
+        label_path = lbl_dir / f"{vid}.tif" if lbl_dir is not None else None
+        if check_files:
+            if not image_path.exists():
+                if vid in deprecated:
+                    skipped.append(vid)
+                    continue
+                missing.append(str(image_path))
+                continue
+            if image_path.is_dir():
+                raise DataError(f"{image_path}: is a directory, expected a TIFF file")
+            if label_path is not None:
+                if not label_path.exists():
+                    raise DataError(f"{label_path}: label file not found for id {vid!r} of {csv_path}")
+                if label_path.is_dir():
+                    raise DataError(f"{label_path}: is a directory, expected a TIFF file")
+        records.append(VolumeRecord(vid, row.get("scroll_id", ""), image_path, label_path))
+    if missing:
+        raise DataError(
+            f"{csv_path}: {len(missing)} id(s) without an image file, e.g. {missing[:3]}"
+        )
+    if check_files:
+        listed = {r.id for r in records} | set(skipped)
+        orphans = sorted(p.name for p in img_dir.glob("*.tif") if p.stem not in listed)
+        if orphans:
+            raise DataError(
+                f"{img_dir}: {len(orphans)} file(s) without an id in {csv_path.name}, e.g. {orphans[:3]}"
+            )
+    return DatasetIndex(root, split, records, skipped)
+
+
+# ----------------------------------------------------------------------------------------------
+# Folds
+# ----------------------------------------------------------------------------------------------
+
+
+def make_folds(index: DatasetIndex, n_folds: int = 5) -> dict[str, int]:
+    """Assign every volume a fold, grouped by ``scroll_id`` (a scroll is in exactly one fold).
+
+    Deterministic: scrolls are taken largest first (ties by scroll id) and each goes to the fold
+    holding the fewest volumes so far (ties by fold number).
+
+    Returns:
+        ``{volume_id: fold}`` with folds ``0 .. n_folds-1``.
+    """
+    counts: dict[str, int] = {}
+    for r in index:
+        counts[r.scroll_id] = counts.get(r.scroll_id, 0) + 1
+    if n_folds < 2:
+        raise ValueError(f"n_folds must be >= 2, got {n_folds}")
+    if len(counts) < n_folds:
+        raise DataError(
+            f"{index.root / (index.split + '.csv')}: {len(counts)} scroll_id(s) {sorted(counts)} "
+            f"cannot make {n_folds} scroll-grouped folds; use n_folds <= {len(counts)}"
+        )
+    sizes = [0] * n_folds
+    scroll_fold: dict[str, int] = {}
+    for scroll in sorted(counts, key=lambda s: (-counts[s], s)):
+        fold = min(range(n_folds), key=lambda f: (sizes[f], f))
+        scroll_fold[scroll] = fold
+        sizes[fold] += counts[scroll]
+    return {r.id: scroll_fold[r.scroll_id] for r in index}
+
+
+def split_fold(index: DatasetIndex, fold: int, n_folds: int = 5) -> tuple[DatasetIndex, DatasetIndex]:
+    """Return ``(train_index, val_index)`` for ``fold`` of :func:`make_folds`."""
+    if not 0 <= fold < n_folds:
+        raise ValueError(f"fold must be in 0..{n_folds - 1}, got {fold}")
+    folds = make_folds(index, n_folds)
+    train = [r.id for r in index if folds[r.id] != fold]
+    val = [r.id for r in index if folds[r.id] == fold]
+    return index.subset(train), index.subset(val)
+
+
+# ----------------------------------------------------------------------------------------------
+# Intensity normalization (the one function shared by training and inference)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IntensityStats:
+    """Per-volume intensity statistics: clip window ``[lo, hi]`` and ``mean``/``std`` inside it."""
+
+    lo: float
+    hi: float
+    mean: float
+    std: float
+
+
+def intensity_stats(volume: np.ndarray, clip_percentiles: tuple[float, float] = (0.5, 99.5)) -> IntensityStats:
+    """Statistics of a ``uint8 (Z, Y, X)`` volume from its 256-bin histogram (exact, one pass).
+
+    The clip window is the given percentiles; mean and std are those of the clipped volume.
+    """
+    volume = np.asarray(volume)
+    if volume.dtype != np.uint8:
+        raise DataError(f"intensity_stats expects a uint8 volume, got {volume.dtype}")
+    hist = np.bincount(volume.ravel(), minlength=256).astype(np.float64)
+    cdf = np.cumsum(hist) / max(hist.sum(), 1.0)
+    lo = float(np.searchsorted(cdf, clip_percentiles[0] / 100.0))
+    hi = float(np.searchsorted(cdf, clip_percentiles[1] / 100.0))
+    values = np.clip(np.arange(256, dtype=np.float64), lo, hi)
+    n = max(hist.sum(), 1.0)
+    mean = float((hist * values).sum() / n)
+    std = float(np.sqrt(max((hist * (values - mean) ** 2).sum() / n, 0.0)))
+    return IntensityStats(lo, hi, mean, max(std, 1e-3))
+
+
+def normalize_intensity(
+    volume: np.ndarray,
+    stats: IntensityStats | None = None,
+    mode: str = "zscore",
+) -> np.ndarray:
+    """Map raw ``uint8`` CT intensities to the network's input range. Used by training AND inference.
+
+    Args:
+        volume: ``uint8`` array of any shape (a whole volume or a patch of it).
+        stats: statistics of the *whole* volume the array comes from (so a patch is normalized
+            exactly as the same voxels are at inference); computed from ``volume`` when ``None``.
+        mode: ``"zscore"`` (default; clip to the volume's 0.5-99.5 percentiles, subtract mean,
+            divide by std: robust to the per-scroll brightness differences) or ``"fixed"``
+            (``x / 127.5 - 1``, no statistics).
+
+    Returns:
+        ``float32`` array of the same shape.
+    """
+    volume = np.asarray(volume)
+    if mode == "fixed":
+        return volume.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    if mode != "zscore":
+        raise ValueError(f"normalization mode must be 'zscore' or 'fixed', got {mode!r}")
+    if stats is None:
+        stats = intensity_stats(volume)
+    out = np.clip(volume.astype(np.float32), stats.lo, stats.hi)
+    out -= np.float32(stats.mean)
+    out /= np.float32(stats.std)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Checking a dataset
+# ----------------------------------------------------------------------------------------------
+
+
+def label_shares(label: np.ndarray) -> tuple[float, float, float]:
+    """Shares of label values 0, 1, 2 in a ``uint8`` label volume."""
+    counts = np.bincount(np.asarray(label).ravel(), minlength=3)[:3].astype(np.float64)
+    total = max(float(label.size), 1.0)
+    return tuple(float(c / total) for c in counts)  # type: ignore[return-value]
+
+
+def check_data(root: str | os.PathLike, splits: Sequence[str] = ("train", "test")) -> list[dict]:
+    """Validate a competition-layout folder volume by volume.
+
+    Returns one dict per volume: ``split, id, scroll_id, shape, dtype, share0, share1, share2,
+    problems`` (a list of messages; empty when the volume is fine). Problems with the CSVs or the
+    file lists raise :class:`DataError`.
+    """
+    from tqdm.auto import tqdm
+
+    rows: list[dict] = []
+    for split in splits:
+        if split == "test" and not (Path(root) / "test.csv").exists():
+            continue
+        index = load_index(root, split)
+        for rec in tqdm(index.records, desc=f"check {split}", unit="vol", leave=False):
+            row: dict = {
+                "split": split, "id": rec.id, "scroll_id": rec.scroll_id,
+                "shape": None, "dtype": None, "share0": None, "share1": None, "share2": None,
+                "problems": [],
+            }
+            try:
+                image = read_volume(rec.image_path)
+                row["shape"], row["dtype"] = tuple(image.shape), str(image.dtype)
+            except DataError as exc:
+                row["problems"].append(str(exc))
+                image = None
+            if rec.label_path is not None:
+                try:
+                    label = read_label(rec.label_path)
+                    row["share0"], row["share1"], row["share2"] = label_shares(label)
+                    if image is not None and label.shape != image.shape:
+                        row["problems"].append(
+                            f"{rec.label_path}: label shape {tuple(label.shape)} != image shape "
+                            f"{tuple(image.shape)} ({rec.image_path.name})"
+                        )
+                except DataError as exc:
+                    row["problems"].append(str(exc))
+            rows.append(row)
+    return rows
