@@ -82,6 +82,31 @@ def _run_check_data(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# diagnose
+# ----------------------------------------------------------------------------------------------
+
+
+def _args_diagnose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pred", type=Path, help="submission.zip or folder of {id}.tif / {id}.npy predictions")
+    p.add_argument("--data-dir", type=Path, default=None, help="competition-layout folder (labels of train ids are used)")
+    p.add_argument("--out", type=Path, default=Path("report.png"), help="report PNG to write")
+
+
+def _run_diagnose(args: argparse.Namespace) -> int:
+    from .diagnostics import diagnose
+
+    verdict, rows = diagnose(args.pred, args.data_dir, args.out)
+    print(f"{'id':>14} {'fg%':>8} {'label%':>8} {'prob std':>9}")
+    for r in rows:
+        lab = f"{100 * r['label_fg']:8.2f}" if r["label_fg"] is not None else f"{'-':>8}"
+        ps = f"{r['prob_std']:9.4f}" if r["prob_std"] is not None else f"{'-':>9}"
+        print(f"{r['id']:>14} {100 * r['fg']:8.2f} {lab} {ps}")
+    print(verdict)
+    print(f"wrote {args.out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # registry
 # ----------------------------------------------------------------------------------------------
 
@@ -90,6 +115,7 @@ _Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[
 COMMANDS: list[_Command] = [
     ("synth", "write a synthetic dataset in the competition layout", _args_synth, _run_synth),
     ("check-data", "validate a competition-layout folder and report label shares", _args_check_data, _run_check_data),
+    ("diagnose", "per-volume foreground shares, collapse verdict and a report PNG", _args_diagnose, _run_diagnose),
 ]
 
 

@@ -1,0 +1,407 @@
+"""Diagnostics: catch a collapsed model at a glance.
+
+The failure this project exists to prevent: a model trained with label 2 ("unlabeled") as surface
+learns that ~58 % of voxels are foreground and predicts ~99.9 % foreground everywhere. The numbers
+that show it are the per-volume predicted foreground shares compared with the labelled surface
+share of the same volumes (:func:`collapse_verdict`, :func:`plot_fg_histogram`).
+
+Shares are measured over **labelled** voxels (label != ignore) when labels are known: there the
+surface share is about 10-25 % (surface 4-9 % of all voxels, background 25-39 %). Without labels
+(test predictions) they are shares of the whole volume and are compared with
+:data:`TYPICAL_SURFACE_SHARE`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .data import IGNORE_LABEL, DataError, load_index, read_label, read_volume
+
+__all__ = [
+    "TYPICAL_SURFACE_SHARE",
+    "CollapseVerdict",
+    "fg_fraction",
+    "surface_share",
+    "collapse_verdict",
+    "plot_fg_histogram",
+    "plot_montage",
+    "plot_training_log",
+    "plot_prob_histogram",
+    "load_predictions",
+    "diagnose",
+]
+
+#: Range of the surface share of whole volumes in the competition's training labels.
+TYPICAL_SURFACE_SHARE = (0.04, 0.09)
+
+
+@dataclass
+class CollapseVerdict:
+    """Outcome of :func:`collapse_verdict`.
+
+    ``kind`` is ``"healthy"``, ``"foreground"`` (far too much foreground), ``"empty"`` (almost
+    nothing predicted), ``"uniform"`` (the same share for every volume whatever its content) or
+    ``"constant"`` (probabilities barely vary inside volumes).
+    """
+
+    collapsed: bool
+    kind: str
+    reasons: list[str] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        s = self.stats
+        head = "COLLAPSE (" + self.kind + ")" if self.collapsed else "healthy"
+        nums = (
+            f"predicted fg {100 * s.get('pred_fg_mean', float('nan')):.2f}% mean "
+            f"[{100 * s.get('pred_fg_min', float('nan')):.2f}-{100 * s.get('pred_fg_max', float('nan')):.2f}%] over "
+            f"{s.get('n_volumes', 0)} volume(s)"
+        )
+        if s.get("label_fg_mean") is not None:
+            nums += f", labelled surface {100 * s['label_fg_mean']:.2f}% mean, ratio {s['ratio']:.2f}x"
+        return f"{head}: {nums}" + (" | " + "; ".join(self.reasons) if self.reasons else "")
+
+
+def fg_fraction(pred: np.ndarray, label: np.ndarray | None = None, ignore_label: int | None = IGNORE_LABEL) -> float:
+    """Share of foreground (non-zero) voxels of ``pred`` ``(Z,Y,X)``.
+
+    With ``label`` (same shape, uint8), the share is taken over labelled voxels only
+    (``label != ignore_label``); ``nan`` if there are none.
+    """
+    fg = np.asarray(pred) != 0
+    if label is None or ignore_label is None:
+        return float(fg.mean()) if fg.size else float("nan")
+    if np.shape(label) != fg.shape:
+        raise ValueError(f"prediction shape {fg.shape} != label shape {np.shape(label)}")
+    valid = np.asarray(label) != ignore_label
+    n = int(valid.sum())
+    return float((fg & valid).sum() / n) if n else float("nan")
+
+
+def surface_share(label: np.ndarray, ignore_label: int | None = IGNORE_LABEL) -> float:
+    """Share of surface (label 1) among labelled voxels of a ``uint8 (Z,Y,X)`` label volume."""
+    label = np.asarray(label)
+    return fg_fraction(label == 1, label, ignore_label)
+
+
+def collapse_verdict(
+    pred_fg: Sequence[float],
+    label_fg: Sequence[float] | None = None,
+    *,
+    prob_std: Sequence[float] | None = None,
+    max_ratio: float = 3.0,
+    max_fg: float = 0.5,
+    min_ratio: float = 0.05,
+    uniform_rel_spread: float = 0.1,
+    min_prob_std: float = 0.02,
+) -> CollapseVerdict:
+    """Decide whether per-volume predictions look collapsed.
+
+    Args:
+        pred_fg: predicted foreground share per volume (over labelled voxels when labels exist).
+        label_fg: labelled surface share of the same volumes (same voxels); ``None`` for test
+            predictions, then :data:`TYPICAL_SURFACE_SHARE` is the reference.
+        prob_std: optional standard deviation of the probabilities inside each volume.
+        max_ratio: collapse if the mean predicted share exceeds ``max_ratio`` x the labelled share.
+        max_fg: collapse if the mean predicted share exceeds this absolute share.
+        min_ratio: "empty" collapse below ``min_ratio`` x the labelled share.
+        uniform_rel_spread: "uniform" if the spread (std) of predicted shares across >= 4 volumes is
+            below this fraction of the labelled shares' spread while those vary.
+        min_prob_std: "constant" if the mean within-volume probability std is below this.
+    """
+    p = np.asarray([x for x in pred_fg], dtype=np.float64)
+    p = p[np.isfinite(p)]
+    if p.size == 0:
+        raise ValueError("collapse_verdict needs at least one finite predicted foreground share")
+    stats: dict = {
+        "n_volumes": int(p.size), "pred_fg_mean": float(p.mean()), "pred_fg_min": float(p.min()),
+        "pred_fg_max": float(p.max()), "pred_fg_std": float(p.std()), "label_fg_mean": None,
+    }
+    if label_fg is not None:
+        lab = np.asarray(label_fg, dtype=np.float64)
+        lab = lab[np.isfinite(lab)]
+        ref, ref_std = float(lab.mean()), float(lab.std())
+        stats["label_fg_mean"], stats["label_fg_std"] = ref, ref_std
+    else:
+        ref, ref_std = float(np.mean(TYPICAL_SURFACE_SHARE)), 0.0
+        stats["reference_share"] = ref
+    stats["ratio"] = float(p.mean() / ref) if ref > 0 else float("inf")
+    reasons: list[str] = []
+    kind = "healthy"
+    if p.mean() > max_fg:
+        kind = "foreground"
+        reasons.append(f"mean predicted foreground {100 * p.mean():.1f}% > {100 * max_fg:.0f}%")
+    if ref > 0 and p.mean() > max_ratio * ref:
+        kind = "foreground"
+        reasons.append(f"predicted foreground is {p.mean() / ref:.1f}x the {'labelled' if label_fg is not None else 'typical'} "
+                       f"surface share ({100 * ref:.1f}%), limit {max_ratio:g}x")
+    if kind == "healthy" and ref > 0 and p.mean() < min_ratio * ref:
+        kind = "empty"
+        reasons.append(f"predicted foreground {100 * p.mean():.3f}% is under {min_ratio:g}x the surface share ({100 * ref:.1f}%)")
+    if kind == "healthy" and p.size >= 4 and ref_std > 0 and p.std() < uniform_rel_spread * ref_std:
+        kind = "uniform"
+        reasons.append(f"predicted share barely varies across volumes (std {100 * p.std():.3f}% vs labelled std "
+                       f"{100 * ref_std:.2f}%): the prediction ignores the input")
+    if prob_std is not None:
+        s = float(np.nanmean(np.asarray(prob_std, dtype=np.float64)))
+        stats["prob_std_mean"] = s
+        if kind == "healthy" and s < min_prob_std:
+            kind = "constant"
+            reasons.append(f"probabilities nearly constant inside volumes (mean std {s:.4f} < {min_prob_std})")
+    return CollapseVerdict(kind != "healthy", kind, reasons, stats)
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures
+# ----------------------------------------------------------------------------------------------
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: str | os.PathLike | None):
+    if out is not None:
+        from .data import atomic_path
+
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    return fig
+
+
+def plot_fg_histogram(pred_fg: Sequence[float], label_fg: Sequence[float] | None = None, out=None, ax=None,
+                      verdict: CollapseVerdict | None = None):
+    """Histogram of per-volume predicted foreground % beside the labelled surface % (collapse at a glance)."""
+    plt = _plt()
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    p = 100 * np.asarray(pred_fg, dtype=float)
+    bins = np.linspace(0, 100, 51)
+    ax.hist(p, bins=bins, alpha=0.7, color="tab:red", label=f"predicted fg (n={p.size})")
+    if label_fg is not None:
+        ax.hist(100 * np.asarray(label_fg, dtype=float), bins=bins, alpha=0.6, color="tab:blue", label="labelled surface")
+    else:
+        lo, hi = (100 * x for x in TYPICAL_SURFACE_SHARE)
+        ax.axvspan(lo, hi, color="tab:blue", alpha=0.2, label="typical surface share")
+    verdict = verdict or collapse_verdict(pred_fg, label_fg)
+    ax.set_title(("COLLAPSE: " + verdict.kind) if verdict.collapsed else "healthy",
+                 color="tab:red" if verdict.collapsed else "tab:green")
+    ax.set_xlabel("foreground share per volume (%)")
+    ax.set_ylabel("volumes")
+    ax.legend(fontsize=8)
+    return _save(fig if fig is not None else ax.figure, out)
+
+
+def plot_montage(image: np.ndarray, label: np.ndarray | None = None, prob: np.ndarray | None = None,
+                 pred: np.ndarray | None = None, slices: Sequence[int] | None = None, out=None, title: str = ""):
+    """Rows of z-slices: image, label (0 black, 1 white, 2 grey), probability, binary prediction."""
+    plt = _plt()
+    z = image.shape[0]
+    slices = list(slices) if slices is not None else [z // 4, z // 2, (3 * z) // 4]
+    panels = [("image", image, "gray", None)]
+    if label is not None:
+        panels.append(("label (2=grey)", np.where(label == 2, 0.5, label == 1).astype(float), "gray", (0, 1)))
+    if prob is not None:
+        panels.append(("probability", prob, "magma", (0, 1)))
+    if pred is not None:
+        panels.append(("prediction", (np.asarray(pred) != 0).astype(float), "gray", (0, 1)))
+    fig, axes = plt.subplots(len(slices), len(panels), figsize=(2.6 * len(panels), 2.6 * len(slices)), squeeze=False)
+    for r, zi in enumerate(slices):
+        for c, (name, vol, cmap, lim) in enumerate(panels):
+            ax = axes[r][c]
+            kw = {} if lim is None else {"vmin": lim[0], "vmax": lim[1]}
+            ax.imshow(np.asarray(vol)[zi], cmap=cmap, **kw)
+            ax.set_xticks([]), ax.set_yticks([])
+            if r == 0:
+                ax.set_title(name, fontsize=9)
+            if c == 0:
+                ax.set_ylabel(f"z={zi}", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, out)
+
+
+def _read_jsonl(path) -> list[dict]:
+    rows = []
+    with open(path) as fh:
+        for line in fh:
+            line = line.strip()
+            if line:
+                rows.append(json.loads(line))
+    return rows
+
+
+def _flatten(row: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in row.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None and math.isfinite(v):
+            flat[prefix + k] = float(v)
+    return flat
+
+
+def plot_training_log(metrics_jsonl: str | os.PathLike, out=None):
+    """Loss-part curves (left) and validation metrics (right) from a run's ``metrics.jsonl``."""
+    plt = _plt()
+    rows = [_flatten(r) for r in _read_jsonl(metrics_jsonl)]
+    fig, (ax_l, ax_v) = plt.subplots(1, 2, figsize=(11, 3.8))
+    keys = sorted({k for r in rows for k in r} - {"epoch"})
+    x_of = lambda r, i: r.get("epoch", i)  # noqa: E731
+    for k in keys:
+        pts = [(x_of(r, i), r[k]) for i, r in enumerate(rows) if k in r]
+        if not pts:
+            continue
+        ax = ax_v if k.startswith("val") else ax_l
+        if k in ("lr", "time_s", "seconds") or k.endswith("lr"):
+            continue
+        ax.plot(*zip(*pts), marker="o", ms=3, label=k)
+    ax_l.set_title("training loss and parts"), ax_l.set_xlabel("epoch"), ax_l.legend(fontsize=7)
+    ax_v.set_title("validation"), ax_v.set_xlabel("epoch"), ax_v.legend(fontsize=7)
+    return _save(fig, out)
+
+
+def plot_prob_histogram(probs: Iterable[np.ndarray], out=None, ax=None):
+    """Histogram (log counts) of predicted probabilities pooled over volumes."""
+    plt = _plt()
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    bins = np.linspace(0, 1, 51)
+    counts = np.zeros(50)
+    for p in probs:
+        counts += np.histogram(np.asarray(p, dtype=np.float32), bins=bins)[0]
+    ax.bar(bins[:-1], counts, width=bins[1] - bins[0], align="edge", color="tab:purple")
+    ax.set_yscale("log")
+    ax.set_xlabel("probability"), ax.set_ylabel("voxels"), ax.set_title("probability histogram")
+    return _save(fig if fig is not None else ax.figure, out)
+
+
+# ----------------------------------------------------------------------------------------------
+# diagnose: predictions on disk → verdict + report
+# ----------------------------------------------------------------------------------------------
+
+
+def load_predictions(source: str | os.PathLike) -> Iterable[tuple[str, np.ndarray]]:
+    """Yield ``(id, volume)`` from a ``submission.zip``, or a folder of ``{id}.tif`` / ``{id}.npy``.
+
+    Volumes are returned as stored: uint8 binary/probability TIFFs, float TIFFs or float16 ``.npy``.
+    """
+    import tifffile
+
+    source = Path(source)
+    if source.is_file() and source.suffix == ".zip":
+        with zipfile.ZipFile(source) as zf:
+            for name in sorted(zf.namelist()):
+                if name.endswith(".tif"):
+                    yield Path(name).stem, tifffile.imread(io.BytesIO(zf.read(name)))
+        return
+    if source.is_dir():
+        files = sorted(source.glob("*.tif")) + sorted(source.glob("*.npy"))
+        if not files:
+            raise DataError(f"{source}: no .tif or .npy predictions found")
+        for f in files:
+            yield f.stem, (np.load(f) if f.suffix == ".npy" else tifffile.imread(f))
+        return
+    raise DataError(f"{source}: expected a submission .zip or a folder of .tif/.npy predictions")
+
+
+def _to_prob(vol: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    """(probability or None, binary) from a stored prediction volume."""
+    vol = np.asarray(vol)
+    if vol.dtype.kind == "f":
+        prob = np.nan_to_num(vol.astype(np.float32))
+        return prob, prob > 0.5
+    if vol.dtype == np.uint8 and vol.max(initial=0) > 1:  # uint8-quantized probabilities
+        prob = vol.astype(np.float32) / 255.0
+        return prob, prob > 0.5
+    return None, vol != 0
+
+
+def diagnose(pred_source, data_dir=None, out_png=None, ids: Sequence[str] | None = None):
+    """Per-volume foreground shares of stored predictions, a collapse verdict and a report PNG.
+
+    Args:
+        pred_source: ``submission.zip`` or folder of ``{id}.tif``/``{id}.npy`` (binary or probabilities).
+        data_dir: competition-layout folder; labels of train ids are used when present.
+        out_png: where to write the report (histogram, probability histogram, montage of the first id).
+        ids: restrict to these ids.
+
+    Returns:
+        ``(verdict, rows)`` with one dict per volume: id, fg (share), label_fg, prob_std.
+    """
+    labels = {}
+    images = {}
+    if data_dir is not None:
+        for split in ("train", "test"):
+            try:
+                index = load_index(data_dir, split)
+            except DataError:
+                continue
+            for r in index:
+                images[r.id] = r.image_path
+                if r.label_path is not None:
+                    labels[r.id] = r.label_path
+    rows, probs_for_hist, first = [], [], None
+    for vid, vol in load_predictions(pred_source):
+        if ids is not None and vid not in ids:
+            continue
+        prob, binary = _to_prob(vol)
+        label = read_label(labels[vid]) if vid in labels else None
+        if label is not None and label.shape != binary.shape:
+            raise DataError(f"{pred_source}: prediction {vid} has shape {binary.shape}, label {label.shape}")
+        row = {"id": vid, "fg": fg_fraction(binary, label), "label_fg": surface_share(label) if label is not None else None,
+               "prob_std": float(prob.std()) if prob is not None else None}
+        rows.append(row)
+        if prob is not None:
+            probs_for_hist.append(prob[::2, ::2, ::2])
+        if first is None:
+            first = (vid, prob, binary, label)
+    if not rows:
+        raise DataError(f"{pred_source}: no predictions to diagnose")
+    with_labels = all(r["label_fg"] is not None for r in rows)
+    prob_std = [r["prob_std"] for r in rows] if all(r["prob_std"] is not None for r in rows) else None
+    verdict = collapse_verdict([r["fg"] for r in rows], [r["label_fg"] for r in rows] if with_labels else None,
+                               prob_std=prob_std)
+    if out_png is not None:
+        plt = _plt()
+        fig = plt.figure(figsize=(13, 8))
+        gs = fig.add_gridspec(2, 4)
+        plot_fg_histogram([r["fg"] for r in rows], [r["label_fg"] for r in rows] if with_labels else None,
+                          ax=fig.add_subplot(gs[0, :2]), verdict=verdict)
+        if probs_for_hist:
+            plot_prob_histogram(probs_for_hist, ax=fig.add_subplot(gs[0, 2:]))
+        vid, prob, binary, label = first
+        zi = binary.shape[0] // 2
+        panels = []
+        if vid in images:
+            panels.append(("image", read_volume(images[vid])[zi], "gray"))
+        if label is not None:
+            panels.append(("label", np.where(label[zi] == 2, 0.5, label[zi] == 1), "gray"))
+        if prob is not None:
+            panels.append(("probability", prob[zi], "magma"))
+        panels.append(("prediction", binary[zi].astype(float), "gray"))
+        for c, (name, img, cmap) in enumerate(panels[:4]):
+            ax = fig.add_subplot(gs[1, c])
+            ax.imshow(img, cmap=cmap)
+            ax.set_title(f"{vid} z={zi}: {name}", fontsize=9)
+            ax.set_xticks([]), ax.set_yticks([])
+        fig.suptitle(str(verdict), fontsize=9)
+        _save(fig, out_png)
+        plt.close(fig)
+    return verdict, rows

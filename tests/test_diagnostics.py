@@ -1,0 +1,143 @@
+"""Diagnostics: collapse verdicts on collapsed/healthy/empty prediction sets, figures, the diagnose CLI."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from kaggle_utils import cli
+from kaggle_utils.data import write_volume
+from kaggle_utils.diagnostics import (
+    collapse_verdict,
+    diagnose,
+    fg_fraction,
+    plot_fg_histogram,
+    plot_montage,
+    plot_training_log,
+    surface_share,
+)
+
+
+def _label(shape=(12, 16, 16), seed=0) -> np.ndarray:
+    """Label with a planar sheet (1), background (0) and an ignored slab (2)."""
+    rng = np.random.default_rng(seed)
+    lbl = np.zeros(shape, np.uint8)
+    z0 = 3 + seed % 4
+    lbl[z0:z0 + 2] = 1
+    lbl[:, : 4 + rng.integers(0, 4)] = 2
+    return lbl
+
+
+def test_fg_fraction_over_labelled_voxels_only():
+    lbl = np.array([[[0, 1, 2, 2]]], np.uint8)
+    pred = np.array([[[0, 1, 1, 1]]], np.uint8)
+    assert fg_fraction(pred) == 0.75
+    assert fg_fraction(pred, lbl) == 0.5  # the two ignored voxels are left out
+    assert surface_share(lbl) == 0.5
+    assert np.isnan(fg_fraction(pred, np.full_like(lbl, 2)))
+    with pytest.raises(ValueError, match="shape"):
+        fg_fraction(pred, lbl[..., :2])
+
+
+def test_collapsed_set_is_flagged_with_numbers():
+    v = collapse_verdict([0.999, 0.998, 0.9988, 0.999], [0.15, 0.2, 0.12, 0.18])
+    assert v.collapsed and v.kind == "foreground"
+    text = str(v)
+    assert "COLLAPSE" in text and "99.8" in text and "> 50%" in text
+
+
+def test_ratio_rule_fires_below_half():
+    v = collapse_verdict([0.45, 0.5, 0.4], [0.1, 0.12, 0.11])
+    assert v.collapsed and any("x the labelled surface share" in r for r in v.reasons)
+
+
+def test_healthy_set_is_not_flagged():
+    label = [0.15, 0.2, 0.12, 0.18, 0.25]
+    pred = [0.17, 0.22, 0.11, 0.2, 0.27]
+    v = collapse_verdict(pred, label, prob_std=[0.3] * 5)
+    assert not v.collapsed and v.kind == "healthy" and v.reasons == []
+    assert str(v).startswith("healthy")
+
+
+def test_empty_predictions_are_flagged():
+    v = collapse_verdict([0.0, 0.0001, 0.0], [0.15, 0.2, 0.12])
+    assert v.collapsed and v.kind == "empty"
+
+
+def test_uniform_predictions_are_flagged():
+    v = collapse_verdict([0.2, 0.2, 0.2, 0.2001], [0.08, 0.3, 0.15, 0.22])
+    assert v.collapsed and v.kind == "uniform"
+
+
+def test_constant_probabilities_are_flagged():
+    v = collapse_verdict([0.15, 0.2, 0.12], [0.15, 0.2, 0.12], prob_std=[0.001, 0.002, 0.001])
+    assert v.collapsed and v.kind == "constant"
+
+
+def test_without_labels_uses_typical_share():
+    assert collapse_verdict([0.97, 0.99]).collapsed
+    assert not collapse_verdict([0.08, 0.12, 0.06]).collapsed
+
+
+def test_figures_are_written(tmp_path):
+    out = tmp_path / "h.png"
+    plot_fg_histogram([0.99, 0.98], [0.1, 0.2], out=out)
+    assert out.stat().st_size > 5000
+    lbl = _label()
+    img = (lbl * 80).astype(np.uint8)
+    plot_montage(img, lbl, prob=lbl.astype(np.float32) / 2, pred=lbl == 1, out=tmp_path / "m.png")
+    assert (tmp_path / "m.png").stat().st_size > 5000
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("\n".join(json.dumps({"epoch": e, "loss": 1.0 / e, "parts": {"dice": 0.5 / e}, "val_score": 0.1 * e})
+                             for e in range(1, 4)))
+    plot_training_log(log, out=tmp_path / "t.png")
+    assert (tmp_path / "t.png").stat().st_size > 5000
+
+
+def _dataset(root: Path, n=4) -> Path:
+    (root / "train_images").mkdir(parents=True)
+    (root / "train_labels").mkdir()
+    rows = ["id,scroll_id"]
+    for i in range(n):
+        lbl = _label(seed=i)
+        write_volume(root / "train_images" / f"{i}.tif", (lbl * 90).astype(np.uint8))
+        write_volume(root / "train_labels" / f"{i}.tif", lbl)
+        rows.append(f"{i},{i % 2}")
+    (root / "train.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_diagnose_folder_collapsed_and_healthy(tmp_path):
+    data = _dataset(tmp_path / "data")
+    collapsed, healthy = tmp_path / "collapsed", tmp_path / "healthy"
+    collapsed.mkdir(), healthy.mkdir()
+    for i in range(4):
+        lbl = _label(seed=i)
+        np.save(collapsed / f"{i}.npy", np.full(lbl.shape, 0.97, np.float16))
+        prob = np.where(lbl == 1, 0.9, 0.05).astype(np.float16)
+        np.save(healthy / f"{i}.npy", prob)
+    v, rows = diagnose(collapsed, data, tmp_path / "c.png")
+    assert v.collapsed and v.kind == "foreground" and len(rows) == 4 and rows[0]["fg"] == 1.0
+    v, rows = diagnose(healthy, data, tmp_path / "h.png")
+    assert not v.collapsed, str(v)
+    assert rows[0]["fg"] == pytest.approx(rows[0]["label_fg"])
+    assert (tmp_path / "h.png").stat().st_size > 10000
+
+
+def test_diagnose_cli_on_zip(tmp_path, capsys):
+    data = _dataset(tmp_path / "data")
+    zpath = tmp_path / "submission.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for i in range(4):
+            path = tmp_path / f"{i}.tif"
+            tifffile.imwrite(path, np.ones(_label().shape, np.uint8))
+            zf.write(path, f"{i}.tif")
+    assert cli.main(["diagnose", str(zpath), "--data-dir", str(data), "--out", str(tmp_path / "r.png")]) == 0
+    out = capsys.readouterr().out
+    assert "COLLAPSE (foreground)" in out and "100.00" in out
+    assert (tmp_path / "r.png").exists()
