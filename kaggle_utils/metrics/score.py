@@ -1,0 +1,385 @@
+"""The competition score of one volume and of a dataset, reproducing the official scorer.
+
+Per volume (see ``/work/shared/METRIC.md``)::
+
+    score = clip(0.30 * TopoScore + 0.35 * SurfaceDice@2 + 0.35 * VOI_score, 0, 1)
+
+after one preprocessing step shared by all three terms (:func:`preprocess`): NaN counts as 0,
+foreground is any non-zero value, and voxels where the ground truth equals the ignore label (2)
+are set to background in *both* volumes. The dataset score is the plain mean over volumes.
+
+``backend="official"`` runs the official ``topometrics`` package instead (Kaggle dataset
+``sohier/vesuvius-metric-resources``) when it is importable; it gives the same numbers, slower.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from ..data import IGNORE_LABEL, DataError
+
+__all__ = [
+    "WEIGHTS",
+    "VOI_ALPHA",
+    "SD_TOLERANCE",
+    "VolumeScore",
+    "DatasetScore",
+    "preprocess",
+    "score_volume",
+    "score_dataset",
+    "list_volumes",
+]
+
+WEIGHTS = (0.30, 0.35, 0.35)  # TopoScore, SurfaceDice, VOI_score
+VOI_ALPHA = 0.3
+SD_TOLERANCE = 2.0
+BACKENDS = ("ours", "official")
+
+Counts = dict[int, tuple[int, int, int]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Results
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VolumeScore:
+    """Score of one volume and its parts.
+
+    Attributes:
+        score: the competition score, ``clip(0.30 topo + 0.35 SD + 0.35 VOI_score, 0, 1)``.
+        topo_score: weighted topological F1 (Betti matching over the 8 octants).
+        surface_dice: SurfaceDice at tolerance 2.
+        voi_score: ``1 / (1 + 0.3 * (voi_split + voi_merge))``.
+        voi_split: H(pred components | gt components) in bits.
+        voi_merge: H(gt components | pred components) in bits.
+        topo_counts: ``{k: (m_k, p_k, g_k)}`` matched / predicted / GT features per dimension.
+        topo_f1: ``{k: F1_k or None}`` (None: dimension inactive).
+    """
+
+    score: float
+    topo_score: float
+    surface_dice: float
+    voi_score: float
+    voi_split: float
+    voi_merge: float
+    topo_counts: Counts = field(default_factory=dict)
+    topo_f1: dict[int, float | None] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        """Plain-JSON dict: the six numbers and ``topo_counts`` as ``{"0": [m, p, g], ...}``."""
+        return {
+            "score": float(self.score),
+            "topo_score": float(self.topo_score),
+            "surface_dice": float(self.surface_dice),
+            "voi_score": float(self.voi_score),
+            "voi_split": float(self.voi_split),
+            "voi_merge": float(self.voi_merge),
+            "topo_counts": {str(k): [int(x) for x in v] for k, v in sorted(self.topo_counts.items())},
+        }
+
+
+@dataclass(frozen=True)
+class DatasetScore:
+    """Mean score over volumes and the per-volume results (``{id: VolumeScore}``, sorted by id)."""
+
+    mean: float
+    volumes: dict[str, VolumeScore]
+
+    def to_json(self) -> dict:
+        return {"mean": float(self.mean), "volumes": {k: v.to_json() for k, v in self.volumes.items()}}
+
+
+# ----------------------------------------------------------------------------------------------
+# One volume
+# ----------------------------------------------------------------------------------------------
+
+
+def _foreground(vol: np.ndarray) -> np.ndarray:
+    """Non-zero voxels, NaN counting as 0."""
+    fg = vol != 0
+    if np.issubdtype(vol.dtype, np.floating):
+        fg &= ~np.isnan(vol)
+    return fg
+
+
+def preprocess(
+    pred: np.ndarray, gt: np.ndarray, ignore_label: int | None = IGNORE_LABEL
+) -> tuple[np.ndarray, np.ndarray]:
+    """Binarize a prediction and a label volume the way the official scorer does.
+
+    Args:
+        pred: ``(Z, Y, X)`` prediction of any numeric dtype; non-zero (NaN excepted) is foreground,
+            so soft probabilities must be thresholded before.
+        gt: ``(Z, Y, X)`` labels ``{0, 1, 2}``; ``gt == ignore_label`` is ignored.
+        ignore_label: label value whose voxels are removed from both volumes (None: no ignore).
+
+    Returns:
+        ``(pred_bin, gt_bin)``, both ``bool (Z, Y, X)``, ignored voxels False in both.
+
+    Raises:
+        ValueError: the shapes differ or are not 3D.
+    """
+    pred = np.asarray(pred)
+    gt = np.asarray(gt)
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction shape {pred.shape} does not match ground-truth shape {gt.shape}")
+    if pred.ndim != 3:
+        raise ValueError(f"expected 3D (Z, Y, X) volumes, got shape {pred.shape}")
+    pred_bin = _foreground(pred)
+    gt_bin = _foreground(gt)
+    if ignore_label is not None:
+        keep = gt != ignore_label
+        pred_bin &= keep
+        gt_bin &= keep
+    return pred_bin, gt_bin
+
+
+def _combine(topo: float, sd: float, voi_score: float) -> float:
+    w_topo, w_sd, w_voi = WEIGHTS
+    return float(np.clip(w_topo * topo + w_sd * sd + w_voi * voi_score, 0.0, 1.0))
+
+
+def _score_ours(pred_bin: np.ndarray, gt_bin: np.ndarray) -> VolumeScore:
+    from .surface_dice import surface_dice
+    from .topo import topo_counts, topo_f1_from_counts, topo_score_from_counts
+    from .voi import voi
+
+    counts = topo_counts(pred_bin, gt_bin)
+    topo = float(topo_score_from_counts(counts))
+    sd = surface_dice(pred_bin, gt_bin, tau=SD_TOLERANCE)
+    v = voi(pred_bin, gt_bin, alpha=VOI_ALPHA)
+    return VolumeScore(
+        score=_combine(topo, sd, v.score), topo_score=topo, surface_dice=sd, voi_score=v.score,
+        voi_split=v.split, voi_merge=v.merge,
+        topo_counts={int(k): tuple(int(x) for x in c) for k, c in counts.items()},
+        topo_f1=topo_f1_from_counts(counts),
+    )
+
+
+def _score_official(pred: np.ndarray, gt: np.ndarray) -> VolumeScore:
+    try:
+        from topometrics import compute_leaderboard_score
+    except ImportError:
+        raise ValueError(
+            "backend='official' needs the official scorer package `topometrics` (Kaggle dataset "
+            "sohier/vesuvius-metric-resources), which is not installed; use backend='ours'"
+        ) from None
+    rep = compute_leaderboard_score(
+        predictions=pred, labels=gt, surface_tolerance=SD_TOLERANCE, spacing=(1.0, 1.0, 1.0),
+        voi_connectivity=26, voi_alpha=VOI_ALPHA, combine_weights=WEIGHTS, ignore_label=IGNORE_LABEL,
+    )
+    counts = {int(k): tuple(int(x) for x in v) for k, v in rep.topo.counts_by_dim.items()}
+    f1 = {int(k): (None if v is None else float(v)) for k, v in rep.topo.topoF1_by_dim.items()}
+    return VolumeScore(
+        score=float(np.clip(rep.score, 0.0, 1.0)), topo_score=float(rep.topo.toposcore),
+        surface_dice=float(rep.surface_dice), voi_score=float(rep.voi.voi_score),
+        voi_split=float(rep.voi.voi_split), voi_merge=float(rep.voi.voi_merge),
+        topo_counts=counts, topo_f1=f1,
+    )
+
+
+def score_volume(pred: np.ndarray, gt: np.ndarray, *, backend: str = "ours") -> VolumeScore:
+    """Competition score of one prediction against its label volume.
+
+    Args:
+        pred: ``(Z, Y, X)`` prediction, any numeric dtype; non-zero is foreground (binarize
+            probabilities first). NaN counts as background.
+        gt: ``uint8 (Z, Y, X)`` labels: 0 background, 1 surface, 2 ignored.
+        backend: ``"ours"`` (this package, fast) or ``"official"`` (the ``topometrics`` package).
+
+    Returns:
+        :class:`VolumeScore`.
+
+    Raises:
+        ValueError: shape mismatch, unknown backend, or ``"official"`` without ``topometrics``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}, expected one of {BACKENDS}")
+    pred_bin, gt_bin = preprocess(pred, gt)
+    if backend == "official":
+        return _score_official(np.asarray(pred), np.asarray(gt))
+    return _score_ours(pred_bin, gt_bin)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources: a .tif, a folder of {id}.tif, a submission.zip, a competition-layout folder
+# ----------------------------------------------------------------------------------------------
+
+# a volume's location: ("file", path) or ("zip", zip_path, member); small and picklable
+Locator = tuple[str, ...]
+_TIF_SUFFIXES = (".tif", ".tiff")
+
+
+def list_volumes(source: str | os.PathLike, *, role: str = "pred") -> dict[str, Locator]:
+    """Volumes of a source, by id.
+
+    Args:
+        source: a ``.tif`` file (id = file stem), a folder of ``{id}.tif``, a ``.zip`` holding
+            ``{id}.tif`` (predictions only) or, for ``role="gt"``, a competition-layout folder
+            (its ``train_labels/`` is used).
+        role: ``"pred"`` or ``"gt"`` (only used in messages and for the zip/layout rules).
+
+    Returns:
+        ``{id: locator}`` sorted by id.
+
+    Raises:
+        DataError: missing path, unsupported file, zip given as ground truth, no volumes found.
+    """
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"{path}: {role} source not found")
+    out: dict[str, Locator] = {}
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in _TIF_SUFFIXES:
+            out[path.stem] = ("file", str(path))
+        elif suffix == ".zip":
+            if role == "gt":
+                raise DataError(f"{path}: ground truth cannot be a zip; give a .tif or a folder")
+            try:
+                with zipfile.ZipFile(path) as zf:
+                    names = zf.namelist()
+            except zipfile.BadZipFile as exc:
+                raise DataError(f"{path}: not a readable zip ({exc})") from None
+            for name in names:
+                member = Path(name)
+                if member.suffix.lower() in _TIF_SUFFIXES and not member.name.startswith("."):
+                    if member.stem in out:
+                        raise DataError(f"{path}: id {member.stem!r} appears twice in the zip")
+                    out[member.stem] = ("zip", str(path), name)
+        else:
+            raise DataError(f"{path}: expected a .tif, a .zip or a folder as {role} source")
+    else:
+        folder = path
+        if role == "gt" and (path / "train_labels").is_dir():
+            folder = path / "train_labels"
+        for f in folder.iterdir():
+            if f.is_file() and f.suffix.lower() in _TIF_SUFFIXES and not f.name.startswith("."):
+                out[f.stem] = ("file", str(f))
+    if not out:
+        raise DataError(f"{path}: no .tif volumes found in {role} source")
+    return dict(sorted(out.items()))
+
+
+def _read(loc: Locator) -> np.ndarray:
+    import tifffile
+
+    try:
+        if loc[0] == "zip":
+            with zipfile.ZipFile(loc[1]) as zf:
+                data = zf.read(loc[2])
+            vol = tifffile.imread(io.BytesIO(data))
+        else:
+            vol = tifffile.imread(loc[1])
+    except Exception as exc:  # tifffile raises many types for broken files
+        where = f"{loc[1]}:{loc[2]}" if loc[0] == "zip" else loc[1]
+        raise DataError(f"{where}: cannot read TIFF ({type(exc).__name__}: {exc})") from None
+    return vol
+
+
+def _score_pair(vol_id: str, pred_loc: Locator, gt_loc: Locator, backend: str) -> tuple[str, VolumeScore]:
+    pred, gt = _read(pred_loc), _read(gt_loc)
+    try:
+        return vol_id, score_volume(pred, gt, backend=backend)
+    except ValueError as exc:
+        if isinstance(exc, DataError):
+            raise
+        raise DataError(f"volume {vol_id!r} ({pred_loc[-1]} vs {gt_loc[-1]}): {exc}") from None
+
+
+def _pick_ids(
+    preds: dict[str, Locator], gts: dict[str, Locator], ids: Iterable[str] | None, gt_is_layout: bool
+) -> list[str]:
+    if ids is not None:
+        wanted = [str(i) for i in ids]
+    elif gt_is_layout:
+        wanted = list(preds)  # scoring a subset (e.g. one fold) of the training labels
+    else:
+        wanted = list(gts)
+    missing_pred = [i for i in wanted if i not in preds]
+    if missing_pred:
+        raise DataError(
+            f"{len(missing_pred)} id(s) have no prediction: {', '.join(missing_pred[:20])}"
+            + (" ..." if len(missing_pred) > 20 else "")
+        )
+    missing_gt = [i for i in wanted if i not in gts]
+    if missing_gt:
+        raise DataError(
+            f"{len(missing_gt)} id(s) have no ground truth: {', '.join(missing_gt[:20])}"
+            + (" ..." if len(missing_gt) > 20 else "")
+        )
+    return wanted
+
+
+def score_dataset(
+    pred_source: str | os.PathLike,
+    gt_source: str | os.PathLike,
+    *,
+    ids: Sequence[str] | None = None,
+    workers: int = 1,
+    progress: bool = True,
+    backend: str = "ours",
+) -> DatasetScore:
+    """Score every volume of a prediction source against the ground truth; mean over volumes.
+
+    Args:
+        pred_source: a ``.tif``, a folder of ``{id}.tif`` or a ``submission.zip``.
+        gt_source: a ``.tif``, a folder of ``{id}.tif`` or a competition-layout folder
+            (``train_labels/`` is used). If both sources are single files they are paired
+            whatever their names (id = the ground truth's file stem).
+        ids: volumes to score. Default: every ground-truth id for a plain folder or file (so a
+            missing prediction is an error), every predicted id for a competition layout
+            (scoring one fold of the training set).
+        workers: processes (``>1`` uses a process pool; each worker reads its own files).
+        progress: show a tqdm bar.
+        backend: ``"ours"`` or ``"official"`` (see :func:`score_volume`).
+
+    Returns:
+        :class:`DatasetScore` with volumes sorted by id.
+
+    Raises:
+        DataError: unreadable sources, ids without prediction or ground truth, shape mismatch.
+        ValueError: unknown backend or ``"official"`` not installed.
+    """
+    from tqdm.auto import tqdm
+
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}, expected one of {BACKENDS}")
+    gts = list_volumes(gt_source, role="gt")
+    preds = list_volumes(pred_source, role="pred")
+    gt_path, pred_path = Path(gt_source), Path(pred_source)
+    if gt_path.is_file() and pred_path.is_file() and pred_path.suffix.lower() in _TIF_SUFFIXES:
+        preds = {next(iter(gts)): next(iter(preds.values()))}
+    gt_is_layout = gt_path.is_dir() and (gt_path / "train_labels").is_dir()
+    wanted = _pick_ids(preds, gts, ids, gt_is_layout)
+
+    results: dict[str, VolumeScore] = {}
+    bar = tqdm(total=len(wanted), desc="scoring", unit="vol", disable=not progress)
+    try:
+        if workers > 1 and len(wanted) > 1:
+            with ProcessPoolExecutor(max_workers=min(workers, len(wanted))) as pool:
+                futures = [pool.submit(_score_pair, i, preds[i], gts[i], backend) for i in wanted]
+                for fut in as_completed(futures):
+                    vol_id, res = fut.result()
+                    results[vol_id] = res
+                    bar.update(1)
+        else:
+            for i in wanted:
+                vol_id, res = _score_pair(i, preds[i], gts[i], backend)
+                results[vol_id] = res
+                bar.update(1)
+    finally:
+        bar.close()
+    volumes = {i: results[i] for i in sorted(results)}
+    mean = float(np.mean([v.score for v in volumes.values()])) if volumes else float("nan")
+    return DatasetScore(mean=mean, volumes=volumes)

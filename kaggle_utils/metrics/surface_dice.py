@@ -1,0 +1,165 @@
+"""Surface Dice at tolerance τ, exactly as DeepMind's ``surface_distance`` defines it.
+
+The surface of a binary mask is described by *surfels*: every corner point of the voxel grid whose
+2×2×2 neighbourhood of voxels is neither all background nor all foreground. Each surfel carries
+the area of the marching-cubes surface patch inside its 2×2×2 cell (looked up from its 8-bit
+neighbour code). Surface Dice is the share of surfel area, over both masks, that lies within
+distance ``tau`` of the other mask's surfels::
+
+    SD = (area_gt[d_gt→pred <= tau] + area_pred[d_pred→gt <= tau]) / (area_gt + area_pred)
+
+Facts reproduced from ``surface_distance`` (Apache-2.0, https://github.com/deepmind/surface-distance):
+
+- neighbour code of grid corner ``i``: voxel ``i - 1 + (a, b, c)`` for ``a, b, c ∈ {0, 1}`` sets
+  bit ``7 - (4a + 2b + c)`` (so the voxel at ``i - 1`` is worth 128, the voxel at ``i`` is worth 1);
+  the masks are first cropped to the bounding box of their union and zero padded by one voxel;
+- per-code areas come from marching cubes on the 2×2×2 cell at level 0.5; we regenerate that
+  table with scikit-image's Lorensen marching cubes (for codes with more than four foreground
+  voxels on the complemented cell), which reproduces the package's table for all 256 codes;
+- distances are Euclidean distance transforms (with ``sampling=spacing``) of the complement of
+  the other mask's surfel set, compared with ``<= tau``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["surface_dice", "surfel_area_table", "neighbour_codes"]
+
+# bit weight of the voxel at offset (a, b, c) inside a 2x2x2 cell
+_CELL_WEIGHTS = np.array([[[128, 64], [32, 16]], [[8, 4], [2, 1]]], dtype=np.uint8)
+
+
+def _spacing3(spacing: float | Sequence[float]) -> tuple[float, float, float]:
+    if np.isscalar(spacing):
+        v = float(spacing)  # type: ignore[arg-type]
+        return (v, v, v)
+    s = tuple(float(v) for v in spacing)  # type: ignore[union-attr]
+    if len(s) != 3 or min(s) <= 0:
+        raise ValueError(f"spacing must be 3 positive numbers (z, y, x), got {spacing!r}")
+    return s  # type: ignore[return-value]
+
+
+@functools.lru_cache(maxsize=16)
+def surfel_area_table(spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> np.ndarray:
+    """Surface area of the marching-cubes patch for every 2×2×2 neighbour code.
+
+    Args:
+        spacing: voxel size along (z, y, x).
+
+    Returns:
+        ``float64 (256,)`` read-only array; entries 0 and 255 are 0.
+    """
+    from skimage.measure import marching_cubes
+
+    sp = np.asarray(spacing, dtype=np.float64)
+    table = np.zeros(256, dtype=np.float64)
+    for code in range(1, 255):
+        cell = ((code >> (7 - np.arange(8))) & 1).reshape(2, 2, 2).astype(np.float64)
+        if bin(code).count("1") > 4:  # the table triangulates the complement for such cells
+            cell = 1.0 - cell
+        verts, faces, _, _ = marching_cubes(cell, 0.5, method="lorensen")
+        tri = verts.astype(np.float64)[faces] * sp
+        cross = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+        table[code] = 0.5 * np.linalg.norm(cross, axis=1).sum()
+    table.setflags(write=False)
+    return table
+
+
+def neighbour_codes(mask: np.ndarray) -> np.ndarray:
+    """8-bit neighbour code of every corner point of the voxel grid.
+
+    Args:
+        mask: ``bool (Z, Y, X)``.
+
+    Returns:
+        ``uint8 (Z+1, Y+1, X+1)``: entry ``i`` encodes voxels ``i-1 .. i`` along each axis
+        (voxels outside the array count as background).
+    """
+    padded = np.pad(mask.astype(np.uint8, copy=False), 1)
+    nz, ny, nx = (s + 1 for s in mask.shape)
+    codes = np.zeros((nz, ny, nx), dtype=np.uint8)
+    for a in range(2):
+        for b in range(2):
+            for c in range(2):
+                shifted = padded[a:a + nz, b:b + ny, c:c + nx]
+                codes |= shifted * _CELL_WEIGHTS[a, b, c]
+    return codes
+
+
+def _union_bbox(a: np.ndarray, b: np.ndarray) -> tuple[slice, ...] | None:
+    union = a | b
+    out = []
+    for axis in range(union.ndim):
+        proj = union.any(axis=tuple(i for i in range(union.ndim) if i != axis))
+        idx = np.flatnonzero(proj)
+        if idx.size == 0:
+            return None
+        out.append(slice(int(idx[0]), int(idx[-1]) + 1))
+    return tuple(out)
+
+
+def _within_tolerance(borders: np.ndarray, tau: float, spacing: tuple[float, float, float]) -> np.ndarray:
+    """``bool`` map of grid points whose distance to the nearest ``borders`` point is ``<= tau``.
+
+    Unit spacing uses the multi-threaded ``edt`` package: its float32 squared distances are exact
+    integers there, so ``d² <= tau²`` decides exactly as scipy's float64 ``d <= tau`` does.
+    Other spacings use :func:`scipy.ndimage.distance_transform_edt` like the reference.
+    """
+    if spacing == (1.0, 1.0, 1.0):
+        try:
+            import edt
+        except ImportError:  # pragma: no cover - scipy below gives the same answer, slower
+            edt = None
+        if edt is not None:
+            sq = edt.edtsq(~borders, black_border=False, parallel=os.cpu_count() or 1)
+            return sq <= float(tau) ** 2
+    from scipy.ndimage import distance_transform_edt
+
+    return distance_transform_edt(~borders, sampling=spacing) <= tau
+
+
+def surface_dice(
+    pred: np.ndarray,
+    gt: np.ndarray,
+    tau: float = 2.0,
+    spacing: float | Sequence[float] = (1.0, 1.0, 1.0),
+) -> float:
+    """Surface Dice at tolerance ``tau`` between two binary volumes.
+
+    Args:
+        pred: ``bool``/integer ``(Z, Y, X)`` prediction; non-zero is foreground.
+        gt: ground truth, same shape; non-zero is foreground (apply the ignore mask before).
+        tau: tolerance in units of ``spacing``.
+        spacing: voxel size along (z, y, x).
+
+    Returns:
+        Surface Dice in ``[0, 1]``; 1.0 if both masks are empty, 0.0 if exactly one is.
+    """
+    pred = np.asarray(pred) != 0
+    gt = np.asarray(gt) != 0
+    if pred.shape != gt.shape or pred.ndim != 3:
+        raise ValueError(f"surface_dice needs two 3D volumes of one shape, got pred {pred.shape} and gt {gt.shape}")
+    sp = _spacing3(spacing)
+    box = _union_bbox(pred, gt)
+    if box is None:
+        return 1.0
+    pred, gt = pred[box], gt[box]
+    has_pred, has_gt = bool(pred.any()), bool(gt.any())
+    if has_pred != has_gt:
+        return 0.0
+
+    table = surfel_area_table(sp)
+    code_gt, code_pred = neighbour_codes(gt), neighbour_codes(pred)
+    border_gt = (code_gt != 0) & (code_gt != 255)
+    border_pred = (code_pred != 0) & (code_pred != 255)
+    area_gt = table[code_gt[border_gt]]
+    area_pred = table[code_pred[border_pred]]
+    gt_close = _within_tolerance(border_pred, tau, sp)[border_gt]
+    pred_close = _within_tolerance(border_gt, tau, sp)[border_pred]
+    total = area_gt.sum() + area_pred.sum()
+    return float((area_gt[gt_close].sum() + area_pred[pred_close].sum()) / total)
