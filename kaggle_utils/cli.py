@@ -107,6 +107,45 @@ def _run_diagnose(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# score
+# ----------------------------------------------------------------------------------------------
+
+
+def _args_score(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pred", type=Path, help="predictions: a .tif, a folder of {id}.tif or a submission.zip")
+    p.add_argument("gt", type=Path, help="labels: a .tif, a folder of {id}.tif or a competition-layout folder")
+    p.add_argument("--json", action="store_true", help="print the scores as JSON")
+    p.add_argument("--workers", type=int, default=1, help="processes scoring volumes in parallel")
+    p.add_argument("--backend", choices=("ours", "official"), default="ours",
+                   help="'ours' (fast, same numbers) or the official topometrics package")
+    p.add_argument("--ids", nargs="+", default=None, help="score only these volume ids")
+
+
+def _run_score(args: argparse.Namespace) -> int:
+    from .metrics import score_dataset
+
+    try:
+        result = score_dataset(args.pred, args.gt, ids=args.ids, workers=args.workers,
+                               progress=not args.json, backend=args.backend)
+    except ValueError as exc:  # DataError is caught by main(); other user errors here
+        from .data import DataError
+
+        if isinstance(exc, DataError):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result.to_json(), indent=1))
+        return 0
+    print(f"{'id':>14} {'score':>7} {'topo':>7} {'SD':>7} {'VOI_sc':>7} {'split':>7} {'merge':>7}")
+    for vol_id, v in result.volumes.items():
+        print(f"{vol_id:>14} {v.score:7.4f} {v.topo_score:7.4f} {v.surface_dice:7.4f} {v.voi_score:7.4f} "
+              f"{v.voi_split:7.4f} {v.voi_merge:7.4f}")
+    print(f"{'mean':>14} {result.mean:7.4f}   over {len(result.volumes)} volume(s)")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # registry
 # ----------------------------------------------------------------------------------------------
 
@@ -116,6 +155,7 @@ COMMANDS: list[_Command] = [
     ("synth", "write a synthetic dataset in the competition layout", _args_synth, _run_synth),
     ("check-data", "validate a competition-layout folder and report label shares", _args_check_data, _run_check_data),
     ("diagnose", "per-volume foreground shares, collapse verdict and a report PNG", _args_diagnose, _run_diagnose),
+    ("score", "competition score of predictions against labels (per volume and mean)", _args_score, _run_score),
 ]
 
 
