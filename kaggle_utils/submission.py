@@ -1,0 +1,623 @@
+"""The submission: ``submission.zip`` with one ``{id}.tif`` (``uint8 (Z, Y, X)``, 0/1) per test id.
+
+Three pieces:
+
+- :func:`write_submission` streams ``(id, mask)`` pairs into the zip one volume at a time
+  (memory stays flat for ~120 volumes) and writes atomically (temp file beside the target, then
+  ``os.replace``): a crash leaves either the old zip or none, never half of one.
+- :func:`validate_submission` checks a zip against ``test.csv`` and the test images: ids
+  (missing, extra, duplicated), entry names (no directories, no ``..``, no absolute paths,
+  ``.tif`` suffix), readable TIFFs, shapes, dtype ``uint8`` and values in ``{0, 1}``.
+- :func:`predict_dataset` runs read → normalize → sliding-window inference → post-processing →
+  write for every test id, within a time budget, and validates the result.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import time
+import warnings
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .data import DataError, atomic_path, load_index, normalize_intensity, read_volume
+
+__all__ = [
+    "SubmissionError",
+    "write_submission",
+    "validate_submission",
+    "read_tiff_shape",
+    "PredictReport",
+    "predict_dataset",
+    "plan_tta",
+    "DEFAULT_TIME_LIMIT_S",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIME_LIMIT_S = 9 * 3600 * 0.9
+"""Kaggle's 9-hour limit for a code-competition rerun, with 10 % kept in reserve."""
+
+
+class SubmissionError(ValueError):
+    """A submission that Kaggle would reject or score wrongly. The message says what and where."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------
+
+_ID_BAD = re.compile(r"[/\\\x00]")
+
+
+def _check_id(volume_id: str) -> str:
+    volume_id = str(volume_id)
+    if not volume_id or volume_id in (".", "..") or _ID_BAD.search(volume_id):
+        raise SubmissionError(f"invalid volume id {volume_id!r}: must be a plain file name stem")
+    return volume_id
+
+
+def _as_mask(volume_id: str, mask: np.ndarray) -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.ndim != 3:
+        raise SubmissionError(f"{volume_id}: mask must be 3D (Z, Y, X), got shape {tuple(mask.shape)}")
+    if mask.dtype == np.uint8 and (mask.size == 0 or int(mask.max()) <= 1):
+        return np.ascontiguousarray(mask)
+    if mask.dtype == bool or np.issubdtype(mask.dtype, np.integer):
+        return (mask != 0).astype(np.uint8)
+    raise SubmissionError(
+        f"{volume_id}: mask dtype {mask.dtype} is not binary; threshold probabilities first "
+        "(kaggle_utils.postprocess.postprocess): the scorer counts any non-zero value as foreground"
+    )
+
+
+def _tiff_bytes(mask: np.ndarray) -> bytes:
+    import tifffile
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, mask, compression="lzw", photometric="minisblack")
+    return buf.getvalue()
+
+
+def write_submission(
+    items: Iterable[tuple[str, np.ndarray]],
+    out_zip: str | os.PathLike,
+    compression: int = zipfile.ZIP_STORED,
+) -> Path:
+    """Write ``submission.zip`` atomically, one volume at a time.
+
+    Args:
+        items: ``(id, mask)`` pairs; ``mask`` is ``uint8``/``bool``/integer ``(Z, Y, X)``, written
+            as ``uint8`` 0/1 (any non-zero → 1). Float masks are refused. May be a generator:
+            only one mask is held at a time.
+        out_zip: destination path (its folder is created).
+        compression: zip member compression (the TIFFs are already LZW-compressed, so
+            ``ZIP_STORED`` by default).
+
+    Returns:
+        ``Path(out_zip)``.
+
+    Raises:
+        SubmissionError: bad id, duplicate id, non-3D or float mask. On any exception nothing is
+            left at ``out_zip`` (an existing file there is kept unchanged) and no temp file remains.
+    """
+    out_zip = Path(out_zip)
+    seen: set[str] = set()
+    with atomic_path(out_zip) as tmp:
+        with zipfile.ZipFile(tmp, "w", compression=compression, allowZip64=True) as zf:
+            for volume_id, mask in items:
+                volume_id = _check_id(volume_id)
+                if volume_id in seen:
+                    raise SubmissionError(f"{out_zip}: id {volume_id!r} written twice")
+                seen.add(volume_id)
+                zf.writestr(f"{volume_id}.tif", _tiff_bytes(_as_mask(volume_id, mask)))
+                del mask
+    return out_zip
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+
+
+def read_tiff_shape(path: str | os.PathLike) -> tuple[int, ...]:
+    """Shape of the first series of a TIFF from its headers only (no pixel decoding)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return tuple(int(s) for s in tif.series[0].shape)
+    except Exception as exc:
+        raise DataError(f"{path}: cannot read TIFF header ({type(exc).__name__}: {exc})") from None
+
+
+def _entry_name_problem(name: str) -> str | None:
+    if name.endswith("/") or name.endswith("\\"):
+        return "is a directory entry"
+    if name.startswith("/") or name.startswith("\\") or re.match(r"^[A-Za-z]:", name):
+        return "is an absolute path"
+    parts = re.split(r"[/\\]", name)
+    if ".." in parts:
+        return "contains '..'"
+    if len(parts) > 1:
+        return "is inside a folder (entries must be top-level '{id}.tif')"
+    if not name.endswith(".tif"):
+        return "does not end in '.tif'"
+    return None
+
+
+class _TiffErrors(logging.Handler):
+    """Collects the ERROR records tifffile logs while it reads a damaged file."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _check_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, expected_shape: tuple[int, ...] | None) -> list[str]:
+    import tifffile
+
+    name = info.filename
+    try:
+        data = zf.read(info)
+    except Exception as exc:  # BadZipFile (CRC), zlib errors, ...
+        return [f"{name}: cannot read zip entry ({type(exc).__name__}: {exc})"]
+    errors = _TiffErrors()
+    tiff_log = logging.getLogger("tifffile")
+    tiff_log.addHandler(errors)
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            if len(tif.pages) == 0 or not tif.series:
+                raise ValueError("no image pages")
+            vol = tif.asarray()
+        if errors.messages:  # tifffile logs (not raises) truncated pages and bad offsets
+            raise ValueError("; ".join(errors.messages[:2]))
+    except Exception as exc:
+        return [f"{name}: not a readable TIFF, truncated or corrupt ({type(exc).__name__}: {exc})"]
+    finally:
+        tiff_log.removeHandler(errors)
+    del data
+    problems = []
+    if expected_shape is not None and tuple(vol.shape) != tuple(expected_shape):
+        problems.append(f"{name}: shape {tuple(vol.shape)} != test image shape {tuple(expected_shape)}")
+    if vol.dtype != np.uint8:
+        problems.append(f"{name}: dtype {vol.dtype}, expected uint8")
+    if vol.size and vol.dtype.kind in "biuf":
+        vmin, vmax = vol.min(), vol.max()
+        if vmin < 0 or vmax > 1 or (vol.dtype.kind == "f" and not np.isin(vol, (0, 1)).all()):
+            problems.append(
+                f"{name}: values outside {{0, 1}} (min {vmin}, max {vmax}); the scorer counts any "
+                "non-zero value as foreground, so this is only safe if that is intended"
+            )
+    return problems
+
+
+def validate_submission(zip_path: str | os.PathLike, data_dir: str | os.PathLike) -> list[str]:
+    """Check a submission zip against the test set of ``data_dir``.
+
+    Args:
+        zip_path: the ``submission.zip`` to check.
+        data_dir: competition-layout folder with ``test.csv`` and ``test_images/``.
+
+    Returns:
+        Problems as one-line messages naming the entry; an empty list means valid. Checked: the
+        file is a zip; entry names (no directories, ``..``, absolute paths or folders; ``.tif``
+        suffix; no duplicates); every test id present and no extra ids; each entry a readable
+        TIFF with the shape of its test image, dtype ``uint8``, values in ``{0, 1}``.
+
+    Raises:
+        DataError: ``data_dir`` has no readable ``test.csv``/test images (a problem of the data,
+            not of the submission).
+    """
+    zip_path = Path(zip_path)
+    index = load_index(data_dir, "test")
+    if not zip_path.is_file():
+        return [f"{zip_path}: file not found"]
+    if not zipfile.is_zipfile(zip_path):
+        return [f"{zip_path}: not a zip file"]
+    problems: list[str] = []
+    try:
+        zf = zipfile.ZipFile(zip_path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        return [f"{zip_path}: not a readable zip file ({exc})"]
+    with zf:
+        infos = zf.infolist()
+        names = [i.filename for i in infos]
+        expected = {r.id: r for r in index}
+        counts: dict[str, int] = {}
+        for n in names:
+            counts[n] = counts.get(n, 0) + 1
+        for n, c in counts.items():
+            if c > 1:
+                problems.append(f"{n}: entry appears {c} times")
+        good: dict[str, zipfile.ZipInfo] = {}
+        for info in infos:
+            bad = _entry_name_problem(info.filename)
+            if bad:
+                problems.append(f"{info.filename!r}: entry name {bad}")
+                continue
+            vid = info.filename[: -len(".tif")]
+            if vid not in expected:
+                problems.append(f"{info.filename}: extra entry, id {vid!r} is not in test.csv")
+                continue
+            good.setdefault(vid, info)
+        missing = [vid for vid in expected if vid not in good]
+        if missing:
+            problems.append(
+                f"{len(missing)} test id(s) missing from {zip_path.name}: "
+                + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+            )
+        for vid, info in good.items():
+            try:
+                shape = read_tiff_shape(expected[vid].image_path)
+            except DataError as exc:
+                problems.append(str(exc))
+                shape = None
+            problems.extend(_check_entry(zf, info, shape))
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------
+# Prediction
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PredictReport:
+    """What :func:`predict_dataset` did.
+
+    Attributes:
+        out_zip: the written submission.
+        n_volumes: test ids processed.
+        seconds: wall time of the whole run.
+        volumes: one dict per id: ``id, shape, seconds, fg_fraction, tta_passes, error``.
+        errors: ``{id: message}`` of volumes that failed and were submitted empty.
+        tta: the TTA setting at the end of the run (after any reductions).
+        notes: human-readable notes (TTA dropped for time, ...).
+    """
+
+    out_zip: Path
+    n_volumes: int = 0
+    seconds: float = 0.0
+    volumes: list[dict] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+    tta: Any = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "out_zip": str(self.out_zip), "n_volumes": self.n_volumes, "seconds": self.seconds,
+            "volumes": self.volumes, "errors": self.errors, "tta": _jsonable(self.tta), "notes": self.notes,
+        }
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)
+
+
+def _n_tta(tta: Any) -> int:
+    return len(tta) if isinstance(tta, (list, tuple)) and len(tta) > 0 else 1
+
+
+def plan_tta(tta: Any, seconds_per_volume: float, remaining: int, seconds_left: float) -> Any:
+    """Halve the TTA list until ``remaining`` volumes fit in ``seconds_left``.
+
+    The per-volume time is assumed proportional to the number of TTA passes (inference
+    dominates). Keeps the first half each time (list TTA settings put the cheapest, most useful
+    passes first: identity, then flips). A non-list ``tta`` (``None``, a preset name) is returned
+    unchanged.
+
+    Args:
+        tta: the current TTA list (one entry per pass) or ``None``.
+        seconds_per_volume: measured mean time per volume with ``tta``.
+        remaining: volumes still to predict.
+        seconds_left: time left in the budget.
+
+    Returns:
+        The (possibly shorter) TTA list.
+    """
+    if not isinstance(tta, (list, tuple)):
+        return tta
+    current = list(tta)
+    per = float(seconds_per_volume)
+    while len(current) > 1 and per * remaining > seconds_left:
+        new = current[: len(current) // 2]
+        per *= len(new) / len(current)
+        current = new
+    return type(tta)(current) if isinstance(tta, tuple) else current
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _load_models(checkpoints: Sequence[str | os.PathLike], device: str) -> tuple[list, list[dict], list[dict]]:
+    from .models import load_checkpoint
+
+    models, cfgs, ckpts = [], [], []
+    for path in checkpoints:
+        model, cfg, ckpt = load_checkpoint(path, map_location="cpu")
+        models.append(model.to(device).eval())
+        cfgs.append(cfg or {})
+        ckpts.append(ckpt if isinstance(ckpt, dict) else {})
+    return models, cfgs, ckpts
+
+
+def _normalization_of(cfgs: list[dict], checkpoints: Sequence) -> str:
+    modes = {}
+    for path, cfg in zip(checkpoints, cfgs):
+        mode = ((cfg.get("sampler") or {}).get("normalization")) or "zscore"
+        modes[str(path)] = mode
+    distinct = set(modes.values())
+    if len(distinct) > 1:
+        raise SubmissionError(
+            f"checkpoints were trained with different intensity normalizations {modes}; an ensemble "
+            "needs one normalization (mixing them silently costs ~0.2 score)"
+        )
+    return distinct.pop() if distinct else "zscore"
+
+
+def _fold_of(cfgs: list[dict], ckpts: list[dict]) -> Any:
+    folds = []
+    for cfg, ckpt in zip(cfgs, ckpts):
+        fold = ckpt.get("fold")
+        if fold is None:
+            fold = (cfg.get("train") or {}).get("fold")
+        folds.append(fold)
+    if not folds:
+        return None
+    return folds[0] if len(folds) == 1 else folds
+
+
+def _inference_kwargs(inference_cfg: Any) -> dict:
+    """Keyword arguments of ``sliding_window_predict`` taken from an InferenceConfig (or dict)."""
+    import dataclasses
+    import inspect
+
+    from .inference import sliding_window_predict
+
+    if inference_cfg is None:
+        return {}
+    raw = dataclasses.asdict(inference_cfg) if dataclasses.is_dataclass(inference_cfg) else dict(inference_cfg)
+    params = inspect.signature(sliding_window_predict).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return {k: v for k, v in raw.items() if k not in ("models", "volume")}
+    return {k: v for k, v in raw.items() if k in params and k not in ("models", "volume")}
+
+
+def _build_inference_cfg(inference_cfg: Any, cfgs: list[dict]) -> Any:
+    if inference_cfg is not None:
+        return inference_cfg
+    section = (cfgs[0].get("inference") if cfgs else None) or {}
+    from .config import from_dict
+    from .inference import InferenceConfig
+
+    return from_dict(InferenceConfig, section, "inference")
+
+
+def _build_postprocess_cfg(postprocess_cfg: Any, cfgs: list[dict]):
+    from .config import from_dict
+    from .postprocess import PostprocessConfig
+
+    if isinstance(postprocess_cfg, PostprocessConfig):
+        return postprocess_cfg
+    if isinstance(postprocess_cfg, dict):
+        return from_dict(PostprocessConfig, postprocess_cfg, "postprocess")
+    section = (cfgs[0].get("postprocess") if cfgs else None) or {}
+    return from_dict(PostprocessConfig, section, "postprocess")
+
+
+def _prefetch(records: Sequence, load: Callable[[Any], Any]) -> Iterator[tuple[Any, Any, BaseException | None]]:
+    """Yield ``(record, loaded, error)`` while the next record loads in a background thread."""
+    if not records:
+        return
+
+    def safe(rec):
+        try:
+            return load(rec), None
+        except Exception as exc:  # reported per volume, never kills the run
+            return None, exc
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        fut = pool.submit(safe, records[0])
+        for i, rec in enumerate(records):
+            loaded, err = fut.result()
+            if i + 1 < len(records):
+                fut = pool.submit(safe, records[i + 1])
+            yield rec, loaded, err
+            del loaded
+
+
+def predict_dataset(
+    checkpoints: Sequence[str | os.PathLike] | None = None,
+    data_dir: str | os.PathLike | None = None,
+    out_zip: str | os.PathLike = "submission.zip",
+    *,
+    models: Sequence[Any] | None = None,
+    inference_cfg: Any = None,
+    postprocess_cfg: Any = None,
+    normalization: str | None = None,
+    device: str | None = None,
+    save_probs: str | os.PathLike | None = None,
+    time_limit_s: float = DEFAULT_TIME_LIMIT_S,
+    progress: bool = True,
+) -> PredictReport:
+    """Predict every id of ``test.csv`` and write a validated ``submission.zip``.
+
+    Per volume: ``read_volume`` → ``normalize_intensity(mode=<checkpoint's sampler.normalization>)``
+    → ``inference.sliding_window_predict`` (``float32 (Z, Y, X)`` probabilities) →
+    ``postprocess.postprocess`` (``uint8`` 0/1) → zip entry. The next volume is read and normalized
+    in a background thread while the current one is predicted.
+
+    Args:
+        checkpoints: checkpoint files (one = single model, several = ensemble); their configs give
+            the normalization and, unless overridden, the ``inference`` and ``postprocess`` sections
+            (taken from the first checkpoint).
+        data_dir: competition-layout folder with ``test.csv`` and ``test_images/``.
+        out_zip: the submission to write.
+        models: in-memory ``nn.Module`` s instead of ``checkpoints`` (then ``normalization``
+            defaults to ``"zscore"`` and the configs default to their dataclass defaults).
+        inference_cfg: ``inference.InferenceConfig`` (or dict of ``sliding_window_predict``
+            keyword arguments) overriding the checkpoint's.
+        postprocess_cfg: ``PostprocessConfig`` or dict overriding the checkpoint's.
+        normalization: ``"zscore"`` | ``"fixed"``; overrides the checkpoint's (use with care).
+        device: ``"cuda"``/``"cpu"``; default CUDA when available.
+        save_probs: folder for per-volume ``{id}.npy`` (``float16 (Z, Y, X)`` probabilities) and
+            ``{id}.json`` sidecars (``id, scroll_id, fold, shape``), e.g. for threshold tuning.
+        time_limit_s: wall-time budget of the whole run. After each volume the remaining time is
+            projected; if it would not fit, the TTA list is halved (:func:`plan_tta`) and a note
+            and a warning say so.
+        progress: show a tqdm bar.
+
+    Returns:
+        :class:`PredictReport`. A volume that fails (unreadable, OOM after the inference
+        fallbacks, ...) is submitted all-zero, its error recorded in ``report.errors`` and warned
+        about; the run goes on.
+
+    Raises:
+        SubmissionError: the written zip fails :func:`validate_submission`, or neither/both of
+            ``checkpoints`` and ``models`` are given, or ensemble normalizations differ.
+        DataError: ``data_dir`` is not a readable competition folder.
+    """
+    from tqdm.auto import tqdm
+
+    from .inference import sliding_window_predict
+    from .postprocess import postprocess
+
+    t_start = time.perf_counter()
+    if (checkpoints is None) == (models is None):
+        raise SubmissionError("predict_dataset: pass exactly one of checkpoints= or models=")
+    if data_dir is None:
+        raise SubmissionError("predict_dataset: data_dir is required")
+    device = device or _default_device()
+    index = load_index(data_dir, "test")
+    out_zip = Path(out_zip)
+
+    if checkpoints is not None:
+        checkpoints = [checkpoints] if isinstance(checkpoints, (str, os.PathLike)) else list(checkpoints)
+        if not checkpoints:
+            raise SubmissionError("predict_dataset: empty checkpoint list")
+        model_list, cfgs, ckpts = _load_models(checkpoints, device)
+        norm = normalization or _normalization_of(cfgs, checkpoints)
+        fold = _fold_of(cfgs, ckpts)
+    else:
+        model_list = [m.to(device).eval() if hasattr(m, "to") else m for m in models]  # type: ignore[union-attr]
+        cfgs, norm, fold = [], normalization or "zscore", None
+    inf_cfg = _build_inference_cfg(inference_cfg, cfgs)
+    pp_cfg = _build_postprocess_cfg(postprocess_cfg, cfgs)
+    kwargs = _inference_kwargs(inf_cfg)
+    kwargs["device"] = device
+
+    report = PredictReport(out_zip=out_zip, tta=kwargs.get("tta"))
+    probs_dir = Path(save_probs) if save_probs is not None else None
+    if probs_dir is not None:
+        probs_dir.mkdir(parents=True, exist_ok=True)
+
+    def load(rec):
+        vol = read_volume(rec.image_path)
+        return vol.shape, normalize_intensity(vol, mode=norm)
+
+    def note(msg: str) -> None:
+        report.notes.append(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        log.warning(msg)
+
+    def items() -> Iterator[tuple[str, np.ndarray]]:
+        n = len(index)
+        since_change: list[float] = []
+        bar = tqdm(total=n, desc="predict", unit="vol", disable=not progress)
+        for i, (rec, loaded, err) in enumerate(_prefetch(index.records, load)):
+            t0 = time.perf_counter()
+            row = {"id": rec.id, "shape": None, "seconds": None, "fg_fraction": 0.0,
+                   "tta_passes": _n_tta(kwargs.get("tta")), "error": None}
+            mask = None
+            try:
+                if err is not None:
+                    raise err
+                shape, image = loaded
+                row["shape"] = list(shape)
+                prob = np.asarray(sliding_window_predict(model_list, image, **kwargs), dtype=np.float32)
+                del image, loaded
+                if prob.shape != tuple(shape):
+                    raise RuntimeError(f"inference returned shape {prob.shape}, expected {tuple(shape)}")
+                if probs_dir is not None:
+                    _save_probs(probs_dir, rec, prob, fold)
+                mask = postprocess(prob, pp_cfg)
+                del prob
+                row["fg_fraction"] = float(mask.mean()) if mask.size else 0.0
+            except Exception as exc:  # one bad volume must not kill the submission
+                msg = f"{type(exc).__name__}: {exc}"
+                report.errors[rec.id] = msg
+                row["error"] = msg
+                note(f"{rec.id}: prediction failed, submitting an empty mask ({msg})")
+                try:
+                    shape = row["shape"] or read_tiff_shape(rec.image_path)
+                    mask = np.zeros(tuple(shape), np.uint8)
+                except Exception as exc2:
+                    note(f"{rec.id}: cannot even read the image shape ({exc2}); entry left out")
+                    mask = None
+            row["seconds"] = time.perf_counter() - t0
+            report.volumes.append(row)
+            bar.update(1)
+            if mask is not None:
+                yield rec.id, mask
+            del mask
+            # time budget: project the rest with the mean time under the current TTA setting
+            if row["error"] is None:
+                since_change.append(row["seconds"])
+            remaining = n - (i + 1)
+            tta = kwargs.get("tta")
+            if remaining and since_change and _n_tta(tta) > 1:
+                per = float(np.mean(since_change))
+                left = time_limit_s - (time.perf_counter() - t_start)
+                new = plan_tta(tta, per, remaining, left)
+                if _n_tta(new) < _n_tta(tta):
+                    note(
+                        f"time budget: {remaining} volume(s) left at ~{per:.1f} s each with "
+                        f"{_n_tta(tta)} TTA passes would need {per * remaining:.0f} s but "
+                        f"{left:.0f} s remain; dropping to {_n_tta(new)} TTA passes {_jsonable(new)}"
+                    )
+                    kwargs["tta"] = new
+                    report.tta = new
+                    since_change = []
+        bar.close()
+
+    write_submission(items(), out_zip)
+    report.n_volumes = len(report.volumes)
+    problems = validate_submission(out_zip, data_dir)
+    report.seconds = time.perf_counter() - t_start
+    if problems:
+        raise SubmissionError(
+            f"{out_zip}: written but invalid ({len(problems)} problem(s)): " + "; ".join(problems[:5])
+        )
+    if report.errors:
+        note(f"{len(report.errors)} volume(s) failed and were submitted empty: {sorted(report.errors)}")
+    return report
+
+
+def _save_probs(folder: Path, rec: Any, prob: np.ndarray, fold: Any) -> None:
+    npy = folder / f"{rec.id}.npy"
+    with atomic_path(npy) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, prob.astype(np.float16))
+    meta = {"id": rec.id, "scroll_id": rec.scroll_id, "fold": fold, "shape": list(prob.shape), "dtype": "float16"}
+    with atomic_path(folder / f"{rec.id}.json") as tmp:
+        Path(tmp).write_text(json.dumps(meta, indent=1, default=str))

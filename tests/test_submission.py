@@ -1,0 +1,356 @@
+"""Tests for kaggle_utils.submission: writer, validator (one test per broken-zip kind), predict_dataset."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import types
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from torch import nn
+
+from kaggle_utils.data import normalize_intensity, write_volume
+from kaggle_utils.postprocess import PostprocessConfig, postprocess
+from kaggle_utils.submission import (
+    PredictReport,
+    SubmissionError,
+    plan_tta,
+    predict_dataset,
+    read_tiff_shape,
+    validate_submission,
+    write_submission,
+)
+
+SHAPES = {"a1": (12, 14, 16), "b2": (10, 10, 10), "c3": (16, 12, 9)}
+
+
+def _make_test_set(root: Path, shapes=SHAPES, seed=0) -> Path:
+    rng = np.random.default_rng(seed)
+    (root / "test_images").mkdir(parents=True)
+    lines = ["id,scroll_id"]
+    for i, (vid, shape) in enumerate(shapes.items()):
+        lines.append(f"{vid},{100 + i}")
+        write_volume(root / "test_images" / f"{vid}.tif", rng.integers(0, 200, shape, dtype=np.uint8))
+    (root / "test.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture
+def data_dir(tmp_path) -> Path:
+    return _make_test_set(tmp_path / "data")
+
+
+def _masks(shapes=SHAPES, seed=1):
+    rng = np.random.default_rng(seed)
+    return {vid: (rng.random(shape) > 0.7).astype(np.uint8) for vid, shape in shapes.items()}
+
+
+def _tif(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, arr, compression="lzw", photometric="minisblack")
+    return buf.getvalue()
+
+
+def _zip(path: Path, entries: list[tuple[str, bytes]]) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # duplicate names
+        with zipfile.ZipFile(path, "w") as zf:
+            for name, data in entries:
+                zf.writestr(name, data)
+    return path
+
+
+def _valid_entries():
+    return [(f"{vid}.tif", _tif(m)) for vid, m in _masks().items()]
+
+
+# ---------------------------------------------------------------------------------- writer
+
+
+def test_write_validate_round_trip(tmp_path, data_dir):
+    masks = _masks()
+    out = write_submission(masks.items(), tmp_path / "sub" / "submission.zip")
+    assert validate_submission(out, data_dir) == []
+    with zipfile.ZipFile(out) as zf:
+        assert sorted(zf.namelist()) == sorted(f"{v}.tif" for v in masks)
+        for vid, m in masks.items():
+            with tifffile.TiffFile(io.BytesIO(zf.read(f"{vid}.tif"))) as tif:
+                assert tif.pages[0].compression == tifffile.COMPRESSION.LZW
+                got = tif.asarray()
+            assert got.dtype == np.uint8
+            np.testing.assert_array_equal(got, m)
+    assert [p.name for p in out.parent.iterdir()] == ["submission.zip"]
+
+
+def test_writer_binarizes_bool_and_ints_refuses_floats(tmp_path):
+    out = write_submission([("x", np.full((2, 3, 4), True)), ("y", np.full((2, 3, 4), 7, np.int32))],
+                           tmp_path / "s.zip")
+    with zipfile.ZipFile(out) as zf:
+        for name in ("x.tif", "y.tif"):
+            arr = tifffile.imread(io.BytesIO(zf.read(name)))
+            assert arr.dtype == np.uint8 and (arr == 1).all()
+    with pytest.raises(SubmissionError, match="threshold"):
+        write_submission([("x", np.full((2, 3, 4), 0.3, np.float32))], tmp_path / "f.zip")
+    assert not (tmp_path / "f.zip").exists()
+
+
+@pytest.mark.parametrize("bad_id", ["../x", "a/b", "", ".."])
+def test_writer_refuses_bad_ids(tmp_path, bad_id):
+    with pytest.raises(SubmissionError, match="invalid volume id"):
+        write_submission([(bad_id, np.zeros((2, 2, 2), np.uint8))], tmp_path / "s.zip")
+
+
+def test_writer_refuses_duplicate_id(tmp_path):
+    m = np.zeros((2, 2, 2), np.uint8)
+    with pytest.raises(SubmissionError, match="twice"):
+        write_submission([("x", m), ("x", m)], tmp_path / "s.zip")
+
+
+def test_writer_is_atomic(tmp_path):
+    target = tmp_path / "submission.zip"
+
+    def items():
+        yield "a1", np.zeros((4, 4, 4), np.uint8)
+        raise RuntimeError("model crashed mid-way")
+
+    with pytest.raises(RuntimeError, match="mid-way"):
+        write_submission(items(), target)
+    assert list(tmp_path.iterdir()) == []  # no zip, no temp file
+    # an existing submission survives a failed rewrite unchanged
+    write_submission([("old", np.ones((2, 2, 2), np.uint8))], target)
+    before = target.read_bytes()
+    with pytest.raises(RuntimeError):
+        write_submission(items(), target)
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["submission.zip"]
+
+
+# ---------------------------------------------------------------------------------- validator
+
+
+def _problems(tmp_path, data_dir, entries):
+    return validate_submission(_zip(tmp_path / "s.zip", entries), data_dir)
+
+
+def test_validator_missing_id(tmp_path, data_dir):
+    probs = _problems(tmp_path, data_dir, _valid_entries()[:2])
+    assert len(probs) == 1 and "missing" in probs[0] and "c3" in probs[0]
+
+
+def test_validator_extra_id(tmp_path, data_dir):
+    probs = _problems(tmp_path, data_dir, _valid_entries() + [("zz.tif", _tif(np.zeros((2, 2, 2), np.uint8)))])
+    assert len(probs) == 1 and "extra" in probs[0] and "zz" in probs[0]
+
+
+def test_validator_wrong_shape(tmp_path, data_dir):
+    entries = _valid_entries()
+    entries[1] = ("b2.tif", _tif(np.zeros((10, 10, 11), np.uint8)))
+    probs = _problems(tmp_path, data_dir, entries)
+    assert len(probs) == 1 and "b2.tif" in probs[0] and "shape" in probs[0]
+
+
+def test_validator_wrong_dtype(tmp_path, data_dir):
+    entries = _valid_entries()
+    entries[0] = ("a1.tif", _tif(np.zeros(SHAPES["a1"], np.uint16)))
+    probs = _problems(tmp_path, data_dir, entries)
+    assert len(probs) == 1 and "dtype uint16" in probs[0]
+
+
+def test_validator_reports_values_outside_0_1(tmp_path, data_dir):
+    entries = _valid_entries()
+    entries[2] = ("c3.tif", _tif(_masks()["c3"] * 255))
+    probs = _problems(tmp_path, data_dir, entries)
+    assert len(probs) == 1 and "values outside" in probs[0] and "max 255" in probs[0]
+
+
+@pytest.mark.parametrize(
+    "name, why",
+    [("../a1.tif", "'..'"), ("sub/a1.tif", "folder"), ("/a1.tif", "absolute"),
+     ("a1.tiff", ".tif"), ("sub/", "directory")],
+)
+def test_validator_bad_entry_names(tmp_path, data_dir, name, why):
+    entries = _valid_entries() + [(name, _tif(np.zeros(SHAPES["a1"], np.uint8)))]
+    probs = _problems(tmp_path, data_dir, entries)
+    assert len(probs) == 1, probs
+    assert why in probs[0] and repr(name) in probs[0]
+
+
+def test_validator_traversal_entry_does_not_count_as_the_id(tmp_path, data_dir):
+    entries = _valid_entries()
+    entries[0] = ("../a1.tif", entries[0][1])
+    probs = _problems(tmp_path, data_dir, entries)
+    assert any("'..'" in p for p in probs) and any("missing" in p and "a1" in p for p in probs)
+
+
+def test_validator_duplicate_entries(tmp_path, data_dir):
+    probs = _problems(tmp_path, data_dir, _valid_entries() + [_valid_entries()[0]])
+    assert any("a1.tif" in p and "2 times" in p for p in probs)
+
+
+def test_validator_corrupt_tiff(tmp_path, data_dir):
+    entries = _valid_entries()
+    entries[1] = ("b2.tif", b"II*\x00garbage" + bytes(50))
+    probs = _problems(tmp_path, data_dir, entries)
+    assert len(probs) == 1 and "b2.tif" in probs[0] and "not a readable TIFF" in probs[0]
+
+
+def test_validator_truncated_tiff(tmp_path, data_dir):
+    entries = _valid_entries()
+    data = _tif(np.random.default_rng(0).integers(0, 2, SHAPES["b2"], dtype=np.uint8))
+    entries[1] = ("b2.tif", data[: len(data) // 2])
+    probs = _problems(tmp_path, data_dir, entries)
+    assert len(probs) == 1 and "b2.tif" in probs[0] and "not a readable TIFF" in probs[0]
+
+
+def test_validator_not_a_zip(tmp_path, data_dir):
+    path = tmp_path / "s.zip"
+    path.write_bytes(b"this is not a zip file at all")
+    assert validate_submission(path, data_dir) == [f"{path}: not a zip file"]
+    assert "not found" in validate_submission(tmp_path / "nope.zip", data_dir)[0]
+
+
+def test_read_tiff_shape_from_header(data_dir):
+    assert read_tiff_shape(data_dir / "test_images" / "c3.tif") == SHAPES["c3"]
+
+
+# ---------------------------------------------------------------------------------- TTA budget
+
+
+def test_plan_tta_halves_until_it_fits():
+    tta = ["id", "fz", "fy", "fx", "fzy", "fzx", "fyx", "fzyx"]
+    assert plan_tta(tta, 10.0, 10, 1000.0) == tta            # 100 s needed: fits
+    assert plan_tta(tta, 10.0, 10, 60.0) == tta[:4]          # 8 passes 100 s, 4 passes 50 s
+    assert plan_tta(tta, 10.0, 10, 20.0) == tta[:1]          # 12.5 s: still too much, floor at 1
+    assert plan_tta(tta, 10.0, 10, 1.0) == tta[:1]
+    assert plan_tta(None, 10.0, 10, 1.0) is None
+    assert plan_tta(tuple(tta), 10.0, 10, 60.0) == tuple(tta[:4])
+
+
+# ---------------------------------------------------------------------------------- predict
+
+
+class PointwiseNet(nn.Module):
+    """1x1x1 conv: logit = 4*x - 0.3 (x the normalized intensity). Raises on inputs above ``fail_above``."""
+
+    def __init__(self, fail_above: float | None = None):
+        super().__init__()
+        self.conv = nn.Conv3d(1, 1, 1)
+        with torch.no_grad():
+            self.conv.weight.fill_(4.0)
+            self.conv.bias.fill_(-0.3)
+        self.fail_above = fail_above
+
+    def forward(self, x):
+        if self.fail_above is not None and float(x.max()) > self.fail_above:
+            raise RuntimeError("simulated CUDA out of memory")
+        return self.conv(x)
+
+
+def _expected_mask(image: np.ndarray, mode: str, cfg: PostprocessConfig) -> np.ndarray:
+    x = normalize_intensity(image, mode=mode)
+    prob = 1.0 / (1.0 + np.exp(-(4.0 * x.astype(np.float64) - 0.3)))
+    return postprocess(prob.astype(np.float32), cfg)
+
+
+@pytest.fixture
+def fake_inference(monkeypatch):
+    """Whole-volume stand-in for inference.sliding_window_predict that records its kwargs."""
+    calls: list[dict] = []
+
+    def sliding_window_predict(models, volume, **kwargs):
+        calls.append(kwargs)
+        x = torch.as_tensor(np.asarray(volume, np.float32))[None, None]
+        with torch.inference_mode():
+            logits = torch.stack([m(x) for m in models]).mean(0)
+        return torch.sigmoid(logits)[0, 0].numpy()
+
+    try:
+        import kaggle_utils.inference as inf  # noqa: F401
+
+        monkeypatch.setattr(inf, "sliding_window_predict", sliding_window_predict)
+    except ImportError:
+        @dataclass
+        class InferenceConfig:
+            tta: list | None = None
+
+        mod = types.ModuleType("kaggle_utils.inference")
+        mod.sliding_window_predict = sliding_window_predict
+        mod.InferenceConfig = InferenceConfig
+        monkeypatch.setitem(sys.modules, "kaggle_utils.inference", mod)
+    return calls
+
+
+def test_predict_dataset_end_to_end(tmp_path, data_dir, fake_inference):
+    cfg = PostprocessConfig(threshold=0.5, min_component_size=2)
+    out = tmp_path / "submission.zip"
+    report = predict_dataset(models=[PointwiseNet()], data_dir=data_dir, out_zip=out,
+                             postprocess_cfg=cfg, device="cpu", progress=False,
+                             save_probs=tmp_path / "probs")
+    assert isinstance(report, PredictReport)
+    assert report.errors == {} and report.n_volumes == 3
+    assert validate_submission(out, data_dir) == []
+    with zipfile.ZipFile(out) as zf:
+        for vid in SHAPES:
+            got = tifffile.imread(io.BytesIO(zf.read(f"{vid}.tif")))
+            image = tifffile.imread(data_dir / "test_images" / f"{vid}.tif")
+            np.testing.assert_array_equal(got, _expected_mask(image, "zscore", cfg))
+    # probabilities: float16 .npy + JSON sidecar
+    meta = json.loads((tmp_path / "probs" / "b2.json").read_text())
+    assert meta["id"] == "b2" and meta["scroll_id"] == "101" and meta["shape"] == [10, 10, 10]
+    probs = np.load(tmp_path / "probs" / "b2.npy")
+    assert probs.dtype == np.float16 and probs.shape == SHAPES["b2"]
+    assert 0.0 <= float(probs.min()) and float(probs.max()) <= 1.0
+    assert [v["id"] for v in report.volumes] == list(SHAPES)
+    assert all(c["device"] == "cpu" for c in fake_inference)
+
+
+def test_predict_dataset_uses_requested_normalization(tmp_path, data_dir, fake_inference):
+    out = tmp_path / "s.zip"
+    predict_dataset(models=[PointwiseNet()], data_dir=data_dir, out_zip=out, normalization="fixed",
+                    device="cpu", progress=False)
+    with zipfile.ZipFile(out) as zf:
+        got = tifffile.imread(io.BytesIO(zf.read("a1.tif")))
+    image = tifffile.imread(data_dir / "test_images" / "a1.tif")
+    np.testing.assert_array_equal(got, _expected_mask(image, "fixed", PostprocessConfig()))
+    assert not np.array_equal(got, _expected_mask(image, "zscore", PostprocessConfig()))
+
+
+def test_predict_dataset_survives_failing_volume(tmp_path, fake_inference):
+    data_dir = _make_test_set(tmp_path / "d")
+    write_volume(data_dir / "test_images" / "b2.tif", np.full(SHAPES["b2"], 255, np.uint8))
+    out = tmp_path / "s.zip"
+    with pytest.warns(RuntimeWarning) as record:
+        report = predict_dataset(models=[PointwiseNet(fail_above=0.99)], data_dir=data_dir, out_zip=out,
+                                 normalization="fixed", device="cpu", progress=False)
+    messages = [str(w.message) for w in record]
+    assert any(m.startswith("b2: prediction failed") for m in messages)
+    assert any("1 volume(s) failed and were submitted empty" in m for m in messages)
+    assert list(report.errors) == ["b2"] and "out of memory" in report.errors["b2"]
+    assert validate_submission(out, data_dir) == []
+    with zipfile.ZipFile(out) as zf:
+        assert tifffile.imread(io.BytesIO(zf.read("b2.tif"))).sum() == 0
+        assert tifffile.imread(io.BytesIO(zf.read("a1.tif"))).sum() > 0
+
+
+def test_predict_dataset_drops_tta_to_fit_time_budget(tmp_path, data_dir, fake_inference):
+    tta = ["none", "flip_z", "flip_y", "flip_x"]
+    with pytest.warns(RuntimeWarning, match="dropping to 1 TTA"):
+        report = predict_dataset(models=[PointwiseNet()], data_dir=data_dir, out_zip=tmp_path / "s.zip",
+                                 inference_cfg={"tta": tta}, device="cpu", progress=False,
+                                 time_limit_s=0.0)
+    assert [c["tta"] for c in fake_inference] == [tta, ["none"], ["none"]]
+    assert report.tta == ["none"] and any("time budget" in n for n in report.notes)
+    assert [v["tta_passes"] for v in report.volumes] == [4, 1, 1]
+
+
+def test_predict_dataset_argument_errors(tmp_path, data_dir):
+    with pytest.raises(SubmissionError, match="exactly one"):
+        predict_dataset(data_dir=data_dir, out_zip=tmp_path / "s.zip")
