@@ -83,16 +83,16 @@ def test_wheel_set_installs_offline_into_fresh_venv(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     py = venv / "bin" / "python"
-    # Stand-in for Kaggle's image: torch, numpy, ... visible from our environment's site-packages,
-    # appended after the fresh venv's own (a .pth line), so what the wheels install takes precedence.
-    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    Path(site, "kaggle_image.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     pkgs = ["kaggle_utils", "segmentation-models-pytorch-3d", "timm-3d", "pretrainedmodels", "efficientnet-pytorch",
             "munch", "connected-components-3d", "edt"]
     res = subprocess.run([str(py), "-m", "pip", "install", "--no-index", "--no-deps", "--find-links", str(wheels), *pkgs],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
+    # Stand-in for Kaggle's image: torch, numpy, ... visible from our environment's site-packages,
+    # appended after the fresh venv's own (a .pth line), so what the wheels installed takes precedence.
+    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    Path(site, "kaggle_image.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     probe = ("import kaggle_utils, kaggle_utils.data, kaggle_utils.cli, segmentation_models_pytorch_3d as smp;"
              "print(kaggle_utils.__file__); print(smp.__file__)")
     res = subprocess.run([str(py), "-c", probe], capture_output=True, text=True, timeout=300, cwd=tmp_path)
