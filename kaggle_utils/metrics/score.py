@@ -145,7 +145,8 @@ def preprocess(
 
 
 def _combine(topo: float, sd: float, voi_score: float) -> float:
-    w_topo, w_sd, w_voi = WEIGHTS
+    total = sum(WEIGHTS)  # the official scorer renormalizes its weights the same way
+    w_topo, w_sd, w_voi = (w / total for w in WEIGHTS)
     return float(np.clip(w_topo * topo + w_sd * sd + w_voi * voi_score, 0.0, 1.0))
 
 
@@ -306,17 +307,17 @@ def _pick_ids(
         wanted = list(preds)  # scoring a subset (e.g. one fold) of the training labels
     else:
         wanted = list(gts)
-    missing_pred = [i for i in wanted if i not in preds]
-    if missing_pred:
-        raise DataError(
-            f"{len(missing_pred)} id(s) have no prediction: {', '.join(missing_pred[:20])}"
-            + (" ..." if len(missing_pred) > 20 else "")
-        )
     missing_gt = [i for i in wanted if i not in gts]
     if missing_gt:
         raise DataError(
             f"{len(missing_gt)} id(s) have no ground truth: {', '.join(missing_gt[:20])}"
             + (" ..." if len(missing_gt) > 20 else "")
+        )
+    missing_pred = [i for i in wanted if i not in preds]
+    if missing_pred:
+        raise DataError(
+            f"{len(missing_pred)} id(s) have no prediction: {', '.join(missing_pred[:20])}"
+            + (" ..." if len(missing_pred) > 20 else "")
         )
     return wanted
 
