@@ -1,0 +1,800 @@
+"""3D patch sampling and augmentation for training.
+
+Pipeline for one training item ``i`` of epoch ``e`` (all randomness drawn from ``(seed, e, i)``,
+never from worker state, so any number of DataLoader workers gives the same patches):
+
+1. pick a volume (uniformly, or a scroll first when ``balance_scrolls``);
+2. pick a patch origin: centred on a random surface voxel (share ``surface_share``, with a small
+   jitter, clamped to the volume) or uniform; patches with more than ``max_ignore_share`` ignore
+   voxels are redrawn (``max_tries`` times, then the least-ignore patch seen is kept);
+3. cut the ``uint8`` crop, then normalize *the crop* with the statistics of the *whole* volume via
+   :func:`kaggle_utils.data.normalize_intensity` (the function inference uses on whole volumes);
+4. optionally augment it with :func:`augment_batch` (the same torch function that can augment a
+   whole batch on the GPU).
+
+Volumes are decoded once and kept in a :class:`VolumeCache` (LRU bounded by bytes, optionally
+backed by memory-mapped ``.npy`` files on disk): LZW-decoding a 320³ TIFF costs far more than
+cutting a patch.
+
+Padding (volumes smaller than the patch, or patches reaching out of the volume): the image is
+padded with ``0.0`` *after* normalization (the volume mean in ``"zscore"`` mode, mid-grey in
+``"fixed"`` mode; the same constant-zero padding sliding-window inference applies to the
+normalized volume) and the label with the ignore label, so padded voxels never enter a loss.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .data import (
+    IGNORE_LABEL,
+    DataError,
+    DatasetIndex,
+    IntensityStats,
+    VolumeRecord,
+    atomic_path,
+    intensity_stats,
+    normalize_intensity,
+    read_label,
+    read_volume,
+)
+
+__all__ = [
+    "SamplerConfig",
+    "AugmentConfig",
+    "CachedVolume",
+    "VolumeCache",
+    "PatchDataset",
+    "EpochSampler",
+    "augment_batch",
+    "crop_patch",
+    "collate_patches",
+    "seed_worker",
+    "make_loader",
+]
+
+_NORMALIZATION_MODES = ("zscore", "fixed")
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_prob(name: str, value: float) -> None:
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+
+
+def _check_range(name: str, value: Sequence[float], lo_min: float | None = None) -> tuple[float, float]:
+    if len(value) != 2 or float(value[0]) > float(value[1]):
+        raise ValueError(f"{name} must be a (low, high) pair with low <= high, got {value!r}")
+    if lo_min is not None and float(value[0]) < lo_min:
+        raise ValueError(f"{name} must not go below {lo_min}, got {value!r}")
+    return (float(value[0]), float(value[1]))
+
+
+@dataclass
+class SamplerConfig:
+    """How training patches are drawn.
+
+    Args:
+        patch_size: ``(Z, Y, X)`` patch shape, each a multiple of 32 (smp-3d encoders downsample
+            5 times). An int means a cube.
+        patches_per_epoch: length of one epoch of :class:`PatchDataset`.
+        surface_share: share of patches centred on a surface voxel (label 1); the rest are uniform.
+        center_jitter: offset of the chosen surface voxel from the patch centre, drawn uniformly
+            up to this fraction of the patch size per axis (then clamped to the volume).
+        max_ignore_share: redraw a patch whose share of ignore voxels (padding included) exceeds
+            this; ``1.0`` disables rejection.
+        max_tries: draws per item before the patch with the lowest ignore share seen is kept.
+        balance_scrolls: pick a scroll uniformly first, then one of its volumes (otherwise every
+            volume is equally likely, so a scroll with 382 volumes dominates one with 13).
+        cache_bytes: bound of the in-memory volume cache (LRU by bytes; per DataLoader worker).
+        cache_dir: folder for decoded volumes as memory-mapped ``.npy`` files (shared by workers
+            through the OS page cache; survives restarts). ``None`` keeps volumes in memory only.
+        normalization: ``"zscore"`` or ``"fixed"``, passed to ``data.normalize_intensity``.
+        surface_points: at most this many surface voxel coordinates kept per volume (a
+            deterministic subsample) for surface-centred sampling.
+        ignore_label: label value excluded from losses; used for padding and rejection.
+    """
+
+    patch_size: tuple[int, int, int] = (128, 128, 128)
+    patches_per_epoch: int = 1000
+    surface_share: float = 0.5
+    center_jitter: float = 0.25
+    max_ignore_share: float = 0.9
+    max_tries: int = 10
+    balance_scrolls: bool = False
+    cache_bytes: int = 8 * 1024**3
+    cache_dir: str | None = None
+    normalization: str = "zscore"
+    surface_points: int = 50_000
+    ignore_label: int = IGNORE_LABEL
+
+    def __post_init__(self) -> None:
+        ps = self.patch_size
+        if isinstance(ps, int):
+            ps = (ps, ps, ps)
+        ps = tuple(int(v) for v in ps)
+        if len(ps) != 3 or any(v <= 0 or v % 32 for v in ps):
+            raise ValueError(
+                f"sampler.patch_size must be 3 positive multiples of 32 (Z, Y, X), got {self.patch_size!r}"
+            )
+        self.patch_size = ps  # type: ignore[assignment]
+        if self.patches_per_epoch < 1:
+            raise ValueError(f"sampler.patches_per_epoch must be >= 1, got {self.patches_per_epoch}")
+        _check_prob("sampler.surface_share", self.surface_share)
+        _check_prob("sampler.max_ignore_share", self.max_ignore_share)
+        if not 0.0 <= self.center_jitter <= 0.5:
+            raise ValueError(f"sampler.center_jitter must be in [0, 0.5], got {self.center_jitter}")
+        if self.max_tries < 1:
+            raise ValueError(f"sampler.max_tries must be >= 1, got {self.max_tries}")
+        if self.cache_bytes < 0:
+            raise ValueError(f"sampler.cache_bytes must be >= 0, got {self.cache_bytes}")
+        if self.normalization not in _NORMALIZATION_MODES:
+            raise ValueError(
+                f"sampler.normalization must be one of {list(_NORMALIZATION_MODES)}, got {self.normalization!r}"
+            )
+        if self.surface_points < 1:
+            raise ValueError(f"sampler.surface_points must be >= 1, got {self.surface_points}")
+        if not 0 <= self.ignore_label <= 255:
+            raise ValueError(f"sampler.ignore_label must be a uint8 value, got {self.ignore_label}")
+
+
+@dataclass
+class AugmentConfig:
+    """Probabilities and ranges of the augmentations of :func:`augment_batch` (each per sample).
+
+    Spatial (applied identically to image and label):
+        p_flip: probability of a flip, drawn per axis (z, y, x).
+        p_rot90: probability of a 90°·k rotation (k in 1..3), drawn per plane (zy, zx, yx); planes
+            whose two sides differ in size are skipped (the patch shape never changes).
+        p_affine: probability of a small rotation + isotropic scaling (trilinear image, nearest
+            label, regions from outside the patch get image 0.0 and the ignore label).
+        rotation_deg: rotation angles drawn uniformly in ``±rotation_deg`` about each axis.
+        scale_range: zoom factor range (> 1 magnifies).
+    Intensity (image only):
+        p_intensity / intensity_scale / intensity_shift: ``x * a + b``.
+        p_gamma / gamma_range: gamma on the sample's min-max range (shape of the contrast curve).
+        p_noise / noise_std: additive Gaussian noise, std drawn in the range.
+        p_blur / blur_sigma: Gaussian blur, isotropic sigma (voxels) drawn in the range.
+    """
+
+    p_flip: float = 0.5
+    p_rot90: float = 0.5
+    p_affine: float = 0.2
+    rotation_deg: float = 15.0
+    scale_range: tuple[float, float] = (0.85, 1.15)
+    p_intensity: float = 0.5
+    intensity_scale: tuple[float, float] = (0.9, 1.1)
+    intensity_shift: tuple[float, float] = (-0.1, 0.1)
+    p_gamma: float = 0.3
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+    p_noise: float = 0.15
+    noise_std: tuple[float, float] = (0.0, 0.1)
+    p_blur: float = 0.1
+    blur_sigma: tuple[float, float] = (0.5, 1.0)
+
+    def __post_init__(self) -> None:
+        for name in ("p_flip", "p_rot90", "p_affine", "p_intensity", "p_gamma", "p_noise", "p_blur"):
+            _check_prob(f"augment.{name}", getattr(self, name))
+        if not 0.0 <= self.rotation_deg <= 180.0:
+            raise ValueError(f"augment.rotation_deg must be in [0, 180], got {self.rotation_deg}")
+        self.scale_range = _check_range("augment.scale_range", self.scale_range, lo_min=1e-3)
+        self.intensity_scale = _check_range("augment.intensity_scale", self.intensity_scale)
+        self.intensity_shift = _check_range("augment.intensity_shift", self.intensity_shift)
+        self.gamma_range = _check_range("augment.gamma_range", self.gamma_range, lo_min=1e-3)
+        self.noise_std = _check_range("augment.noise_std", self.noise_std, lo_min=0.0)
+        self.blur_sigma = _check_range("augment.blur_sigma", self.blur_sigma, lo_min=0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Volume cache
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CachedVolume:
+    """A decoded training volume with what sampling needs from it.
+
+    Attributes:
+        image: ``uint8 (Z, Y, X)`` (an ``np.memmap`` when disk-cached).
+        label: ``uint8 (Z, Y, X)`` values {0, 1, 2}.
+        stats: whole-volume :class:`~kaggle_utils.data.IntensityStats` (for patch normalization).
+        surface: ``int32 (N, 3)`` z, y, x of surface voxels (a subsample; ``N`` may be 0).
+    """
+
+    image: np.ndarray
+    label: np.ndarray
+    stats: IntensityStats
+    surface: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        """Resident bytes counted by the cache (memory-mapped arrays count as 0)."""
+        n = self.surface.nbytes
+        for arr in (self.image, self.label):
+            if not isinstance(arr, np.memmap):
+                n += arr.nbytes
+        return n
+
+
+def _surface_subsample(label: np.ndarray, key: str, max_points: int) -> np.ndarray:
+    """``int32 (N, 3)`` coordinates of label-1 voxels, at most ``max_points`` (seeded by ``key``)."""
+    flat = np.flatnonzero(label.reshape(-1) == 1)
+    if flat.size > max_points:
+        rng = np.random.default_rng(zlib.crc32(key.encode()))
+        flat = np.sort(rng.choice(flat, size=max_points, replace=False))
+    return np.stack(np.unravel_index(flat, label.shape), axis=1).astype(np.int32)
+
+
+class VolumeCache:
+    """Decoded volumes by id: LRU bounded by resident bytes, optionally on disk as ``.npy``.
+
+    Args:
+        max_bytes: bound of resident bytes (the most recently used volume is always kept).
+        cache_dir: folder for ``{id}.image.npy``/``{id}.label.npy``/``{id}.meta.npz``, opened
+            memory-mapped; files are rebuilt when the source TIFF's size/mtime or
+            ``surface_points`` change. ``None``: memory only.
+        surface_points: see :class:`SamplerConfig`.
+
+    Each DataLoader worker holds its own copy (workers forked after warm-up inherit the
+    entries); pickling (spawned workers) drops the entries. ``hits``/``misses`` count lookups.
+    """
+
+    _VERSION = 1
+
+    def __init__(self, max_bytes: int = 8 * 1024**3, cache_dir: str | os.PathLike | None = None,
+                 surface_points: int = 50_000):
+        self.max_bytes = int(max_bytes)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.surface_points = int(surface_points)
+        self._entries: OrderedDict[str, CachedVolume] = OrderedDict()
+        self._bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_entries"] = OrderedDict()
+        state["_bytes"] = 0
+        return state
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._bytes = 0
+
+    def get(self, record: VolumeRecord) -> CachedVolume:
+        """The decoded volume of ``record`` (read and cached on first use)."""
+        entry = self._entries.get(record.id)
+        if entry is not None:
+            self._entries.move_to_end(record.id)
+            self.hits += 1
+            return entry
+        self.misses += 1
+        entry = self._load(record)
+        self._entries[record.id] = entry
+        self._bytes += entry.nbytes
+        while self._bytes > self.max_bytes and len(self._entries) > 1:
+            _, old = self._entries.popitem(last=False)
+            self._bytes -= old.nbytes
+        return entry
+
+    # -- loading ---------------------------------------------------------------------------------
+
+    def _decode(self, record: VolumeRecord) -> CachedVolume:
+        if record.label_path is None:
+            raise DataError(f"{record.image_path}: id {record.id!r} has no label file; patches need labels")
+        image = read_volume(record.image_path)
+        label = read_label(record.label_path)
+        if image.shape != label.shape:
+            raise DataError(
+                f"{record.label_path}: label shape {tuple(label.shape)} != image shape "
+                f"{tuple(image.shape)} ({record.image_path.name})"
+            )
+        return CachedVolume(image, label, intensity_stats(image),
+                            _surface_subsample(label, record.id, self.surface_points))
+
+    def _load(self, record: VolumeRecord) -> CachedVolume:
+        if self.cache_dir is None:
+            return self._decode(record)
+        base = self.cache_dir / record.id
+        img_p, lbl_p, meta_p = (Path(f"{base}.image.npy"), Path(f"{base}.label.npy"), Path(f"{base}.meta.npz"))
+        src = Path(record.image_path).stat()
+        lsrc = Path(record.label_path).stat() if record.label_path is not None else src
+        stamp = np.array([self._VERSION, src.st_size, src.st_mtime_ns, lsrc.st_size, lsrc.st_mtime_ns,
+                          self.surface_points], dtype=np.int64)
+        if img_p.exists() and lbl_p.exists() and meta_p.exists():
+            try:
+                with np.load(meta_p) as meta:
+                    if np.array_equal(meta["stamp"], stamp):
+                        stats = IntensityStats(*(float(v) for v in meta["stats"]))
+                        surface = meta["surface"].astype(np.int32)
+                        image = np.load(img_p, mmap_mode="r")
+                        label = np.load(lbl_p, mmap_mode="r")
+                        if image.shape == label.shape and image.dtype == np.uint8:
+                            return CachedVolume(image, label, stats, surface)
+            except (OSError, ValueError, KeyError):
+                pass  # stale or half-written cache entry: rebuild it below
+        vol = self._decode(record)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        for path, arr in ((img_p, vol.image), (lbl_p, vol.label)):
+            with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, arr)
+        s = vol.stats
+        with atomic_path(meta_p) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, stamp=stamp, stats=np.array([s.lo, s.hi, s.mean, s.std]), surface=vol.surface)
+        return CachedVolume(np.load(img_p, mmap_mode="r"), np.load(lbl_p, mmap_mode="r"), vol.stats, vol.surface)
+
+
+# ----------------------------------------------------------------------------------------------
+# Cropping
+# ----------------------------------------------------------------------------------------------
+
+
+def _crop_slices(shape: Sequence[int], origin: Sequence[int], size: Sequence[int]):
+    """Source and destination slices of the part of a patch that lies inside the volume."""
+    src, dst = [], []
+    for dim, o, p in zip(shape, origin, size):
+        a, b = max(o, 0), min(o + p, dim)
+        if b <= a:  # patch entirely outside along this axis
+            a = b = 0
+        src.append(slice(a, b))
+        dst.append(slice(a - o, a - o + (b - a)))
+    inside = all(s.start == 0 and s.stop == p for s, p in zip(dst, size))
+    return tuple(src), tuple(dst), inside
+
+
+def crop_patch(volume: np.ndarray, origin: Sequence[int], size: Sequence[int], fill: Any = 0) -> np.ndarray:
+    """Cut ``volume[o : o + size]`` per axis; parts outside the volume are ``fill``.
+
+    Args:
+        volume: ``(Z, Y, X)`` array of any dtype.
+        origin: ``(z, y, x)`` of the patch corner, may be negative or reach past the volume.
+        size: ``(Z, Y, X)`` patch shape.
+
+    Returns:
+        ``(Z, Y, X)`` array of ``volume.dtype`` (a view when the patch lies inside the volume).
+    """
+    src, dst, inside = _crop_slices(volume.shape, origin, size)
+    if inside:
+        return volume[src]
+    out = np.full(tuple(size), fill, dtype=volume.dtype)
+    out[dst] = volume[src]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation (torch, any device, whole batches)
+# ----------------------------------------------------------------------------------------------
+
+_ROT_PLANES = ((2, 3), (2, 4), (3, 4))  # (z,y), (z,x), (y,x) of a (B,1,Z,Y,X) tensor
+
+
+def _rotation_matrix_xyz(angles: torch.Tensor) -> torch.Tensor:
+    """``(n, 3, 3)`` rotations about x, y, z (radians ``(n, 3)``), in affine_grid's (x, y, z) order."""
+    ax, ay, az = angles.unbind(1)
+    one, zero = torch.ones_like(ax), torch.zeros_like(ax)
+    cx, sx, cy, sy, cz, sz = ax.cos(), ax.sin(), ay.cos(), ay.sin(), az.cos(), az.sin()
+    rx = torch.stack([one, zero, zero, zero, cx, -sx, zero, sx, cx], 1).view(-1, 3, 3)
+    ry = torch.stack([cy, zero, sy, zero, one, zero, -sy, zero, cy], 1).view(-1, 3, 3)
+    rz = torch.stack([cz, -sz, zero, sz, cz, zero, zero, zero, one], 1).view(-1, 3, 3)
+    return rz @ ry @ rx
+
+
+def _affine_theta(angles_deg: torch.Tensor, scale: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
+    """``(n, 3, 4)`` affine_grid matrices: rotation about the centre in voxel units, then zoom.
+
+    Maps output to input coordinates in normalized (x, y, z) space; the voxel-to-normalized
+    scaling per axis keeps rotations rigid for non-cubic patches.
+    """
+    rot = _rotation_matrix_xyz(angles_deg * (math.pi / 180.0))
+    a = rot / scale.view(-1, 1, 1)  # zoom > 1: sample the input closer to the centre
+    half = torch.tensor([spatial[2], spatial[1], spatial[0]], dtype=a.dtype, device=a.device) / 2.0
+    a = a * half.view(1, 1, 3) / half.view(1, 3, 1)  # D^-1 A D with D = diag(size / 2)
+    return torch.cat([a, torch.zeros_like(a[:, :, :1])], dim=2)
+
+
+def _affine_grid(theta: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
+    """Same as ``F.affine_grid(theta, (n, 1, *spatial), align_corners=False)``, built by
+    broadcasting (about 4x faster on CPU than the batched matmul). Returns ``(n, Z, Y, X, 3)``."""
+    def lin(n: int) -> torch.Tensor:
+        return (torch.arange(n, dtype=theta.dtype, device=theta.device) * 2 + 1) / n - 1
+
+    Z, Y, X = spatial
+    t = theta[:, None, None, None]  # (n, 1, 1, 1, 3, 4)
+    grid = lin(X).view(1, 1, 1, X, 1) * t[..., 0]
+    grid = grid + lin(Y).view(1, 1, Y, 1, 1) * t[..., 1]
+    return grid + (lin(Z).view(1, Z, 1, 1, 1) * t[..., 2] + t[..., 3])
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of a ``(1, 1, Z, Y, X)`` float tensor (edges replicated).
+
+    Each axis is a weighted sum of shifted slices (faster than ``conv3d`` on CPU for the short
+    kernels of sigma <= ~2)."""
+    if sigma <= 0:
+        return x
+    radius = max(1, int(math.ceil(3.0 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    w = torch.exp(-0.5 * (t / sigma) ** 2)
+    w = (w / w.sum()).tolist()
+    for dim in (2, 3, 4):
+        n = x.shape[dim]
+        pad = [0] * 6
+        pad[2 * (4 - dim)] = pad[2 * (4 - dim) + 1] = radius
+        xp = F.pad(x, pad, mode="replicate")
+        out = xp.narrow(dim, 0, n) * w[0]
+        for k in range(1, len(w)):
+            out.add_(xp.narrow(dim, k, n), alpha=w[k])
+        x = out
+    return x
+
+
+def _flip_permutation(flips: Sequence[bool], rots: Sequence[int], shape: Sequence[int]):
+    """Compose per-axis flips, then 90° rotations in the planes of ``_ROT_PLANES`` (``k`` turns
+    each, 0 = none; planes with unequal sides skipped) into one ``flip(dims)`` + ``permute(order)``
+    of a ``(B, 1, Z, Y, X)`` tensor: the exact result of the sequential ``torch.flip``/``torch.rot90``
+    calls with one copy instead of several."""
+    order = [0, 1, 2, 3, 4]  # output dim d shows input dim order[d]
+    flipped = [False] * 5  # per input dim
+    for a in range(3):
+        if flips[a]:
+            flipped[order[2 + a]] ^= True
+    for (a, b), k in zip(_ROT_PLANES, rots):
+        if k % 4 == 0 or shape[a] != shape[b]:
+            continue
+        k %= 4
+        if k == 1:  # torch.rot90: flip(b) then transpose(a, b)
+            flipped[order[b]] ^= True
+        elif k == 2:
+            flipped[order[a]] ^= True
+            flipped[order[b]] ^= True
+        else:  # k == 3: flip(a) then transpose(a, b)
+            flipped[order[a]] ^= True
+        if k != 2:
+            order[a], order[b] = order[b], order[a]
+    return [d for d in range(5) if flipped[d]], order
+
+
+def augment_batch(
+    image: torch.Tensor,
+    label: torch.Tensor,
+    cfg: AugmentConfig,
+    generator: torch.Generator | None = None,
+    ignore_label: int = IGNORE_LABEL,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Randomly augment a batch of patches, each sample with its own draws.
+
+    Spatial transforms move image and label together; flips and 90° rotations are exact
+    (``torch.flip``/``torch.rot90``), small rotations/zooms use ``affine_grid`` + ``grid_sample``
+    (trilinear image, nearest label, so label values never leave the input's set; voxels mapped
+    from outside the patch get image ``0.0`` and label ``ignore_label``). Intensity transforms
+    touch the image only.
+
+    Args:
+        image: ``(B, 1, Z, Y, X)`` float tensor (normalized intensities), on any device.
+        label: ``(B, 1, Z, Y, X)`` uint8 tensor with values {0, 1, 2}, same device.
+        cfg: probabilities and ranges.
+        generator: source of randomness; put it on the tensors' device for speed (noise is drawn
+            on the generator's device). ``None`` uses torch's global generator.
+        ignore_label: label value for voxels from outside the patch.
+
+    Returns:
+        ``(image, label)`` of the input shapes, dtypes and device (inputs are not modified).
+    """
+    if image.dim() != 5 or image.shape[1] != 1:
+        raise ValueError(f"augment_batch: image must be (B, 1, Z, Y, X), got {tuple(image.shape)}")
+    if label.shape != image.shape:
+        raise ValueError(f"augment_batch: label shape {tuple(label.shape)} != image shape {tuple(image.shape)}")
+    if not image.is_floating_point():
+        raise ValueError(f"augment_batch: image must be a float tensor, got {image.dtype}")
+    B = image.shape[0]
+    spatial = tuple(image.shape[2:])
+    gdev = generator.device if generator is not None else torch.device("cpu")
+    # All per-sample draws at once, in a fixed layout, so results depend only on the generator.
+    u = torch.rand((B, 24), generator=generator, device=gdev, dtype=torch.float64).cpu()
+    k90 = torch.randint(1, 4, (B, 3), generator=generator, device=gdev).cpu()
+    flips = u[:, 0:3] < cfg.p_flip
+    rots = u[:, 3:6] < cfg.p_rot90
+    do_aff = u[:, 6] < cfg.p_affine
+    angles = (u[:, 7:10] * 2.0 - 1.0) * cfg.rotation_deg
+    zoom = cfg.scale_range[0] + u[:, 10] * (cfg.scale_range[1] - cfg.scale_range[0])
+    do_int = u[:, 11] < cfg.p_intensity
+    int_a = cfg.intensity_scale[0] + u[:, 12] * (cfg.intensity_scale[1] - cfg.intensity_scale[0])
+    int_b = cfg.intensity_shift[0] + u[:, 13] * (cfg.intensity_shift[1] - cfg.intensity_shift[0])
+    do_gamma = u[:, 14] < cfg.p_gamma
+    gamma = cfg.gamma_range[0] + u[:, 15] * (cfg.gamma_range[1] - cfg.gamma_range[0])
+    do_blur = u[:, 16] < cfg.p_blur
+    sigma = cfg.blur_sigma[0] + u[:, 17] * (cfg.blur_sigma[1] - cfg.blur_sigma[0])
+    do_noise = u[:, 18] < cfg.p_noise
+    noise_std = cfg.noise_std[0] + u[:, 19] * (cfg.noise_std[1] - cfg.noise_std[0])
+
+    owned = False  # whether `image` is our own tensor (may be modified in place)
+
+    # 1. flips and 90° rotations (exact), per sample, as one flip + permute
+    if bool(flips.any() or rots.any()):
+        imgs, lbls = [], []
+        copied = False
+        for b in range(B):
+            turns = [int(k90[b, p]) if rots[b, p] else 0 for p in range(3)]
+            dims, order = _flip_permutation(flips[b].tolist(), turns, image.shape)
+            x, y = image[b:b + 1], label[b:b + 1]
+            if dims:
+                x, y = torch.flip(x, dims), torch.flip(y, dims)
+                copied = True
+            imgs.append(x.permute(order))
+            lbls.append(y.permute(order))
+        # a single sample stays a (possibly non-contiguous) view: the collate copies it anyway
+        image = imgs[0] if B == 1 else torch.cat(imgs)
+        label = lbls[0] if B == 1 else torch.cat(lbls)
+        owned = B > 1 or copied
+
+    # 2. small rotation + zoom, only for the selected samples
+    if bool(do_aff.any()):
+        idx = torch.nonzero(do_aff).flatten()
+        theta = _affine_theta(angles[idx], zoom[idx], spatial).to(device=image.device, dtype=torch.float32)
+        grid = _affine_grid(theta, spatial)
+        sub_x = image[idx] if len(idx) < B else image
+        sub_y = label[idx] if len(idx) < B else label
+        new_x = F.grid_sample(sub_x.float(), grid, mode="bilinear", padding_mode="zeros",
+                              align_corners=False).to(image.dtype)
+        # shift labels by +1 so that 'zeros' padding marks voxels from outside the patch
+        new_y = F.grid_sample(sub_y.float() + 1.0, grid, mode="nearest", padding_mode="zeros",
+                              align_corners=False)
+        new_y = torch.where(new_y == 0, float(ignore_label) + 1.0, new_y).sub_(1.0).to(torch.uint8)
+        if len(idx) == B:
+            image, label = new_x, new_y
+        else:
+            image = image if owned else image.clone()
+            label = label.clone()
+            image[idx.to(image.device)] = new_x
+            label[idx.to(image.device)] = new_y
+        owned = True
+
+    # 3. intensity transforms (image only)
+
+    def _own() -> torch.Tensor:
+        nonlocal image, owned
+        if not owned:
+            image = image.clone()
+            owned = True
+        return image
+
+    if bool(do_int.any()):
+        a = torch.where(do_int, int_a, torch.ones_like(int_a)).to(image.device, image.dtype).view(B, 1, 1, 1, 1)
+        b = torch.where(do_int, int_b, torch.zeros_like(int_b)).to(image.device, image.dtype).view(B, 1, 1, 1, 1)
+        image = image * a + b
+        owned = True
+    for i in torch.nonzero(do_gamma).flatten().tolist():
+        x = _own()[i]
+        lo, hi = torch.aminmax(x)
+        rng = (hi - lo).clamp_min(1e-6)
+        x.sub_(lo).div_(rng).clamp_(0.0, 1.0).pow_(float(gamma[i])).mul_(rng).add_(lo)
+    for i in torch.nonzero(do_blur).flatten().tolist():
+        img = _own()
+        img[i:i + 1] = _gaussian_blur(img[i:i + 1], float(sigma[i]))
+    for i in torch.nonzero(do_noise).flatten().tolist():
+        img = _own()
+        noise = torch.randn(img.shape[1:], generator=generator, device=gdev, dtype=torch.float32)
+        img[i].add_(noise.to(img.device, img.dtype), alpha=float(noise_std[i]))
+    return image, label
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset
+# ----------------------------------------------------------------------------------------------
+
+
+def _item_seed(seed: int, epoch: int, index: int) -> np.random.SeedSequence:
+    return np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch) & 0xFFFFFFFF, int(index) & 0xFFFFFFFF])
+
+
+class PatchDataset(Dataset):
+    """Map-style dataset of training patches over the volumes of ``index``.
+
+    Item ``i`` is a deterministic function of ``(seed, epoch, i)`` (see :meth:`set_epoch`), so the
+    same seed gives the same patches whatever the number of workers. ``dataset[(epoch, i)]`` also
+    works (used by :class:`EpochSampler` so persistent workers follow the epoch).
+
+    Args:
+        index: volumes to sample from (e.g. the training part of a fold); all need labels.
+        cfg: :class:`SamplerConfig`.
+        seed: base seed.
+        augment: :class:`AugmentConfig` applied per sample on the CPU, or ``None`` (e.g. when
+            augmenting whole batches on the GPU with :func:`augment_batch`).
+        cache: a :class:`VolumeCache` to share; built from ``cfg`` when ``None``.
+
+    Items:
+        ``(image, label, meta)``: image ``float32 (1, Z, Y, X)`` tensor (normalized),
+        label ``uint8 (1, Z, Y, X)`` tensor, meta ``{"id", "scroll_id", "origin": (z, y, x)
+        of the patch corner in the volume (negative when padded), "centred": bool}``.
+    """
+
+    def __init__(self, index: DatasetIndex, cfg: SamplerConfig, seed: int = 0,
+                 augment: AugmentConfig | None = None, cache: VolumeCache | None = None):
+        if len(index) == 0:
+            raise ValueError("PatchDataset: the index holds no volumes")
+        missing = [r.id for r in index if r.label_path is None]
+        if missing:
+            raise ValueError(f"PatchDataset: volumes without labels (test split?): {missing[:5]}")
+        self.records = list(index)
+        self.cfg = cfg
+        self.seed = int(seed)
+        self.augment = augment
+        self.epoch = 0
+        self.cache = cache if cache is not None else VolumeCache(cfg.cache_bytes, cfg.cache_dir, cfg.surface_points)
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(self.records):
+            groups.setdefault(r.scroll_id, []).append(i)
+        self._scroll_groups = [groups[s] for s in sorted(groups)]
+
+    def __len__(self) -> int:
+        return self.cfg.patches_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose patches ``dataset[i]`` returns."""
+        self.epoch = int(epoch)
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        epoch, i = (key if isinstance(key, tuple) else (self.epoch, key))
+        if not 0 <= i < len(self):
+            raise IndexError(f"patch index {i} out of range 0..{len(self) - 1}")
+        ss = _item_seed(self.seed, epoch, i)
+        np_seed, torch_seed = ss.spawn(2)
+        rng = np.random.default_rng(np_seed)
+        rec = self._pick_record(rng)
+        vol = self.cache.get(rec)
+        origin, centred = self._pick_origin(vol, rng)
+        image, label = self._cut(vol, origin)
+        img_t = torch.from_numpy(image)[None]
+        lbl_t = torch.from_numpy(label)[None]
+        if self.augment is not None:
+            gen = torch.Generator().manual_seed(int(torch_seed.generate_state(1, np.uint64)[0] >> np.uint64(1)))
+            x, y = augment_batch(img_t[None], lbl_t[None], self.augment, gen, self.cfg.ignore_label)
+            img_t, lbl_t = x[0], y[0]
+        meta = {"id": rec.id, "scroll_id": rec.scroll_id, "origin": tuple(int(v) for v in origin),
+                "centred": bool(centred)}
+        return img_t, lbl_t, meta
+
+    # -- steps ----------------------------------------------------------------------------------
+
+    def _pick_record(self, rng: np.random.Generator) -> VolumeRecord:
+        if self.cfg.balance_scrolls:
+            group = self._scroll_groups[int(rng.integers(len(self._scroll_groups)))]
+            return self.records[group[int(rng.integers(len(group)))]]
+        return self.records[int(rng.integers(len(self.records)))]
+
+    def _pick_origin(self, vol: CachedVolume, rng: np.random.Generator) -> tuple[np.ndarray, bool]:
+        cfg = self.cfg
+        size = np.asarray(cfg.patch_size)
+        shape = np.asarray(vol.label.shape)
+        lo = np.minimum(0, shape - size)
+        hi = np.maximum(0, shape - size)
+        centred = bool(rng.random() < cfg.surface_share) and len(vol.surface) > 0
+        jitter = (cfg.center_jitter * size).astype(np.int64)
+        best, best_share = None, 2.0
+        for _ in range(cfg.max_tries):
+            if centred:
+                centre = vol.surface[int(rng.integers(len(vol.surface)))].astype(np.int64)
+                offset = rng.integers(-jitter, jitter + 1)
+                origin = np.clip(centre - size // 2 + offset, lo, hi)
+            else:
+                origin = rng.integers(lo, hi + 1)
+            if cfg.max_ignore_share >= 1.0:
+                return origin, centred
+            share = self._ignore_share(vol.label, origin)
+            if share <= cfg.max_ignore_share:
+                return origin, centred
+            if share < best_share:
+                best, best_share = origin, share
+        return best, centred
+
+    def _ignore_share(self, label: np.ndarray, origin: Sequence[int]) -> float:
+        size = self.cfg.patch_size
+        src, _, _ = _crop_slices(label.shape, origin, size)
+        crop = label[src]
+        inside = crop.size
+        n_ignore = np.count_nonzero(crop == self.cfg.ignore_label) + (int(np.prod(size)) - inside)
+        return n_ignore / float(np.prod(size))
+
+    def _cut(self, vol: CachedVolume, origin: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Normalized ``float32`` image and ``uint8`` label patches (crop first, then normalize)."""
+        size = self.cfg.patch_size
+        src, dst, inside = _crop_slices(vol.image.shape, origin, size)
+        norm = normalize_intensity(vol.image[src], vol.stats, self.cfg.normalization)
+        if inside:
+            image = np.ascontiguousarray(norm, dtype=np.float32)
+            label = np.array(vol.label[src], dtype=np.uint8)
+        else:
+            image = np.zeros(size, dtype=np.float32)
+            image[dst] = norm
+            label = np.full(size, self.cfg.ignore_label, dtype=np.uint8)
+            label[dst] = vol.label[src]
+        return image, label
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+
+class EpochSampler(Sampler):
+    """Yields ``(epoch, i)`` for ``i`` in ``range(len(dataset))``, reading ``dataset.epoch`` in the
+    main process at the start of each pass, so :meth:`PatchDataset.set_epoch` reaches persistent
+    workers too. Items are already random; no shuffling is needed."""
+
+    def __init__(self, dataset: PatchDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.dataset.epoch
+        return iter([(epoch, i) for i in range(len(self.dataset))])
+
+
+def collate_patches(batch: list) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Stack items into ``(image float32 (B,1,Z,Y,X), label uint8 (B,1,Z,Y,X), meta)`` where meta has
+    lists ``id``, ``scroll_id``, ``origin int64 (B, 3)`` and ``centred bool (B,)``."""
+    images, labels, metas = zip(*batch)
+    meta = {
+        "id": [m["id"] for m in metas],
+        "scroll_id": [m["scroll_id"] for m in metas],
+        "origin": torch.tensor([m["origin"] for m in metas], dtype=torch.int64),
+        "centred": torch.tensor([m["centred"] for m in metas], dtype=torch.bool),
+    }
+    return torch.stack(images), torch.stack(labels), meta
+
+
+def seed_worker(worker_id: int) -> None:
+    """``worker_init_fn`` for DataLoader: one torch thread per worker, and numpy/random seeded from
+    torch's per-worker seed (patches themselves never depend on it; see :class:`PatchDataset`)."""
+    import random
+
+    torch.set_num_threads(1)
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
+
+
+def make_loader(dataset: PatchDataset, batch_size: int = 2, num_workers: int = 2,
+                persistent_workers: bool = True, pin_memory: bool = False,
+                prefetch_factor: int | None = 2, drop_last: bool = False) -> DataLoader:
+    """DataLoader over ``dataset`` with :class:`EpochSampler`, :func:`seed_worker` and
+    :func:`collate_patches`. Batches: ``(image (B,1,Z,Y,X) float32, label (B,1,Z,Y,X) uint8, meta)``.
+
+    Persistent workers (default when ``num_workers > 0``) keep their volume caches across epochs;
+    call ``dataset.set_epoch(e)`` before iterating epoch ``e``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    kwargs: dict[str, Any] = {}
+    if num_workers > 0:
+        kwargs["persistent_workers"] = persistent_workers
+        kwargs["prefetch_factor"] = prefetch_factor
+    return DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(dataset),
+                      num_workers=num_workers, collate_fn=collate_patches,
+                      worker_init_fn=seed_worker, pin_memory=pin_memory, drop_last=drop_last, **kwargs)
