@@ -1,0 +1,761 @@
+"""Sliding-window inference of whole CT volumes, with blending, ensembles, TTA and OOM fallback.
+
+A pipeline of small steps, each a public, testable function:
+
+1. :func:`pad_widths` / :func:`plan_windows` -- pad the volume (to a multiple of 32 and at least the
+   window) and place windows so every voxel is covered (:func:`window_starts` per axis);
+2. :func:`importance_map` -- per-window blending weights (Gaussian with sigma = 1/8 of the window,
+   as MONAI and nnU-Net, or constant), and :func:`window_weight_sum`, their sum over all windows;
+3. :func:`predict_windows` -- one batch of windows through every model and TTA transform
+   (:class:`TTATransform`, :func:`tta_transforms`), merged into one ``float32`` prediction;
+4. accumulation of ``weight * prediction`` in ``float32`` on the device, normalization by the
+   weight sum, crop back to the input shape (:func:`sliding_window_predict`);
+5. :func:`run_with_oom_fallback` -- on CUDA out-of-memory, retry with half the window batch, then
+   with accumulation on the CPU.
+
+:class:`VolumePrefetcher` reads and normalizes the next volume in a background thread while the
+GPU works on the current one. :class:`InferenceConfig` is the YAML-loadable section.
+
+Shapes: volumes are ``(Z, Y, X)``; a model maps ``(B, 1, z, y, x) float`` windows to
+``(B, 1, z, y, x)`` logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import math
+import queue
+import threading
+import warnings
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence, TypeVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "InferenceConfig",
+    "TTATransform",
+    "TTA_PRESETS",
+    "window_starts",
+    "pad_widths",
+    "plan_windows",
+    "gaussian_importance_map",
+    "importance_map",
+    "window_weight_sum",
+    "tta_transforms",
+    "resolve_amp_dtype",
+    "predict_windows",
+    "run_with_oom_fallback",
+    "sliding_window_predict",
+    "VolumePrefetcher",
+]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+PLACEMENTS = ("even", "monai")
+BLENDS = ("gaussian", "constant")
+ENSEMBLES = ("probs", "logits")
+TTA_PRESETS = ("none", "flips", "rot90", "flips+rot90")
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class InferenceConfig:
+    """Sliding-window settings, loadable from YAML with :func:`kaggle_utils.config.from_dict`.
+
+    Attributes:
+        patch_size: window size ``(z, y, x)``; each a multiple of 32 for the U-Nets.
+        overlap: fraction of a window shared with its neighbour, in ``[0, 1)``.
+        batch_size: windows per forward pass.
+        blend: ``"gaussian"`` (sigma = ``sigma_scale`` * window) or ``"constant"``.
+        sigma_scale: Gaussian sigma as a fraction of the window size.
+        tta: preset name, one of :data:`TTA_PRESETS`.
+        amp: ``"auto"`` (float16 on CUDA, off on CPU), ``"bf16"``, ``"fp16"``, ``true`` or ``false``.
+        ensemble: average several models' ``"probs"`` or ``"logits"``.
+        channels_last: run the models in ``torch.channels_last_3d`` memory format.
+        placement: ``"even"`` (evenly spread windows) or ``"monai"`` (MONAI's placement).
+    """
+
+    patch_size: tuple[int, int, int] = (128, 128, 128)
+    overlap: float = 0.5
+    batch_size: int = 2
+    blend: Literal["gaussian", "constant"] = "gaussian"
+    sigma_scale: float = 0.125
+    tta: str = "none"
+    amp: bool | str = "auto"
+    ensemble: Literal["probs", "logits"] = "probs"
+    channels_last: bool = False
+    placement: Literal["even", "monai"] = "even"
+
+    def __post_init__(self) -> None:
+        self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ValueError(f"inference.patch_size: expected 3 positive ints, got {self.patch_size}")
+        if not 0.0 <= self.overlap < 1.0:
+            raise ValueError(f"inference.overlap: must be in [0, 1), got {self.overlap}")
+        if self.batch_size < 1:
+            raise ValueError(f"inference.batch_size: must be >= 1, got {self.batch_size}")
+        if self.tta not in TTA_PRESETS:
+            raise ValueError(f"inference.tta: must be one of {list(TTA_PRESETS)}, got {self.tta!r}")
+        if not isinstance(self.amp, bool) and self.amp not in ("auto", "fp16", "bf16"):
+            raise ValueError(f"inference.amp: must be true, false, 'auto', 'fp16' or 'bf16', got {self.amp!r}")
+
+    def to_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`sliding_window_predict`."""
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Window placement
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_overlap(overlap: float) -> None:
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+
+
+def window_starts(size: int, roi: int, overlap: float, placement: str = "even") -> list[int]:
+    """Start indices of the windows along one axis of length ``size >= roi``.
+
+    Args:
+        size: axis length (already padded, so ``size >= roi``).
+        roi: window length along this axis.
+        overlap: wanted fraction of overlap between neighbours, in ``[0, 1)``.
+        placement: ``"even"``: the fewest windows whose step is at most ``roi * (1 - overlap)``,
+            spread evenly from 0 to ``size - roi`` (nnU-Net's rule). ``"monai"``: MONAI's
+            ``dense_patch_slices`` rule: step ``int(roi * (1 - overlap))`` (at least 1), windows
+            until one reaches the end, each window shifted back to end inside the axis.
+
+    Returns:
+        Sorted starts; the windows ``[s, s + roi)`` cover ``[0, size)``.
+    """
+    if roi < 1 or size < roi:
+        raise ValueError(f"window_starts needs 1 <= roi <= size, got size={size}, roi={roi}")
+    _check_overlap(overlap)
+    if placement == "even":
+        if size == roi:
+            return [0]
+        target_step = roi * (1.0 - overlap)
+        n = int(math.ceil((size - roi) / target_step - 1e-9)) + 1
+        step = (size - roi) / (n - 1)
+        return [int(round(i * step)) for i in range(n)]
+    if placement == "monai":
+        interval = roi if size == roi else max(int(roi * (1.0 - overlap)), 1)
+        n = 1
+        while (n - 1) * interval + roi < size:
+            n += 1
+        return [i * interval - max(i * interval + roi - size, 0) for i in range(n)]
+    raise ValueError(f"placement must be one of {list(PLACEMENTS)}, got {placement!r}")
+
+
+def pad_widths(
+    shape: Sequence[int], roi_size: Sequence[int], placement: str = "even", multiple: int = 32
+) -> list[tuple[int, int]]:
+    """Padding ``(before, after)`` per axis applied before windows are placed.
+
+    ``"even"``: pad at the end to a multiple of ``multiple`` and at least ``roi_size``.
+    ``"monai"``: as MONAI, pad only axes shorter than the window, split half before / half after.
+    """
+    if len(shape) != len(roi_size):
+        raise ValueError(f"shape {tuple(shape)} and roi_size {tuple(roi_size)} differ in length")
+    out = []
+    for s, r in zip(shape, roi_size):
+        if placement == "even":
+            target = max(int(math.ceil(s / multiple)) * multiple, r)
+            out.append((0, target - s))
+        elif placement == "monai":
+            diff = max(r - s, 0)
+            out.append((diff // 2, diff - diff // 2))
+        else:
+            raise ValueError(f"placement must be one of {list(PLACEMENTS)}, got {placement!r}")
+    return out
+
+
+def _axis_starts(shape: Sequence[int], roi_size: Sequence[int], overlap: float, placement: str) -> list[list[int]]:
+    if len(shape) != len(roi_size):
+        raise ValueError(f"shape {tuple(shape)} and roi_size {tuple(roi_size)} differ in length")
+    return [window_starts(s, r, overlap, placement) for s, r in zip(shape, roi_size)]
+
+
+def plan_windows(
+    shape: Sequence[int], roi_size: Sequence[int], overlap: float, placement: str = "even"
+) -> list[tuple[slice, ...]]:
+    """All windows covering an (already padded) array of ``shape``, in C order (last axis fastest).
+
+    Args:
+        shape: spatial shape, each axis at least the window (pad first, see :func:`pad_widths`).
+        roi_size: window size per axis.
+        overlap: see :func:`window_starts`.
+        placement: ``"even"`` or ``"monai"``; see :func:`window_starts`.
+
+    Returns:
+        One tuple of slices per window; together they cover every voxel.
+    """
+    starts = _axis_starts(shape, roi_size, overlap, placement)
+    return [
+        tuple(slice(s, s + r) for s, r in zip(corner, roi_size)) for corner in itertools.product(*starts)
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Blending weights
+# ----------------------------------------------------------------------------------------------
+
+
+def gaussian_importance_map(
+    roi_size: Sequence[int],
+    sigma_scale: float | Sequence[float] = 0.125,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Gaussian window weights, as MONAI's ``compute_importance_map(mode="gaussian")``.
+
+    The weight along each axis is ``exp(-d**2 / (2 sigma**2))`` with ``d`` the distance to the window
+    centre and ``sigma = sigma_scale * roi``; the map is their product (1 at the centre for odd sizes),
+    clamped below at ``max(min(map), 1e-3)`` so window borders still count.
+
+    Returns:
+        ``dtype`` tensor of shape ``roi_size`` on ``device``.
+    """
+    scales = [float(sigma_scale)] * len(roi_size) if np.isscalar(sigma_scale) else [float(s) for s in sigma_scale]  # type: ignore[arg-type]
+    if len(scales) != len(roi_size):
+        raise ValueError(f"sigma_scale {sigma_scale} does not match roi_size {tuple(roi_size)}")
+    result: torch.Tensor | None = None
+    for axis, (r, sc) in enumerate(zip(roi_size, scales)):
+        sigma = sc * r
+        if sigma <= 0:
+            raise ValueError(f"sigma_scale must be positive, got {sigma_scale}")
+        d = torch.arange(r, dtype=torch.float32, device=device) - (r - 1) / 2.0
+        g = torch.exp(d**2 / (-2.0 * sigma**2))
+        g = g.reshape([r if i == axis else 1 for i in range(len(roi_size))])
+        result = g if result is None else result * g
+    assert result is not None
+    floor = max(float(result.min()), 1e-3)
+    return result.clamp_(min=floor).to(dtype)
+
+
+def importance_map(
+    roi_size: Sequence[int],
+    blend: str = "gaussian",
+    sigma_scale: float | Sequence[float] = 0.125,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Per-window blending weights: ``"gaussian"`` (:func:`gaussian_importance_map`) or ``"constant"`` (ones)."""
+    if blend == "gaussian":
+        return gaussian_importance_map(roi_size, sigma_scale, device=device, dtype=dtype)
+    if blend == "constant":
+        return torch.ones(tuple(roi_size), device=device, dtype=dtype)
+    raise ValueError(f"blend must be one of {list(BLENDS)}, got {blend!r}")
+
+
+def window_weight_sum(
+    shape: Sequence[int], starts: Sequence[Sequence[int]], weights: torch.Tensor
+) -> torch.Tensor:
+    """Sum of ``weights`` pasted at every window of a Cartesian grid of starts: the normalizer.
+
+    Computed axis by axis (shift-and-add along X, then Y, then Z), which is exact for any weight
+    map and costs ``sum_axis n_axis * (size of the partial sum)`` instead of ``n_windows * roi**3``.
+
+    Args:
+        shape: padded spatial shape ``(Z, Y, X)``.
+        starts: window starts per axis (as from :func:`window_starts`).
+        weights: ``(z, y, x)`` weight map of one window.
+
+    Returns:
+        ``(Z, Y, X)`` tensor, same dtype and device as ``weights``.
+    """
+    acc = weights
+    ndim = weights.ndim
+    for axis in reversed(range(ndim)):
+        out_shape = list(acc.shape)
+        out_shape[axis] = shape[axis]
+        out = torch.zeros(out_shape, dtype=weights.dtype, device=weights.device)
+        r = weights.shape[axis]
+        for s in starts[axis]:
+            idx = [slice(None)] * ndim
+            idx[axis] = slice(s, s + r)
+            out[tuple(idx)] += acc
+        acc = out
+    return acc
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Test-time augmentation
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TTATransform:
+    """A flip of some spatial axes followed by ``rot90`` quarter turns in the (Y, X) plane.
+
+    Attributes:
+        flip_axes: spatial axes to flip, a subset of ``(0, 1, 2)`` = ``(Z, Y, X)``.
+        rot90: number of quarter turns in the (Y, X) plane (needs square windows when odd).
+    """
+
+    flip_axes: tuple[int, ...] = ()
+    rot90: int = 0
+
+    def __post_init__(self) -> None:
+        if any(a not in (0, 1, 2) for a in self.flip_axes):
+            raise ValueError(f"TTATransform.flip_axes must be a subset of (0, 1, 2), got {self.flip_axes}")
+        object.__setattr__(self, "flip_axes", tuple(sorted(set(self.flip_axes))))
+        object.__setattr__(self, "rot90", int(self.rot90) % 4)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Transform ``(B, C, Z, Y, X)`` windows."""
+        if self.flip_axes:
+            x = torch.flip(x, [a + 2 for a in self.flip_axes])
+        if self.rot90:
+            x = torch.rot90(x, self.rot90, dims=(3, 4))
+        return x
+
+    def invert(self, y: torch.Tensor) -> torch.Tensor:
+        """Undo :meth:`apply` on ``(B, C, Z, Y, X)`` outputs."""
+        if self.rot90:
+            y = torch.rot90(y, -self.rot90, dims=(3, 4))
+        if self.flip_axes:
+            y = torch.flip(y, [a + 2 for a in self.flip_axes])
+        return y
+
+
+def tta_transforms(tta: str | Sequence[TTATransform] | None) -> list[TTATransform]:
+    """Resolve ``tta`` into a list of transforms (the identity first).
+
+    Presets: ``"none"`` (1 pass), ``"flips"`` (all 8 subsets of flipped axes), ``"rot90"``
+    (4 quarter turns in Y-X), ``"flips+rot90"`` (the 16 distinct flips and in-plane rotations).
+    """
+    if tta is None or tta == "none":
+        return [TTATransform()]
+    if isinstance(tta, str):
+        if tta == "flips":
+            return [TTATransform(tuple(a for a in range(3) if m >> a & 1)) for m in range(8)]
+        if tta == "rot90":
+            return [TTATransform((), k) for k in range(4)]
+        if tta == "flips+rot90":
+            return [
+                TTATransform(((0,) if fz else ()) + ((2,) if fx else ()), k)
+                for fz in (0, 1) for fx in (0, 1) for k in range(4)
+            ]
+        raise ValueError(f"tta must be one of {list(TTA_PRESETS)} or a list of TTATransform, got {tta!r}")
+    out = list(tta)
+    if not out or not all(isinstance(t, TTATransform) for t in out):
+        raise ValueError(f"tta must be a preset name or a non-empty list of TTATransform, got {tta!r}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Predicting a batch of windows
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_amp_dtype(amp: bool | str, device: torch.device | str) -> torch.dtype | None:
+    """Autocast dtype for ``amp`` on ``device``, or ``None`` for full precision.
+
+    ``"auto"``: float16 on CUDA, off on CPU. ``True``/``"fp16"``: float16 on CUDA, bfloat16 on CPU.
+    ``"bf16"``: bfloat16 where supported (falls back to float16 on CUDA without it). ``False``: off.
+    """
+    dev = torch.device(device)
+    if amp is False or amp is None:
+        return None
+    if amp == "auto":
+        return torch.float16 if dev.type == "cuda" else None
+    if amp is True or amp == "fp16":
+        return torch.float16 if dev.type == "cuda" else torch.bfloat16
+    if amp == "bf16":
+        if dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+            warnings.warn("bfloat16 autocast not supported on this GPU; using float16", stacklevel=2)
+            return torch.float16
+        return torch.bfloat16
+    raise ValueError(f"amp must be True, False, 'auto', 'fp16' or 'bf16', got {amp!r}")
+
+
+def _activate(x: torch.Tensor, activation: str | Callable | None) -> torch.Tensor:
+    if activation is None:
+        return x
+    if activation == "sigmoid":
+        return torch.sigmoid(x)
+    if callable(activation):
+        return activation(x)
+    raise ValueError(f"activation must be 'sigmoid', None or a callable, got {activation!r}")
+
+
+def predict_windows(
+    models: Sequence[nn.Module],
+    windows: torch.Tensor,
+    weights: Sequence[float],
+    transforms: Sequence[TTATransform],
+    activation: str | Callable | None = "sigmoid",
+    ensemble: str = "probs",
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """Run a batch of windows through every model and TTA transform and merge the results.
+
+    Args:
+        models: models mapping ``(B, 1, z, y, x)`` to ``(B, 1, z, y, x)`` logits, on the windows' device.
+        windows: ``(B, 1, z, y, x) float32`` input windows.
+        weights: one weight per model, summing to 1.
+        transforms: TTA transforms; each output is un-done before averaging (uniformly).
+        activation: ``"sigmoid"``, ``None`` or a callable; with ``ensemble="probs"`` it is applied
+            to every pass before averaging, with ``"logits"`` not at all (the caller applies it
+            after blending).
+        ensemble: ``"probs"`` or ``"logits"``.
+        amp_dtype: autocast dtype, or ``None``.
+        channels_last: feed inputs in ``channels_last_3d`` memory format.
+
+    Returns:
+        ``(B, z, y, x) float32`` merged predictions.
+    """
+    merged: torch.Tensor | None = None
+    n_t = len(transforms)
+    for model, w in zip(models, weights):
+        for t in transforms:
+            x = t.apply(windows)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last_3d)
+            with torch.autocast(windows.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                y = model(x)
+            if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+                got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+                raise ValueError(
+                    f"model output must be a tensor of the input window's shape {tuple(x.shape)} "
+                    f"(one logit channel), got {got}"
+                )
+            y = t.invert(y.float())[:, 0]
+            if ensemble == "probs":
+                y = _activate(y, activation)
+            scale = float(w) / n_t
+            if merged is None:
+                merged = y * scale if scale != 1.0 else y.contiguous()
+            else:
+                merged.add_(y, alpha=scale)
+    assert merged is not None
+    return merged
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Out-of-memory fallback
+# ----------------------------------------------------------------------------------------------
+
+
+def run_with_oom_fallback(
+    run: Callable[[int, torch.device | str], T],
+    batch_size: int,
+    accumulate_device: torch.device | str,
+    fallback_device: torch.device | str = "cpu",
+) -> T:
+    """Call ``run(batch_size, accumulate_device)``; on CUDA out-of-memory retry with less memory.
+
+    The policy: halve the window batch down to 1; then move accumulation to ``fallback_device``
+    (with batch 1). Each retry is announced with a :class:`RuntimeWarning` (and a log line). The
+    last error is re-raised only when batch 1 with accumulation on ``fallback_device`` fails too.
+
+    Args:
+        run: does the whole job for a given window batch size and accumulation device.
+        batch_size: the first batch size to try.
+        accumulate_device: the first accumulation device to try.
+        fallback_device: accumulation device of the last attempt.
+    """
+    attempts: list[tuple[int, torch.device | str]] = [(batch_size, accumulate_device)]
+    bs = batch_size
+    while bs > 1:
+        bs //= 2
+        attempts.append((bs, accumulate_device))
+    if torch.device(accumulate_device) != torch.device(fallback_device):
+        attempts.append((1, fallback_device))
+    for i, (bs, dev) in enumerate(attempts):
+        try:
+            return run(bs, dev)
+        except torch.cuda.OutOfMemoryError:
+            if i == len(attempts) - 1:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            nbs, ndev = attempts[i + 1]
+            msg = (
+                f"CUDA out of memory with window batch {bs} and accumulation on {dev}; "
+                f"retrying with window batch {nbs} and accumulation on {ndev}"
+            )
+            logger.warning(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. The whole volume
+# ----------------------------------------------------------------------------------------------
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _batches(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def sliding_window_predict(
+    models: nn.Module | Sequence[nn.Module],
+    volume: np.ndarray | torch.Tensor,
+    patch_size: int | Sequence[int],
+    overlap: float = 0.5,
+    batch_size: int = 2,
+    blend: str = "gaussian",
+    tta: str | Sequence[TTATransform] | None = None,
+    amp: bool | str = "auto",
+    device: torch.device | str | None = None,
+    activation: str | Callable | None = "sigmoid",
+    ensemble: str = "probs",
+    weights: Sequence[float] | None = None,
+    channels_last: bool = False,
+    sw_device: torch.device | str | None = None,
+    accumulate_device: torch.device | str | None = None,
+    progress: bool = False,
+    sigma_scale: float = 0.125,
+    placement: str = "even",
+    pad_multiple: int = 32,
+    padding_mode: str = "constant",
+) -> np.ndarray:
+    """Predict a whole volume window by window and blend the windows.
+
+    The volume is padded once (see :func:`pad_widths`) and moved to ``sw_device`` once; windows
+    are cut there and batched; predictions times the blending weights are summed in ``float32`` on
+    ``accumulate_device``, divided by the summed weights, cropped back and returned on the CPU.
+    Runs under :func:`torch.inference_mode`. The models are put in ``eval()`` mode and moved to
+    ``device`` (and to ``channels_last_3d`` when asked).
+
+    Args:
+        models: one model or a list (an ensemble), each mapping ``(B, 1, z, y, x)`` windows to
+            ``(B, 1, z, y, x)`` logits.
+        volume: ``float32 (Z, Y, X)`` numpy array or tensor, already normalized (no intensity
+            scaling is done here).
+        patch_size: window size, an int or ``(z, y, x)``.
+        overlap: overlap fraction between neighbouring windows, in ``[0, 1)``.
+        batch_size: windows per forward pass.
+        blend: ``"gaussian"`` or ``"constant"`` weighting of each window.
+        tta: ``None`` / preset name / list of :class:`TTATransform` (see :func:`tta_transforms`).
+        amp: autocast policy, see :func:`resolve_amp_dtype` (default: float16 on CUDA, off on CPU).
+        device: where the models run; default CUDA when available, else CPU.
+        activation: ``"sigmoid"`` (probabilities), ``None`` (blended raw outputs) or a callable.
+        ensemble: ``"probs"``: activate each pass, then average; ``"logits"``: average raw outputs,
+            blend, then activate.
+        weights: one non-negative weight per model (normalized to sum 1); default equal.
+        channels_last: use ``torch.channels_last_3d`` memory format.
+        sw_device: where the padded volume is kept and windows are cut; default ``device``.
+        accumulate_device: where the blended sums live; default ``device``.
+        progress: show a tqdm bar over window batches.
+        sigma_scale: Gaussian sigma as a fraction of the window.
+        placement: ``"even"`` or ``"monai"`` (see :func:`window_starts` and :func:`pad_widths`).
+        pad_multiple: ``"even"`` placement pads each axis to a multiple of this.
+        padding_mode: ``torch.nn.functional.pad`` mode (``"constant"`` pads with 0).
+
+    Returns:
+        ``float32 (Z, Y, X)`` numpy array: probabilities, or blended raw outputs if ``activation=None``.
+
+    On CUDA out-of-memory the run is retried with half the batch, then with accumulation (and the
+    padded volume) on the CPU, with a warning (:func:`run_with_oom_fallback`).
+    """
+    model_list = [models] if isinstance(models, nn.Module) else list(models)
+    if not model_list:
+        raise ValueError("sliding_window_predict: no models given")
+    if weights is None:
+        w = [1.0 / len(model_list)] * len(model_list)
+    else:
+        if len(weights) != len(model_list) or any(x < 0 for x in weights) or sum(weights) <= 0:
+            raise ValueError(f"weights must be {len(model_list)} non-negative numbers with a positive sum, got {weights}")
+        w = [float(x) / float(sum(weights)) for x in weights]
+    if ensemble not in ENSEMBLES:
+        raise ValueError(f"ensemble must be one of {list(ENSEMBLES)}, got {ensemble!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_overlap(overlap)
+    if volume.ndim != 3:
+        raise ValueError(f"volume must be (Z, Y, X), got shape {tuple(volume.shape)}")
+    roi = (int(patch_size),) * 3 if np.isscalar(patch_size) else tuple(int(p) for p in patch_size)  # type: ignore[arg-type]
+    if len(roi) != 3 or min(roi) < 1:
+        raise ValueError(f"patch_size must be an int or 3 positive ints, got {patch_size}")
+    transforms = tta_transforms(tta)
+    if any(t.rot90 % 2 for t in transforms) and roi[1] != roi[2]:
+        raise ValueError(f"90-degree TTA rotations need square (Y, X) windows, got patch_size {roi}")
+
+    dev = torch.device(device) if device is not None else _default_device()
+    sw_dev = torch.device(sw_device) if sw_device is not None else dev
+    acc_dev = torch.device(accumulate_device) if accumulate_device is not None else dev
+    amp_dtype = resolve_amp_dtype(amp, dev)
+    for m in model_list:
+        m.eval().to(dev)
+        if channels_last:
+            m.to(memory_format=torch.channels_last_3d)
+
+    vol = torch.as_tensor(volume)
+    if not vol.is_floating_point():
+        raise ValueError(f"volume must be float (already normalized), got {vol.dtype}")
+    shape = tuple(vol.shape)
+    pads = pad_widths(shape, roi, placement, pad_multiple)
+    starts = _axis_starts([s + a + b for s, (a, b) in zip(shape, pads)], roi, overlap, placement)
+
+    def run(bs: int, acc_device: torch.device | str) -> np.ndarray:
+        acc_device = torch.device(acc_device)
+        # after falling back to CPU accumulation the volume is kept there too
+        vol_device = sw_dev if acc_device == acc_dev else acc_device
+        with torch.inference_mode():
+            padded = _pad_volume(vol.to(vol_device, torch.float32), pads, padding_mode)
+            return _blend_volume(
+                model_list, padded, starts, roi, shape, pads, bs, dev, acc_device, w, transforms,
+                blend, sigma_scale, activation, ensemble, amp_dtype, channels_last, progress,
+            )
+
+    return run_with_oom_fallback(run, batch_size, acc_dev)
+
+
+def _pad_volume(vol: torch.Tensor, pads: Sequence[tuple[int, int]], mode: str) -> torch.Tensor:
+    if not any(a or b for a, b in pads):
+        return vol
+    flat = [p for a_b in reversed(pads) for p in a_b]  # F.pad wants the last axis first
+    if mode == "constant":
+        return F.pad(vol, flat, mode="constant", value=0.0)
+    return F.pad(vol[None, None], flat, mode=mode)[0, 0]
+
+
+def _blend_volume(
+    models: Sequence[nn.Module],
+    padded: torch.Tensor,
+    starts: Sequence[Sequence[int]],
+    roi: tuple[int, ...],
+    shape: tuple[int, ...],
+    pads: Sequence[tuple[int, int]],
+    batch_size: int,
+    device: torch.device,
+    acc_device: torch.device,
+    weights: Sequence[float],
+    transforms: Sequence[TTATransform],
+    blend: str,
+    sigma_scale: float,
+    activation: str | Callable | None,
+    ensemble: str,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
+    progress: bool,
+) -> np.ndarray:
+    """Accumulate weighted window predictions over ``padded`` (``(Zp, Yp, Xp)``) and normalize."""
+    wmap = importance_map(roi, blend, sigma_scale, device=acc_device)
+    acc = torch.zeros(padded.shape, dtype=torch.float32, device=acc_device)
+    corners = list(itertools.product(*starts))
+    batches: Iterable = _batches(corners, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, total=math.ceil(len(corners) / batch_size), desc="windows", leave=False)
+    for batch in batches:
+        sls = [tuple(slice(s, s + r) for s, r in zip(c, roi)) for c in batch]
+        windows = torch.stack([padded[sl] for sl in sls])[:, None].to(device)
+        pred = predict_windows(models, windows, weights, transforms, activation, ensemble, amp_dtype, channels_last)
+        pred = pred.to(acc_device)
+        for sl, p in zip(sls, pred):
+            acc[sl].addcmul_(p, wmap)
+    acc /= window_weight_sum(padded.shape, starts, wmap)
+    crop = tuple(slice(a, a + s) for (a, _), s in zip(pads, shape))
+    out = acc[crop]
+    if ensemble == "logits":
+        out = _activate(out, activation)
+    return out.to("cpu", torch.float32).numpy().copy() if out.device.type != "cpu" else np.ascontiguousarray(out.numpy())
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Overlapping data loading with GPU work
+# ----------------------------------------------------------------------------------------------
+
+
+class VolumePrefetcher:
+    """Iterate ``(id, loader_fn(id))`` while a background thread loads the next ``depth`` volumes.
+
+    ``loader_fn`` (e.g. read + :func:`kaggle_utils.data.normalize_intensity`) runs in a daemon
+    thread, so reading and normalizing volume ``i + 1`` overlaps the GPU work on volume ``i``
+    (numpy, tifffile and torch release the GIL). An exception in ``loader_fn`` is re-raised in the
+    consumer when it reaches that id. Use as an iterator, ideally in a ``with`` block so an early
+    ``break`` stops the thread.
+
+    Args:
+        loader_fn: ``id -> volume`` (any object).
+        ids: ids in processing order.
+        depth: how many loaded volumes may wait in the queue (memory: ``depth + 1`` volumes).
+    """
+
+    _DONE = object()
+
+    def __init__(self, loader_fn: Callable[[Any], Any], ids: Iterable[Any], depth: int = 1):
+        if depth < 1:
+            raise ValueError(f"VolumePrefetcher depth must be >= 1, got {depth}")
+        self._loader_fn = loader_fn
+        self._ids = list(ids)
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="VolumePrefetcher", daemon=True)
+        self._started = False
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _work(self) -> None:
+        for vid in self._ids:
+            if self._stop.is_set():
+                return
+            try:
+                item = (vid, self._loader_fn(vid), None)
+            except BaseException as exc:  # handed to the consumer
+                item = (vid, None, exc)
+            if not self._put(item):
+                return
+        self._put(self._DONE)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        if self._started:
+            raise RuntimeError("VolumePrefetcher can be iterated only once")
+        self._started = True
+        self._thread.start()
+        try:
+            while True:
+                item = self._queue.get()
+                if item is self._DONE:
+                    return
+                vid, vol, exc = item
+                if exc is not None:
+                    raise exc
+                yield vid, vol
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the background thread (pending volumes are dropped)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5.0)
+
+    def __enter__(self) -> "VolumePrefetcher":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
