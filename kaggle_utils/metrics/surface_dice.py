@@ -17,22 +17,18 @@ Facts reproduced from ``surface_distance`` (Apache-2.0, https://github.com/deepm
   table with scikit-image's Lorensen marching cubes (for codes with more than four foreground
   voxels on the complemented cell), which reproduces the package's table for all 256 codes;
 - distances are Euclidean distance transforms (with ``sampling=spacing``) of the complement of
-  the other mask's surfel set, compared with ``<= tau``.
+  the other mask's surfel set, compared with ``<= tau``; we only need that comparison, so we
+  dilate the surfel set by the ball of radius ``tau`` instead (same decision, much faster).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from typing import Sequence
 
 import numpy as np
 
 __all__ = ["surface_dice", "surfel_area_table", "neighbour_codes"]
-
-# bit weight of the voxel at offset (a, b, c) inside a 2x2x2 cell
-_CELL_WEIGHTS = np.array([[[128, 64], [32, 16]], [[8, 4], [2, 1]]], dtype=np.uint8)
-
 
 def _spacing3(spacing: float | Sequence[float]) -> tuple[float, float, float]:
     if np.isscalar(spacing):
@@ -78,17 +74,15 @@ def neighbour_codes(mask: np.ndarray) -> np.ndarray:
 
     Returns:
         ``uint8 (Z+1, Y+1, X+1)``: entry ``i`` encodes voxels ``i-1 .. i`` along each axis
-        (voxels outside the array count as background).
+        (voxels outside the array count as background); the voxel at offset ``(a, b, c)`` from
+        ``i - 1`` sets bit ``7 - (4a + 2b + c)``.
     """
-    padded = np.pad(mask.astype(np.uint8, copy=False), 1)
-    nz, ny, nx = (s + 1 for s in mask.shape)
-    codes = np.zeros((nz, ny, nx), dtype=np.uint8)
-    for a in range(2):
-        for b in range(2):
-            for c in range(2):
-                shifted = padded[a:a + nz, b:b + ny, c:c + nx]
-                codes |= shifted * _CELL_WEIGHTS[a, b, c]
-    return codes
+    mask = np.asarray(mask)
+    padded = np.pad(mask.view(np.uint8) if mask.dtype == bool else (mask != 0).view(np.uint8), 1)
+    # built one axis at a time: 2 bits along x, 4 along y, 8 along z (offset 0 = the higher bit)
+    cx = (padded[:, :, :-1] << 1) | padded[:, :, 1:]
+    cy = (cx[:, :-1] << 2) | cx[:, 1:]
+    return (cy[:-1] << 4) | cy[1:]
 
 
 def _union_bbox(a: np.ndarray, b: np.ndarray) -> tuple[slice, ...] | None:
@@ -103,24 +97,54 @@ def _union_bbox(a: np.ndarray, b: np.ndarray) -> tuple[slice, ...] | None:
     return tuple(out)
 
 
+def _ball_rows(tau: float, spacing: tuple[float, float, float]) -> list[tuple[int, int, int]]:
+    """Grid offsets within distance ``tau`` as rows ``(dz, dy, rx)``: ``|dx| <= rx`` are inside.
+
+    Distances are computed as the reference's distance transform does, in float64:
+    ``sqrt((dz*sz)**2 + (dy*sy)**2 + (dx*sx)**2) <= tau``.
+    """
+    sz, sy, sx = spacing
+    rz, ry = int(np.floor(tau / sz)), int(np.floor(tau / sy))
+    rows = []
+    for dz in range(-rz, rz + 1):
+        for dy in range(-ry, ry + 1):
+            if np.sqrt((dz * sz) ** 2 + (dy * sy) ** 2) > tau:
+                continue
+            rx = 0
+            while np.sqrt((dz * sz) ** 2 + (dy * sy) ** 2 + ((rx + 1) * sx) ** 2) <= tau:
+                rx += 1
+            rows.append((dz, dy, rx))
+    return rows
+
+
 def _within_tolerance(borders: np.ndarray, tau: float, spacing: tuple[float, float, float]) -> np.ndarray:
     """``bool`` map of grid points whose distance to the nearest ``borders`` point is ``<= tau``.
 
-    Unit spacing uses the multi-threaded ``edt`` package: its float32 squared distances are exact
-    integers there, so ``d² <= tau²`` decides exactly as scipy's float64 ``d <= tau`` does.
-    Other spacings use :func:`scipy.ndimage.distance_transform_edt` like the reference.
+    Equal to ``distance_transform_edt(~borders, sampling=spacing) <= tau`` (what the reference
+    computes) but done as a dilation of ``borders`` by the ball of radius ``tau``: dilate along x
+    once per row half-width, then OR each (dz, dy) row of the ball in. For tau = 2 on a unit grid
+    that is 13 rows and about 20 boolean passes, far cheaper than a full distance transform.
+    Very large balls fall back to :func:`scipy.ndimage.distance_transform_edt`.
     """
-    if spacing == (1.0, 1.0, 1.0):
-        try:
-            import edt
-        except ImportError:  # pragma: no cover - scipy below gives the same answer, slower
-            edt = None
-        if edt is not None:
-            sq = edt.edtsq(~borders, black_border=False, parallel=os.cpu_count() or 1)
-            return sq <= float(tau) ** 2
-    from scipy.ndimage import distance_transform_edt
+    rows = _ball_rows(float(tau), spacing)
+    if len(rows) > 400:
+        from scipy.ndimage import distance_transform_edt
 
-    return distance_transform_edt(~borders, sampling=spacing) <= tau
+        return distance_transform_edt(~borders, sampling=spacing) <= tau
+    along_x = [borders]
+    for k in range(1, max(r for _, _, r in rows) + 1):
+        cur = along_x[-1].copy()
+        cur[..., k:] |= borders[..., :-k]
+        cur[..., :-k] |= borders[..., k:]
+        along_x.append(cur)
+    out = np.zeros_like(borders)
+    nz, ny = borders.shape[:2]
+    for dz, dy, rx in rows:
+        if abs(dz) >= nz or abs(dy) >= ny:
+            continue
+        out[max(dz, 0):nz + min(dz, 0), max(dy, 0):ny + min(dy, 0)] |= \
+            along_x[rx][max(-dz, 0):nz - max(dz, 0), max(-dy, 0):ny - max(dy, 0)]
+    return out
 
 
 def surface_dice(
