@@ -383,3 +383,17 @@ def test_score_dataset_workers(tmp_path):
     pred_dir, gt_dir, expected = _write_dataset(tmp_path, n=2)
     res = score_dataset(pred_dir, gt_dir, workers=2, progress=False)
     assert res.volumes == expected
+
+
+@pytest.mark.parametrize("spacing, tau", [((1.0, 1.0, 1.0), 2.0), ((1.0, 1.0, 1.0), 1.0), ((1.0, 2.0, 3.0), 2.5),
+                                          ((0.5, 1.5, 1.0), 2.0), ((0.7, 0.7, 0.7), 1.4)])
+def test_tolerance_ball_equals_distance_transform(spacing, tau):
+    from scipy.ndimage import distance_transform_edt
+
+    from kaggle_utils.metrics.surface_dice import _within_tolerance
+
+    rng = np.random.default_rng(7)
+    borders = rng.random((13, 11, 17)) < 0.02
+    borders[6, 5, 8] = True
+    expected = distance_transform_edt(~borders, sampling=spacing) <= tau  # what the reference does
+    np.testing.assert_array_equal(_within_tolerance(borders, tau, spacing), expected)
