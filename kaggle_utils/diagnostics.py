@@ -38,6 +38,7 @@ __all__ = [
     "plot_prob_histogram",
     "load_predictions",
     "diagnose",
+    "fold_table",
 ]
 
 #: Range of the surface share of whole volumes in the competition's training labels.
@@ -290,6 +291,28 @@ def plot_prob_histogram(probs: Iterable[np.ndarray], out=None, ax=None):
     ax.set_yscale("log")
     ax.set_xlabel("probability"), ax.set_ylabel("voxels"), ax.set_title("probability histogram")
     return _save(fig if fig is not None else ax.figure, out)
+
+
+def fold_table(index, folds: dict[str, int]) -> str:
+    """Text table of volumes per scroll and fold (a data overview; a scroll sits in one fold only).
+
+    Args:
+        index: a :class:`~kaggle_utils.data.DatasetIndex`.
+        folds: ``{id: fold}`` from :func:`~kaggle_utils.data.make_folds`.
+    """
+    counts: dict[tuple[str, int], int] = {}
+    for r in index:
+        key = (r.scroll_id, folds[r.id])
+        counts[key] = counts.get(key, 0) + 1
+    n_folds = max(folds.values()) + 1 if folds else 0
+    head = f"{'scroll_id':>10} " + " ".join(f"{'fold ' + str(f):>7}" for f in range(n_folds)) + f" {'total':>7}"
+    lines = [head]
+    for scroll in sorted({s for s, _ in counts}, key=lambda s: -sum(v for (t, _), v in counts.items() if t == s)):
+        row = [counts.get((scroll, f), 0) for f in range(n_folds)]
+        lines.append(f"{scroll:>10} " + " ".join(f"{c:>7}" for c in row) + f" {sum(row):>7}")
+    totals = [sum(v for (_, f), v in counts.items() if f == fold) for fold in range(n_folds)]
+    lines.append(f"{'total':>10} " + " ".join(f"{c:>7}" for c in totals) + f" {sum(totals):>7}")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------

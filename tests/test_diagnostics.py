@@ -12,10 +12,12 @@ import tifffile
 
 from kaggle_utils import cli
 from kaggle_utils.data import write_volume
+from kaggle_utils.data import DatasetIndex, VolumeRecord
 from kaggle_utils.diagnostics import (
     collapse_verdict,
     diagnose,
     fg_fraction,
+    fold_table,
     plot_fg_histogram,
     plot_montage,
     plot_training_log,
@@ -141,3 +143,11 @@ def test_diagnose_cli_on_zip(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "COLLAPSE (foreground)" in out and "100.00" in out
     assert (tmp_path / "r.png").exists()
+
+
+def test_fold_table_counts(tmp_path):
+    recs = [VolumeRecord(str(i), s, tmp_path / "x.tif") for i, s in enumerate(["a", "a", "a", "b", "c", "c"])]
+    folds = {"0": 0, "1": 0, "2": 0, "3": 1, "4": 1, "5": 1}
+    lines = fold_table(DatasetIndex(tmp_path, "train", recs), folds).splitlines()
+    assert lines[1].split() == ["a", "3", "0", "3"]
+    assert lines[-1].split() == ["total", "3", "3", "6"]
