@@ -22,7 +22,6 @@ import re
 import time
 import warnings
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -311,17 +310,27 @@ def _jsonable(x: Any) -> Any:
     return str(x)
 
 
+def _tta_list(tta: Any) -> list:
+    """The TTA passes of ``tta`` (preset name, list of ``TTATransform`` or ``None``) as a list."""
+    from .inference import tta_transforms
+
+    return list(tta_transforms(tta))
+
+
 def _n_tta(tta: Any) -> int:
-    return len(tta) if isinstance(tta, (list, tuple)) and len(tta) > 0 else 1
+    try:
+        return len(_tta_list(tta))
+    except (ValueError, TypeError):
+        return len(tta) if isinstance(tta, (list, tuple)) and tta else 1
 
 
 def plan_tta(tta: Any, seconds_per_volume: float, remaining: int, seconds_left: float) -> Any:
     """Halve the TTA list until ``remaining`` volumes fit in ``seconds_left``.
 
     The per-volume time is assumed proportional to the number of TTA passes (inference
-    dominates). Keeps the first half each time (list TTA settings put the cheapest, most useful
-    passes first: identity, then flips). A non-list ``tta`` (``None``, a preset name) is returned
-    unchanged.
+    dominates). Keeps the first half each time (``inference.tta_transforms`` puts the identity
+    first). A non-list ``tta`` (``None``, a preset name) is returned unchanged: resolve presets
+    with ``inference.tta_transforms`` first.
 
     Args:
         tta: the current TTA list (one entry per pass) or ``None``.
@@ -426,24 +435,23 @@ def _build_postprocess_cfg(postprocess_cfg: Any, cfgs: list[dict]):
 
 
 def _prefetch(records: Sequence, load: Callable[[Any], Any]) -> Iterator[tuple[Any, Any, BaseException | None]]:
-    """Yield ``(record, loaded, error)`` while the next record loads in a background thread."""
-    if not records:
-        return
+    """Yield ``(record, load(record), error)``; the next record loads in a background thread
+    (:class:`~kaggle_utils.inference.VolumePrefetcher`). A failing load is yielded as its error
+    instead of ending the iteration."""
+    from .inference import VolumePrefetcher
 
-    def safe(rec):
+    def safe(i: int):
         try:
-            return load(rec), None
+            return load(records[i]), None
         except Exception as exc:  # reported per volume, never kills the run
             return None, exc
 
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        fut = pool.submit(safe, records[0])
-        for i, rec in enumerate(records):
-            loaded, err = fut.result()
-            if i + 1 < len(records):
-                fut = pool.submit(safe, records[i + 1])
-            yield rec, loaded, err
-            del loaded
+    prefetcher = VolumePrefetcher(safe, range(len(records)), depth=1)
+    try:
+        for i, (loaded, err) in prefetcher:
+            yield records[i], loaded, err
+    finally:
+        prefetcher.close()
 
 
 def predict_dataset(
@@ -545,6 +553,7 @@ def predict_dataset(
         since_change: list[float] = []
         bar = tqdm(total=n, desc="predict", unit="vol", disable=not progress)
         for i, (rec, loaded, err) in enumerate(_prefetch(index.records, load)):
+            # loaded: (shape, float32 normalized volume), or None when err is set
             t0 = time.perf_counter()
             row = {"id": rec.id, "shape": None, "seconds": None, "fg_fraction": 0.0,
                    "tta_passes": _n_tta(kwargs.get("tta")), "error": None}
@@ -588,7 +597,7 @@ def predict_dataset(
             if remaining and since_change and _n_tta(tta) > 1:
                 per = float(np.mean(since_change))
                 left = time_limit_s - (time.perf_counter() - t_start)
-                new = plan_tta(tta, per, remaining, left)
+                new = plan_tta(_tta_list(tta), per, remaining, left)
                 if _n_tta(new) < _n_tta(tta):
                     note(
                         f"time budget: {remaining} volume(s) left at ~{per:.1f} s each with "

@@ -341,14 +341,69 @@ def test_predict_dataset_survives_failing_volume(tmp_path, fake_inference):
 
 
 def test_predict_dataset_drops_tta_to_fit_time_budget(tmp_path, data_dir, fake_inference):
-    tta = ["none", "flip_z", "flip_y", "flip_x"]
+    from kaggle_utils.inference import TTATransform
+
     with pytest.warns(RuntimeWarning, match="dropping to 1 TTA"):
         report = predict_dataset(models=[PointwiseNet()], data_dir=data_dir, out_zip=tmp_path / "s.zip",
-                                 inference_cfg={"tta": tta}, device="cpu", progress=False,
+                                 inference_cfg={"tta": "flips"}, device="cpu", progress=False,
                                  time_limit_s=0.0)
-    assert [c["tta"] for c in fake_inference] == [tta, ["none"], ["none"]]
-    assert report.tta == ["none"] and any("time budget" in n for n in report.notes)
-    assert [v["tta_passes"] for v in report.volumes] == [4, 1, 1]
+    assert [c["tta"] for c in fake_inference] == ["flips", [TTATransform()], [TTATransform()]]
+    assert report.tta == [TTATransform()] and any("time budget" in n for n in report.notes)
+    assert [v["tta_passes"] for v in report.volumes] == [8, 1, 1]
+
+
+def test_predict_dataset_keeps_tta_when_budget_allows(tmp_path, data_dir, fake_inference):
+    report = predict_dataset(models=[PointwiseNet()], data_dir=data_dir, out_zip=tmp_path / "s.zip",
+                             inference_cfg={"tta": "rot90"}, device="cpu", progress=False)
+    assert [c["tta"] for c in fake_inference] == ["rot90"] * 3
+    assert report.notes == [] and [v["tta_passes"] for v in report.volumes] == [4, 4, 4]
+
+
+def _tiny_unet():
+    from kaggle_utils.models import ModelConfig, build_model
+
+    cfg = ModelConfig(decoder_channels=[16, 8, 8, 4, 4])
+    torch.manual_seed(0)
+    return cfg, build_model(cfg).eval()
+
+
+@pytest.mark.slow
+def test_predict_dataset_from_checkpoints_real_inference(tmp_path, data_dir):
+    """End to end through models.save_checkpoint/load_checkpoint and the real sliding window."""
+    from kaggle_utils.config import to_dict
+    from kaggle_utils.inference import sliding_window_predict
+    from kaggle_utils.models import save_checkpoint
+
+    mcfg, model = _tiny_unet()
+    config = {"sampler": {"normalization": "fixed"}, "train": {"fold": 2},
+              "inference": {"patch_size": [32, 32, 32], "overlap": 0.25, "batch_size": 2, "tta": "none"},
+              "postprocess": {"threshold": 0.5}}
+    ckpt = save_checkpoint(tmp_path / "m.pt", model=model, model_config=to_dict(mcfg), config=config)
+    out = tmp_path / "submission.zip"
+    report = predict_dataset([ckpt], data_dir, out, device="cpu", progress=False, save_probs=tmp_path / "p")
+    assert report.errors == {} and validate_submission(out, data_dir) == []
+    assert json.loads((tmp_path / "p" / "a1.json").read_text())["fold"] == 2
+    image = tifffile.imread(data_dir / "test_images" / "a1.tif")
+    prob = sliding_window_predict([model], normalize_intensity(image, mode="fixed"), (32, 32, 32),
+                                  overlap=0.25, batch_size=2, device="cpu", amp=False)
+    with zipfile.ZipFile(out) as zf:
+        got = tifffile.imread(io.BytesIO(zf.read("a1.tif")))
+    np.testing.assert_array_equal(got, (prob > 0.5).astype(np.uint8))
+    saved = np.load(tmp_path / "p" / "a1.npy").astype(np.float32)
+    np.testing.assert_allclose(saved, prob, atol=1e-3)
+
+
+def test_predict_dataset_rejects_mixed_normalizations(tmp_path, data_dir):
+    from kaggle_utils.config import to_dict
+    from kaggle_utils.models import save_checkpoint
+
+    mcfg, model = _tiny_unet()
+    paths = [save_checkpoint(tmp_path / f"m{i}.pt", model=model, model_config=to_dict(mcfg),
+                             config={"sampler": {"normalization": mode}})
+             for i, mode in enumerate(("fixed", "zscore"))]
+    with pytest.raises(SubmissionError, match="normalization"):
+        predict_dataset(paths, data_dir, tmp_path / "s.zip", device="cpu", progress=False)
+    assert not (tmp_path / "s.zip").exists()
 
 
 def test_predict_dataset_argument_errors(tmp_path, data_dir):
