@@ -513,7 +513,7 @@ class VarianceRegularizer(_Term):
     def __init__(self, form: RegForm = "v1", ignore_label: int | None = 2) -> None:
         super().__init__(ignore_label)
         if form not in ("v1", "v2"):
-            raise ValueError(f"variance form must be 'v1' or 'v2', got {form!r}")
+            raise ValueError(f"{type(self).__name__}: form must be 'v1' or 'v2', got {form!r}")
         self.form = form
 
     def loss(self, m: MaskedInput) -> Tensor:
