@@ -397,3 +397,19 @@ def test_tolerance_ball_equals_distance_transform(spacing, tau):
     borders[6, 5, 8] = True
     expected = distance_transform_edt(~borders, sampling=spacing) <= tau  # what the reference does
     np.testing.assert_array_equal(_within_tolerance(borders, tau, spacing), expected)
+
+
+def test_joint_counts_sparse_and_chunked_paths_agree(monkeypatch):
+    import kaggle_utils.metrics.voi as voi_mod
+
+    rng = np.random.default_rng(3)
+    a, b = rng.integers(0, 300, (7, 9, 11)), rng.integers(0, 40, (7, 9, 11))
+    dense = voi_mod.joint_counts(a, b, drop_background_pair=True)
+    h = voi_mod.conditional_entropies(a.ravel(), b.ravel())
+    monkeypatch.setattr(voi_mod, "_DENSE_MAX_BINS", 0)
+    monkeypatch.setattr(voi_mod, "_CHUNK", 50)
+    sparse = voi_mod.joint_counts(a, b, drop_background_pair=True)
+    for x, y in zip(dense, sparse):
+        np.testing.assert_array_equal(x, y)
+    assert voi_mod.conditional_entropies(a.ravel(), b.ravel()) == pytest.approx(h, abs=1e-12)
+    assert int(dense[1].sum()) == int(((a != 0) | (b != 0)).sum())  # (0, 0) pairs dropped

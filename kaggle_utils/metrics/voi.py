@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["VoiResult", "voi", "conditional_entropies"]
+__all__ = ["VoiResult", "voi", "conditional_entropies", "joint_counts"]
 
 
 class VoiResult(NamedTuple):
@@ -27,6 +27,63 @@ class VoiResult(NamedTuple):
     merge: float
     voi: float
     score: float
+
+
+_DENSE_MAX_BINS = 1 << 22  # joint histograms up to this many cells are counted densely (32 MiB)
+_CHUNK = 1 << 22  # voxels per chunk: keeps the int64 key temporaries small
+
+
+def joint_counts(a: np.ndarray, b: np.ndarray, drop_background_pair: bool = False) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Sparse joint histogram of two paired label arrays, counted in chunks.
+
+    Args:
+        a, b: non-negative integer arrays of one shape (any dimensionality), paired element-wise.
+        drop_background_pair: do not count pairs ``(0, 0)`` (voxels background in both).
+
+    Returns:
+        ``(cells, counts, na, nb)``: occupied cells ``a_label * nb + b_label`` (``int64``), their
+        counts (``int64``), and the label ranges ``na = max(a) + 1``, ``nb = max(b) + 1``.
+    """
+    a = np.ascontiguousarray(a).reshape(-1)
+    b = np.ascontiguousarray(b).reshape(-1)
+    if a.shape != b.shape:
+        raise ValueError(f"label arrays differ in size: {a.size} vs {b.size}")
+    if a.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), 1, 1
+    na, nb = int(a.max()) + 1, int(b.max()) + 1
+    dense = na * nb <= _DENSE_MAX_BINS
+    joint = np.zeros(na * nb, np.int64) if dense else None
+    parts: list[tuple[np.ndarray, np.ndarray]] = []
+    for start in range(0, a.size, _CHUNK):
+        keys = a[start:start + _CHUNK].astype(np.int64) * nb + b[start:start + _CHUNK]
+        if dense:
+            joint += np.bincount(keys, minlength=na * nb)
+        else:
+            parts.append(np.unique(keys, return_counts=True))
+    if dense:
+        cells = np.flatnonzero(joint)
+        counts = joint[cells]
+    else:
+        keys = np.concatenate([u for u, _ in parts])
+        cells, inverse = np.unique(keys, return_inverse=True)
+        counts = np.bincount(inverse, weights=np.concatenate([c for _, c in parts])).astype(np.int64)
+    if drop_background_pair and cells.size and cells[0] == 0:
+        cells, counts = cells[1:], counts[1:]
+    return cells, counts, na, nb
+
+
+def _entropies(cells: np.ndarray, counts: np.ndarray, na: int, nb: int) -> tuple[float, float]:
+    n = counts.sum()
+    if n == 0:
+        return 0.0, 0.0
+    ia, ib = cells // nb, cells % nb
+    ca = np.bincount(ia, weights=counts, minlength=na)  # marginal counts
+    cb = np.bincount(ib, weights=counts, minlength=nb)
+    c = counts.astype(np.float64)
+    # H(a|b) = -sum p(a,b) log2 p(a,b)/p(b): every term is >= 0, no cancellation
+    h_a_given_b = float(-(c * np.log2(c / cb[ib])).sum() / n)
+    h_b_given_a = float(-(c * np.log2(c / ca[ia])).sum() / n)
+    return max(0.0, h_a_given_b), max(0.0, h_b_given_a)
 
 
 def conditional_entropies(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
@@ -39,28 +96,7 @@ def conditional_entropies(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     Returns:
         ``(H(a|b), H(b|a))``; ``(0.0, 0.0)`` when ``N == 0``.
     """
-    a = np.asarray(a, dtype=np.int64).ravel()
-    b = np.asarray(b, dtype=np.int64).ravel()
-    if a.shape != b.shape:
-        raise ValueError(f"label sequences differ in length: {a.shape} vs {b.shape}")
-    n = a.size
-    if n == 0:
-        return 0.0, 0.0
-    na, nb = int(a.max()) + 1, int(b.max()) + 1
-    keys = a * nb + b
-    if na * nb <= 4 * n + 1024:  # dense histogram is cheap
-        joint = np.bincount(keys, minlength=na * nb)
-        cells = np.flatnonzero(joint)
-        counts = joint[cells]
-    else:
-        cells, counts = np.unique(keys, return_counts=True)
-    ca = np.bincount(a, minlength=na)  # marginal counts
-    cb = np.bincount(b, minlength=nb)
-    counts = counts.astype(np.float64)
-    # H(a|b) = -sum p(a,b) log2 p(a,b)/p(b): every term is >= 0, no cancellation
-    h_a_given_b = float(-(counts * np.log2(counts / cb[cells % nb])).sum() / n)
-    h_b_given_a = float(-(counts * np.log2(counts / ca[cells // nb])).sum() / n)
-    return max(0.0, h_a_given_b), max(0.0, h_b_given_a)
+    return _entropies(*joint_counts(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)))
 
 
 def voi(pred: np.ndarray, gt: np.ndarray, alpha: float = 0.3, connectivity: int = 26) -> VoiResult:
@@ -93,9 +129,11 @@ def voi(pred: np.ndarray, gt: np.ndarray, alpha: float = 0.3, connectivity: int 
         if idx.size == 0:
             return VoiResult(0.0, 0.0, 0.0, 1.0)
         box.append(slice(int(idx[0]), int(idx[-1]) + 1))
-    pred, gt, union = pred[tuple(box)], gt[tuple(box)], union[tuple(box)]  # components do not change
+    pred, gt = pred[tuple(box)], gt[tuple(box)]  # cropping does not change the components
+    del union
     lab_pred = cc3d.connected_components(pred.view(np.uint8), connectivity=connectivity)
     lab_gt = cc3d.connected_components(gt.view(np.uint8), connectivity=connectivity)
-    split, merge = conditional_entropies(lab_pred[union], lab_gt[union])
+    # voxels outside the union are exactly the (0, 0) pairs: dropping them restricts to the union
+    split, merge = _entropies(*joint_counts(lab_pred, lab_gt, drop_background_pair=True))
     total = split + merge
     return VoiResult(split, merge, total, 1.0 / (1.0 + alpha * total))
