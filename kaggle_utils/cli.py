@@ -146,6 +146,132 @@ def _run_score(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# predict / validate-submission
+# ----------------------------------------------------------------------------------------------
+
+
+def _args_predict(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, nargs="+", type=Path,
+                   help="checkpoint file(s); several = ensemble (same normalization required)")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="competition-layout folder with test.csv and test_images/ (default: Kaggle mount)")
+    p.add_argument("--out", type=Path, default=Path("submission.zip"), help="submission zip to write")
+    p.add_argument("--config", type=Path, default=None,
+                   help="inference YAML (InferenceConfig keys, bare or under 'inference:'); default: the checkpoint's")
+    p.add_argument("--postprocess", type=Path, default=None,
+                   help="post-processing YAML (e.g. from 'tune'); default: the checkpoint's postprocess section")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    p.add_argument("--save-probs", type=Path, default=None,
+                   help="also write per-volume float16 probabilities {id}.npy + {id}.json here")
+    p.add_argument("--tta", choices=("none", "flips", "rot90", "flips+rot90"), default=None,
+                   help="TTA preset (overrides the config)")
+    p.add_argument("--time-limit-s", type=float, default=9 * 3600 * 0.9,
+                   help="time budget; TTA passes are dropped when the run would not fit (default 29160 = 90%% of 9 h)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from .config import ConfigError, from_dict, load_yaml
+    from .data import find_data_root
+    from .inference import InferenceConfig
+    from .postprocess import load_postprocess
+    from .submission import SubmissionError, predict_dataset
+
+    inference_cfg = None
+    if args.config is not None:
+        data = load_yaml(args.config)
+        if isinstance(data.get("inference"), dict):
+            data = data["inference"]
+        try:
+            inference_cfg = from_dict(InferenceConfig, data, "inference")
+        except ConfigError as exc:
+            raise ConfigError(f"{args.config}: {exc}") from None
+    pp_cfg = load_postprocess(args.postprocess) if args.postprocess is not None else None
+    try:
+        report = predict_dataset(
+            [str(c) for c in args.checkpoint], find_data_root(args.data_dir), args.out,
+            inference_cfg=inference_cfg, postprocess_cfg=pp_cfg, device=args.device,
+            save_probs=args.save_probs, tta=args.tta, time_limit_s=args.time_limit_s,
+            progress=not args.json,
+        )
+    except SubmissionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(report.to_json(), indent=1))
+    else:
+        for note in report.notes:
+            print(f"note: {note}")
+        print(f"wrote {report.out_zip}: {report.n_volumes} volume(s) in {report.seconds:.0f} s, "
+              f"{len(report.errors)} failed (submitted empty), validated")
+    return 0
+
+
+def _args_validate_submission(p: argparse.ArgumentParser) -> None:
+    p.add_argument("zip", type=Path, help="submission.zip to check")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="competition-layout folder with test.csv and test_images/ (default: Kaggle mount)")
+
+
+def _run_validate_submission(args: argparse.Namespace) -> int:
+    from .data import find_data_root
+    from .submission import validate_submission
+
+    problems = validate_submission(args.zip, find_data_root(args.data_dir))
+    for problem in problems:
+        print(problem)
+    print(f"{args.zip}: " + (f"{len(problems)} problem(s)" if problems else "valid"))
+    return 1 if problems else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# train
+# ----------------------------------------------------------------------------------------------
+
+
+def _args_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True,
+                   help="training YAML (a file, or a shipped name: smoke-cpu, kaggle-t4, seed-v1, seed-v2)")
+    p.add_argument("--fold", type=int, default=0, help="validation fold; -1 trains every fold in turn (RUN_DIR/fold{k})")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="competition-layout folder with train.csv (default: the Kaggle mount)")
+    p.add_argument("--out", required=True, type=Path, help="run folder (last.pt, best.pt, train.log, metrics, oof/)")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt exactly where it stopped")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="stop cleanly (checkpoint kept) before this many seconds have passed")
+    p.add_argument("--epochs", type=int, default=None, help="override train.epochs")
+    p.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: CUDA when available)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import logging
+    import os
+
+    from .data import find_data_root
+    from .train import load_train_config, train, train_folds
+
+    overrides = {"train.epochs": args.epochs} if args.epochs is not None else None
+    cfg = load_train_config(args.config, overrides)
+    if int(os.environ.get("RANK", "0")) == 0:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logging.getLogger("kaggle_utils").addHandler(handler)
+        logging.getLogger("kaggle_utils").setLevel(logging.INFO)
+    kwargs = dict(resume=args.resume, time_limit=args.time_limit, device=args.device, progress=not args.no_progress)
+    data_dir = find_data_root(args.data_dir)
+    if args.fold == -1:
+        results = train_folds(cfg, data_dir, args.out, **kwargs)
+    else:
+        results = [train(cfg, data_dir, args.out, fold=args.fold, **kwargs)]
+    for r in results:
+        best = "-" if r.best_score is None else f"{r.best_score:.4f}"
+        print(f"fold {r.fold}: {r.stopped} after {r.epochs_completed} epoch(s), best {best} at epoch "
+              f"{r.best_epoch}; {r.run_dir}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # registry
 # ----------------------------------------------------------------------------------------------
 
@@ -156,6 +282,10 @@ COMMANDS: list[_Command] = [
     ("check-data", "validate a competition-layout folder and report label shares", _args_check_data, _run_check_data),
     ("diagnose", "per-volume foreground shares, collapse verdict and a report PNG", _args_diagnose, _run_diagnose),
     ("score", "competition score of predictions against labels (per volume and mean)", _args_score, _run_score),
+    ("predict", "inference + post-processing on every test id -> validated submission.zip", _args_predict, _run_predict),
+    ("validate-submission", "check a submission.zip against test.csv and the test images", _args_validate_submission,
+     _run_validate_submission),
+    ("train", "train one fold (or all with --fold -1) from a YAML config; --resume continues", _args_train, _run_train),
 ]
 
 

@@ -463,6 +463,7 @@ def predict_dataset(
     inference_cfg: Any = None,
     postprocess_cfg: Any = None,
     normalization: str | None = None,
+    tta: Any = None,
     device: str | None = None,
     save_probs: str | os.PathLike | None = None,
     time_limit_s: float = DEFAULT_TIME_LIMIT_S,
@@ -487,6 +488,8 @@ def predict_dataset(
             keyword arguments) overriding the checkpoint's.
         postprocess_cfg: ``PostprocessConfig`` or dict overriding the checkpoint's.
         normalization: ``"zscore"`` | ``"fixed"``; overrides the checkpoint's (use with care).
+        tta: TTA preset name (``inference.TTA_PRESETS``) or list of ``TTATransform`` overriding the
+            inference config's.
         device: ``"cuda"``/``"cpu"``; default CUDA when available.
         save_probs: folder for per-volume ``{id}.npy`` (``float16 (Z, Y, X)`` probabilities) and
             ``{id}.json`` sidecars (``id, scroll_id, fold, shape``), e.g. for threshold tuning.
@@ -533,6 +536,9 @@ def predict_dataset(
     pp_cfg = _build_postprocess_cfg(postprocess_cfg, cfgs)
     kwargs = _inference_kwargs(inf_cfg)
     kwargs["device"] = device
+    if tta is not None:
+        _tta_list(tta)  # validates: ValueError names the allowed presets
+        kwargs["tta"] = tta
 
     report = PredictReport(out_zip=out_zip, tta=kwargs.get("tta"))
     probs_dir = Path(save_probs) if save_probs is not None else None

@@ -409,3 +409,48 @@ def test_predict_dataset_rejects_mixed_normalizations(tmp_path, data_dir):
 def test_predict_dataset_argument_errors(tmp_path, data_dir):
     with pytest.raises(SubmissionError, match="exactly one"):
         predict_dataset(data_dir=data_dir, out_zip=tmp_path / "s.zip")
+
+
+# ---------------------------------------------------------------------------------- CLI
+
+
+def test_cli_validate_submission(tmp_path, data_dir, capsys):
+    from kaggle_utils.cli import main
+
+    good = write_submission(_masks().items(), tmp_path / "good.zip")
+    assert main(["validate-submission", str(good), "--data-dir", str(data_dir)]) == 0
+    assert "valid" in capsys.readouterr().out
+    bad = _zip(tmp_path / "bad.zip", _valid_entries()[:2])
+    assert main(["validate-submission", str(bad), "--data-dir", str(data_dir)]) == 1
+    assert "missing" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_cli_predict(tmp_path, capsys):
+    from kaggle_utils.cli import main
+    from kaggle_utils.config import to_dict
+    from kaggle_utils.models import save_checkpoint
+    from kaggle_utils.postprocess import save_postprocess
+
+    data_dir = _make_test_set(tmp_path / "data", {"c3": SHAPES["c3"]})
+    mcfg, model = _tiny_unet()
+    ckpt = save_checkpoint(tmp_path / "m.pt", model=model, model_config=to_dict(mcfg),
+                           config={"sampler": {"normalization": "zscore"}})
+    (tmp_path / "infer.yaml").write_text("inference:\n  patch_size: [32, 32, 32]\n  overlap: 0.0\n")
+    save_postprocess(PostprocessConfig(threshold=0.0), tmp_path / "pp.yaml")  # everything foreground
+    out = tmp_path / "submission.zip"
+    rc = main(["predict", "--checkpoint", str(ckpt), "--data-dir", str(data_dir), "--out", str(out),
+               "--config", str(tmp_path / "infer.yaml"), "--postprocess", str(tmp_path / "pp.yaml"),
+               "--device", "cpu", "--tta", "rot90", "--json"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n_volumes"] == 1 and report["errors"] == {}
+    assert [v["tta_passes"] for v in report["volumes"]] == [4]
+    with zipfile.ZipFile(out) as zf:
+        assert (tifffile.imread(io.BytesIO(zf.read("c3.tif"))) == 1).all()
+    # a config typo is a one-line error with exit status 2, naming the file and key
+    (tmp_path / "bad.yaml").write_text("patch_sise: [32, 32, 32]\n")
+    rc = main(["predict", "--checkpoint", str(ckpt), "--data-dir", str(data_dir), "--out", str(out),
+               "--config", str(tmp_path / "bad.yaml")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "bad.yaml" in err and "patch_sise" in err
