@@ -415,3 +415,9 @@ def test_joint_counts_sparse_and_chunked_paths_agree(monkeypatch):
         np.testing.assert_array_equal(x, y)
     assert voi_mod.conditional_entropies(a.ravel(), b.ravel()) == pytest.approx(h, abs=1e-12)
     assert int(dense[1].sum()) == int(((a != 0) | (b != 0)).sum())  # (0, 0) pairs dropped
+
+
+def test_single_prediction_file_against_label_folder(tmp_path):
+    pred_dir, gt_dir, expected = _write_dataset(tmp_path)
+    res = score_dataset(pred_dir / "1001.tif", gt_dir, progress=False)
+    assert res.volumes == {"1001": expected["1001"]}

@@ -299,12 +299,12 @@ def _score_pair(vol_id: str, pred_loc: Locator, gt_loc: Locator, backend: str) -
 
 
 def _pick_ids(
-    preds: dict[str, Locator], gts: dict[str, Locator], ids: Iterable[str] | None, gt_is_layout: bool
+    preds: dict[str, Locator], gts: dict[str, Locator], ids: Iterable[str] | None, pred_ids_only: bool
 ) -> list[str]:
     if ids is not None:
         wanted = [str(i) for i in ids]
-    elif gt_is_layout:
-        wanted = list(preds)  # scoring a subset (e.g. one fold) of the training labels
+    elif pred_ids_only:
+        wanted = list(preds)
     else:
         wanted = list(gts)
     missing_gt = [i for i in wanted if i not in gts]
@@ -338,9 +338,9 @@ def score_dataset(
         gt_source: a ``.tif``, a folder of ``{id}.tif`` or a competition-layout folder
             (``train_labels/`` is used). If both sources are single files they are paired
             whatever their names (id = the ground truth's file stem).
-        ids: volumes to score. Default: every ground-truth id for a plain folder or file (so a
-            missing prediction is an error), every predicted id for a competition layout
-            (scoring one fold of the training set).
+        ids: volumes to score. Default: every predicted id when the ground truth is a
+            competition layout (scoring one fold of the training set) or the prediction is a
+            single ``.tif``; otherwise every ground-truth id, so a missing prediction is an error.
         workers: processes (``>1`` uses a process pool; each worker reads its own files).
         progress: show a tqdm bar.
         backend: ``"ours"`` or ``"official"`` (see :func:`score_volume`).
@@ -361,8 +361,11 @@ def score_dataset(
     gt_path, pred_path = Path(gt_source), Path(pred_source)
     if gt_path.is_file() and pred_path.is_file() and pred_path.suffix.lower() in _TIF_SUFFIXES:
         preds = {next(iter(gts)): next(iter(preds.values()))}
-    gt_is_layout = gt_path.is_dir() and (gt_path / "train_labels").is_dir()
-    wanted = _pick_ids(preds, gts, ids, gt_is_layout)
+    # a competition layout holds every training label: score what was predicted (e.g. one fold);
+    # a single predicted file is scored alone; otherwise every ground-truth volume is expected
+    pred_ids_only = (gt_path.is_dir() and (gt_path / "train_labels").is_dir()) or pred_path.is_file() and \
+        pred_path.suffix.lower() in _TIF_SUFFIXES
+    wanted = _pick_ids(preds, gts, ids, pred_ids_only)
 
     results: dict[str, VolumeScore] = {}
     bar = tqdm(total=len(wanted), desc="scoring", unit="vol", disable=not progress)
