@@ -14,8 +14,9 @@ Facts reproduced from ``surface_distance`` (Apache-2.0, https://github.com/deepm
   bit ``7 - (4a + 2b + c)`` (so the voxel at ``i - 1`` is worth 128, the voxel at ``i`` is worth 1);
   the masks are first cropped to the bounding box of their union and zero padded by one voxel;
 - per-code areas come from marching cubes on the 2×2×2 cell at level 0.5; we regenerate that
-  table with scikit-image's Lorensen marching cubes (for codes with more than four foreground
-  voxels on the complemented cell), which reproduces the package's table for all 256 codes;
+  table with scikit-image's Lorensen marching cubes (cells with more than four foreground voxels
+  are triangulated on their complement), which reproduces the package's table for all 256
+  codes and any spacing;
 - distances are Euclidean distance transforms (with ``sampling=spacing``) of the complement of
   the other mask's surfel set, compared with ``<= tau``; we only need that comparison, so we
   dilate the surfel set by the ball of radius ``tau`` instead (same decision, much faster).
@@ -29,6 +30,7 @@ from typing import Sequence
 import numpy as np
 
 __all__ = ["surface_dice", "surfel_area_table", "neighbour_codes"]
+
 
 def _spacing3(spacing: float | Sequence[float]) -> tuple[float, float, float]:
     if np.isscalar(spacing):
