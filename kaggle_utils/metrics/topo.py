@@ -174,6 +174,7 @@ def _dim0_matches(flags, X, Y, Z):
     """
     n = X * Y * Z
     parent = np.arange(n, dtype=np.int32)
+    size = np.ones(n, dtype=np.int32)
     fl = flags.copy()
     strides = (Y * Z, Z, 1)
     sizes = (X, Y, Z)
@@ -191,7 +192,10 @@ def _dim0_matches(flags, X, Y, Z):
             a = _uf_find(parent, v)
             b = _uf_find(parent, w)
             if a != b:
+                if size[a] < size[b]:
+                    a, b = b, a
                 parent[b] = a
+                size[a] += size[b]
                 fl[a] |= fl[b]
     m = 0
     # phase 2: value-1 edges in ascending id
@@ -217,7 +221,10 @@ def _dim0_matches(flags, X, Y, Z):
                 continue
             if fl[a] == 3 and fl[b] == 3:
                 m += 1
+            if size[a] < size[b]:
+                a, b = b, a
             parent[b] = a
+            size[a] += size[b]
             fl[a] |= fl[b]
     return m
 
@@ -250,8 +257,44 @@ def _cube_values(bg, X, Y, Z):
 
 
 @njit(cache=True, nogil=True)
+def _dim2_face(x, y, z, v, t, X, Y, Z, nc, parent, size, maxk, maxc, M, cleared, mode,
+               key_a, key_g, key_out, pv):
+    """Process one 2-cell of value ``pv`` in the dual union-find; returns 1 for a (matched) pair."""
+    if t == 0:
+        c1 = ((x - 1) * (Y - 1) + y) * (Z - 1) + z if x >= 1 else nc
+        c2 = (x * (Y - 1) + y) * (Z - 1) + z if x < X - 1 else nc
+    elif t == 1:
+        c1 = (x * (Y - 1) + y - 1) * (Z - 1) + z if y >= 1 else nc
+        c2 = (x * (Y - 1) + y) * (Z - 1) + z if y < Y - 1 else nc
+    else:
+        c1 = (x * (Y - 1) + y) * (Z - 1) + z - 1 if z >= 1 else nc
+        c2 = (x * (Y - 1) + y) * (Z - 1) + z if z < Z - 1 else nc
+    a = _uf_find(parent, c1)
+    b = _uf_find(parent, c2)
+    if a == b:
+        return 0
+    cleared[3 * v + t] = 1
+    yk = min(maxk[a], maxk[b])
+    yc = min(maxc[a], maxc[b])
+    if size[a] < size[b]:
+        a, b = b, a
+    parent[b] = a
+    size[a] += size[b]
+    maxk[a] = max(maxk[a], maxk[b])
+    maxc[a] = max(maxc[a], maxc[b])
+    if pv == 0 and yk // M != 0:
+        ycube = yc % M
+        if mode == 0:
+            key_out[ycube] = 1
+            return 1
+        if key_a[ycube] and key_g[ycube]:
+            return 1
+    return 0
+
+
+@njit(cache=True, nogil=True)
 def _dim2_pass(bg, cube_k, cube_c, X, Y, Z, mode, key_a, key_g, key_out, cleared):
-    """Dual union-find of one image.
+    """Dual union-find of one image over cubes + infinity, 2-cells in reverse filtration order.
 
     mode 0: input image (bg, cube_k from that image, cube_c from the comparison image): marks
     ``key_out[y_C] = 1`` for every pair and returns the number of pairs.
@@ -262,67 +305,140 @@ def _dim2_pass(bg, cube_k, cube_c, X, Y, Z, mode, key_a, key_g, key_out, cleared
     nc = (X - 1) * (Y - 1) * (Z - 1)
     M = np.int64(nc + 1)
     parent = np.arange(nc + 1, dtype=np.int32)
+    size = np.ones(nc + 1, dtype=np.int32)
     maxk = np.empty(nc + 1, dtype=np.int64)
     maxc = np.empty(nc + 1, dtype=np.int64)
     for c in range(nc + 1):
         maxk[c] = cube_k[c] * M + c
         maxc[c] = cube_c[c] * M + c
+    YZ = Y * Z
+    zeros = np.empty(1024, dtype=np.int64)  # value-0 faces met in the first sweep (descending id)
+    nz = 0
+    count = 0
+    for x in range(X - 1, -1, -1):
+        for y in range(Y - 1, -1, -1):
+            for z in range(Z - 1, -1, -1):
+                v = (x * Y + y) * Z + z
+                for t in range(2, -1, -1):
+                    if t == 0:
+                        if y + 1 >= Y or z + 1 >= Z:
+                            continue
+                        s1 = Z
+                        s2 = 1
+                    elif t == 1:
+                        if x + 1 >= X or z + 1 >= Z:
+                            continue
+                        s1 = YZ
+                        s2 = 1
+                    else:
+                        if x + 1 >= X or y + 1 >= Y:
+                            continue
+                        s1 = YZ
+                        s2 = Z
+                    if bg[v] | bg[v + s1] | bg[v + s2] | bg[v + s1 + s2]:
+                        count += _dim2_face(x, y, z, v, t, X, Y, Z, nc, parent, size, maxk, maxc,
+                                            M, cleared, mode, key_a, key_g, key_out, 1)
+                    else:
+                        if nz == zeros.shape[0]:
+                            grown = np.empty(2 * nz, dtype=np.int64)
+                            grown[:nz] = zeros
+                            zeros = grown
+                        zeros[nz] = 3 * v + t
+                        nz += 1
+    for i in range(nz):
+        f = zeros[i]
+        v = f // 3
+        t = f % 3
+        x = v // YZ
+        y = (v // Z) % Y
+        z = v % Z
+        count += _dim2_face(x, y, z, v, t, X, Y, Z, nc, parent, size, maxk, maxc,
+                            M, cleared, mode, key_a, key_g, key_out, 0)
+    return count
+
+
+@njit(cache=True, nogil=True)
+def _k0_columns(bg, cleared, X, Y, Z):
+    """Value-0 face ids (all 4 corners foreground) not cleared, ascending id."""
     n = X * Y * Z
     YZ = Y * Z
-    count = 0
-    for pv in range(1, -1, -1):
-        for v in range(n - 1, -1, -1):
-            x = v // YZ
-            y = (v // Z) % Y
-            z = v % Z
-            for t in range(2, -1, -1):
-                # spanned axes must leave room for the far corners
-                if t == 0:
-                    if y + 1 >= Y or z + 1 >= Z:
-                        continue
-                    s1 = Z
-                    s2 = 1
-                elif t == 1:
-                    if x + 1 >= X or z + 1 >= Z:
-                        continue
-                    s1 = YZ
-                    s2 = 1
-                else:
-                    if x + 1 >= X or y + 1 >= Y:
-                        continue
-                    s1 = YZ
-                    s2 = Z
-                fv = bg[v] | bg[v + s1] | bg[v + s2] | bg[v + s1 + s2]
-                if fv != pv:
+    out = np.empty(1024, dtype=np.int64)
+    k = 0
+    for v in range(n):
+        if bg[v]:
+            continue
+        x = v // YZ
+        y = (v // Z) % Y
+        z = v % Z
+        for t in range(3):
+            if t == 0:
+                if y + 1 >= Y or z + 1 >= Z:
                     continue
-                # two dual neighbours along the normal axis t
-                if t == 0:
-                    c1 = ((x - 1) * (Y - 1) + y) * (Z - 1) + z if x >= 1 else nc
-                    c2 = (x * (Y - 1) + y) * (Z - 1) + z if x < X - 1 else nc
-                elif t == 1:
-                    c1 = (x * (Y - 1) + y - 1) * (Z - 1) + z if y >= 1 else nc
-                    c2 = (x * (Y - 1) + y) * (Z - 1) + z if y < Y - 1 else nc
-                else:
-                    c1 = (x * (Y - 1) + y) * (Z - 1) + z - 1 if z >= 1 else nc
-                    c2 = (x * (Y - 1) + y) * (Z - 1) + z if z < Z - 1 else nc
-                a = _uf_find(parent, c1)
-                b = _uf_find(parent, c2)
-                if a == b:
+                s1 = Z
+                s2 = 1
+            elif t == 1:
+                if x + 1 >= X or z + 1 >= Z:
                     continue
-                cleared[3 * v + t] = 1
-                yk = min(maxk[a], maxk[b])
-                yc = min(maxc[a], maxc[b])
+                s1 = YZ
+                s2 = 1
+            else:
+                if x + 1 >= X or y + 1 >= Y:
+                    continue
+                s1 = YZ
+                s2 = Z
+            f = 3 * v + t
+            if cleared[f] or bg[v + s1] or bg[v + s2] or bg[v + s1 + s2]:
+                continue
+            if k == out.shape[0]:
+                grown = np.empty(2 * k, dtype=np.int64)
+                grown[:k] = out
+                out = grown
+            out[k] = f
+            k += 1
+    return out[:k].copy()
+
+
+@njit(cache=True, nogil=True)
+def _k0_births(bg, k0_lows, X, Y, Z):
+    """Birth edges of the (value 0, value 1) pairs of one input image.
+
+    They are the value-0 edges that are positive (do not merge two components when the value-0
+    edges are added in ascending id) and are not the low of a value-0 column. Returns uint8 over
+    edge ids and their number.
+    """
+    n = X * Y * Z
+    YZ = Y * Z
+    is_low = np.zeros(3 * n, dtype=np.uint8)
+    for i in range(k0_lows.shape[0]):
+        if k0_lows[i] >= 0:
+            is_low[k0_lows[i]] = 1
+    out = np.zeros(3 * n, dtype=np.uint8)
+    parent = np.arange(n, dtype=np.int32)
+    size = np.ones(n, dtype=np.int32)
+    cnt = 0
+    strides = (YZ, Z, 1)
+    for v in range(n):
+        if bg[v]:
+            continue
+        c = (v // YZ, (v // Z) % Y, v % Z)
+        lim = (X, Y, Z)
+        for t in range(3):
+            if c[t] + 1 >= lim[t]:
+                continue
+            w = v + strides[t]
+            if bg[w]:
+                continue
+            a = _uf_find(parent, v)
+            b = _uf_find(parent, w)
+            if a != b:
+                if size[a] < size[b]:
+                    a, b = b, a
                 parent[b] = a
-                maxk[a] = max(maxk[a], maxk[b])
-                maxc[a] = max(maxc[a], maxc[b])
-                if pv == 0 and yk // M != 0:
-                    ycube = yc % M
-                    if mode == 0:
-                        key_out[ycube] = 1
-                        count += 1
-                    elif key_a[ycube] and key_g[ycube]:
-                        count += 1
-    return count
+                size[a] += size[b]
+            elif not is_low[3 * v + t]:
+                out[3 * v + t] = 1
+                cnt += 1
+    return out, cnt
 
 
 # ----------------------------------------------------------------------------------------------
@@ -631,9 +747,9 @@ def _dim1_counts(bg_a, bg_g, bg_c, cleared, X, Y, Z) -> int:
         return 0
     births = []
     for bg, key in ((bg_a, "a"), (bg_g, "g")):
-        cols = _column_order(bg, cleared[key], X, Y, Z)
+        cols = _k0_columns(bg, cleared[key], X, Y, Z)
         lows = _reduce(cols, bg, X, Y, Z, cols.shape[0])
-        births.append(_births(cols, lows, bg, Y, Z, n)[0])
+        births.append(_k0_births(bg, lows, X, Y, Z)[0])
         del cols, lows
     # image reductions only up to the last comparison-pair column
     is_pair = lows_c >= 0
