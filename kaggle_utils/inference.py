@@ -260,6 +260,24 @@ def importance_map(
     raise ValueError(f"blend must be one of {list(BLENDS)}, got {blend!r}")
 
 
+def _shift_add(part: torch.Tensor, size: int, starts: Sequence[int], axis: int, offset: int = 0) -> torch.Tensor:
+    """``sum_s part`` pasted at ``s - offset`` along ``axis`` into a zero array whose ``axis`` has ``size``."""
+    out_shape = list(part.shape)
+    out_shape[axis] = size
+    out = torch.zeros(out_shape, dtype=part.dtype, device=part.device)
+    r = part.shape[axis]
+    for s in starts:
+        lo, hi = max(s - offset, 0), min(s - offset + r, size)
+        if lo >= hi:
+            continue
+        dst = [slice(None)] * part.ndim
+        src = [slice(None)] * part.ndim
+        dst[axis] = slice(lo, hi)
+        src[axis] = slice(lo - (s - offset), hi - (s - offset))
+        out[tuple(dst)] += part[tuple(src)]
+    return out
+
+
 def window_weight_sum(
     shape: Sequence[int], starts: Sequence[Sequence[int]], weights: torch.Tensor
 ) -> torch.Tensor:
@@ -277,18 +295,22 @@ def window_weight_sum(
         ``(Z, Y, X)`` tensor, same dtype and device as ``weights``.
     """
     acc = weights
-    ndim = weights.ndim
-    for axis in reversed(range(ndim)):
-        out_shape = list(acc.shape)
-        out_shape[axis] = shape[axis]
-        out = torch.zeros(out_shape, dtype=weights.dtype, device=weights.device)
-        r = weights.shape[axis]
-        for s in starts[axis]:
-            idx = [slice(None)] * ndim
-            idx[axis] = slice(s, s + r)
-            out[tuple(idx)] += acc
-        acc = out
+    for axis in reversed(range(weights.ndim)):
+        acc = _shift_add(acc, shape[axis], starts[axis], axis)
     return acc
+
+
+def _normalize_by_weight_sum(
+    acc: torch.Tensor, starts: Sequence[Sequence[int]], weights: torch.Tensor, chunk: int = 32
+) -> None:
+    """``acc /= window_weight_sum(acc.shape, starts, weights)`` in place, building the normalizer
+    ``chunk`` slices of Z at a time (no second full-size array)."""
+    part = weights
+    for axis in reversed(range(1, weights.ndim)):
+        part = _shift_add(part, acc.shape[axis], starts[axis], axis)
+    for z0 in range(0, acc.shape[0], chunk):
+        n = min(chunk, acc.shape[0] - z0)
+        acc[z0 : z0 + n] /= _shift_add(part, n, starts[0], 0, offset=z0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -660,14 +682,16 @@ def _blend_volume(
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, total=math.ceil(len(corners) / batch_size), desc="windows", leave=False)
+    buf = torch.empty((batch_size, 1, *roi), dtype=padded.dtype, device=padded.device)  # reused: no allocation per batch
     for batch in batches:
         sls = [tuple(slice(s, s + r) for s, r in zip(c, roi)) for c in batch]
-        windows = torch.stack([padded[sl] for sl in sls])[:, None].to(device)
+        torch.stack([padded[sl] for sl in sls], out=buf[: len(sls), 0])
+        windows = buf[: len(sls)].to(device)
         pred = predict_windows(models, windows, weights, transforms, activation, ensemble, amp_dtype, channels_last)
         pred = pred.to(acc_device)
         for sl, p in zip(sls, pred):
             acc[sl].addcmul_(p, wmap)
-    acc /= window_weight_sum(padded.shape, starts, wmap)
+    _normalize_by_weight_sum(acc, starts, wmap)
     crop = tuple(slice(a, a + s) for (a, _), s in zip(pads, shape))
     out = acc[crop]
     if ensemble == "logits":

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from kaggle_utils.config import ConfigError, from_dict
-from kaggle_utils.inference import (
+from kaggle_utils.inference import (  # noqa: I001
+    _normalize_by_weight_sum,
     InferenceConfig,
     TTATransform,
     VolumePrefetcher,
@@ -122,6 +123,9 @@ def test_gaussian_map_matches_monai_and_weight_sum():
     for corner in itertools.product(*starts):
         ref[tuple(slice(c, c + 32) for c in corner)] += wmap
     torch.testing.assert_close(window_weight_sum(shape, starts, wmap), ref, rtol=1e-6, atol=1e-6)
+    acc = torch.ones(shape)
+    _normalize_by_weight_sum(acc, starts, wmap, chunk=7)  # chunks not aligned with windows
+    torch.testing.assert_close(acc, 1 / ref, rtol=1e-6, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------
