@@ -55,7 +55,11 @@ def joint_counts(a: np.ndarray, b: np.ndarray, drop_background_pair: bool = Fals
     joint = np.zeros(na * nb, np.int64) if dense else None
     parts: list[tuple[np.ndarray, np.ndarray]] = []
     for start in range(0, a.size, _CHUNK):
-        keys = a[start:start + _CHUNK].astype(np.int64) * nb + b[start:start + _CHUNK]
+        ac, bc = a[start:start + _CHUNK], b[start:start + _CHUNK]
+        if drop_background_pair:  # gather first: cheap when most voxels are background in both
+            keep = (ac != 0) | (bc != 0)
+            ac, bc = ac[keep], bc[keep]
+        keys = ac.astype(np.int64) * nb + bc
         if dense:
             joint += np.bincount(keys, minlength=na * nb)
         else:
@@ -67,8 +71,6 @@ def joint_counts(a: np.ndarray, b: np.ndarray, drop_background_pair: bool = Fals
         keys = np.concatenate([u for u, _ in parts])
         cells, inverse = np.unique(keys, return_inverse=True)
         counts = np.bincount(inverse, weights=np.concatenate([c for _, c in parts])).astype(np.int64)
-    if drop_background_pair and cells.size and cells[0] == 0:
-        cells, counts = cells[1:], counts[1:]
     return cells, counts, na, nb
 
 
