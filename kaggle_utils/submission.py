@@ -580,6 +580,8 @@ def predict_dataset(
                 row["fg_fraction"] = float(mask.mean()) if mask.size else 0.0
             except Exception as exc:  # one bad volume must not kill the submission
                 msg = f"{type(exc).__name__}: {exc}"
+                prob = image = loaded = None  # drop references before freeing device memory
+                _free_device_memory()
                 report.errors[rec.id] = msg
                 row["error"] = msg
                 note(f"{rec.id}: prediction failed, submitting an empty mask ({msg})")
@@ -626,6 +628,17 @@ def predict_dataset(
     if report.errors:
         note(f"{len(report.errors)} volume(s) failed and were submitted empty: {sorted(report.errors)}")
     return report
+
+
+def _free_device_memory() -> None:
+    """Release cached CUDA blocks after a failed volume (e.g. OOM), so the next one starts clean."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # never let cleanup hide the original error
+        pass
 
 
 def _save_probs(folder: Path, rec: Any, prob: np.ndarray, fold: Any) -> None:
