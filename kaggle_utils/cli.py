@@ -31,6 +31,8 @@ def _args_synth(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-scrolls", type=int, default=4, help="number of distinct scroll_ids")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
     p.add_argument("--preview", type=Path, default=None, help="also save a slice montage PNG here")
+    p.add_argument("--no-test-labels", action="store_true",
+                   help="do not write test_labels/ (the hidden answers used to score a synthetic submission)")
 
 
 def _run_synth(args: argparse.Namespace) -> int:
@@ -38,7 +40,7 @@ def _run_synth(args: argparse.Namespace) -> int:
 
     root = generate_dataset(
         args.out, n_train=args.n_train, n_test=args.n_test, size=args.size,
-        n_scrolls=args.n_scrolls, seed=args.seed,
+        n_scrolls=args.n_scrolls, seed=args.seed, test_labels=not args.no_test_labels,
     )
     print(f"wrote synthetic competition data to {root}")
     if args.preview is not None:

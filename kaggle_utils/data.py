@@ -116,6 +116,12 @@ def read_label(path: str | os.PathLike) -> np.ndarray:
     return label
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 class atomic_path:
     """Context manager yielding a temporary path beside ``path``; renamed onto it on success.
 
@@ -135,6 +141,7 @@ class atomic_path:
             prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent
         )
         os.close(fd)
+        os.chmod(name, 0o666 & ~_current_umask())  # mkstemp creates 0600; give the usual mode
         self.tmp = Path(name)
         return self.tmp
 

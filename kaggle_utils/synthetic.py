@@ -453,6 +453,7 @@ def generate_dataset(
     size: int = 128,
     n_scrolls: int = 4,
     seed: int = 0,
+    test_labels: bool = True,
 ) -> Path:
     """Write a synthetic dataset in the competition layout.
 
@@ -469,6 +470,8 @@ def generate_dataset(
         size: edge length of most volumes (>= 32).
         n_scrolls: number of distinct scroll ids (>= 1).
         seed: random seed; the same arguments give byte-identical files.
+        test_labels: also write the hidden answers of the test volumes to ``test_labels/{id}.tif``
+            (not part of Kaggle's layout; lets ``score`` grade a synthetic ``submission.zip``).
 
     Returns:
         ``Path(out)``.
@@ -500,7 +503,7 @@ def generate_dataset(
     vol_seeds = rng.integers(0, 2**31 - 1, size=n_all)
     styles = {s: scroll_style(s, seed) for s in scrolls}
 
-    folders = {"train": ("train_images", "train_labels"), "test": ("test_images", None)}
+    folders = {"train": ("train_images", "train_labels"), "test": ("test_images", "test_labels" if test_labels else None)}
     for split, (img_dir, lbl_dir) in folders.items():
         wanted = {f"{v}.tif" for sp, vids, _, _ in splits if sp == split for v in vids}
         for d in (img_dir, lbl_dir):

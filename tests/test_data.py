@@ -279,3 +279,13 @@ def test_check_data_cli_flags_bad_volume(dataset, capsys):
     write_volume(dataset / "train_labels" / "10.tif", lbl)
     assert cli.main(["check-data", str(dataset)]) == 1
     assert "label values must be in {0, 1, 2}, found [7]" in capsys.readouterr().out
+
+
+def test_written_files_get_the_usual_mode(tmp_path):
+    import os
+    import stat
+
+    path = write_volume(tmp_path / "m.tif", _label())
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask

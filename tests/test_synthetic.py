@@ -192,3 +192,15 @@ def test_save_preview_writes_png(dataset, tmp_path):
     ids = load_index(dataset, "train").ids[:1]
     png2 = save_preview(dataset, tmp_path / "q.png", ids=ids)
     assert png2.stat().st_size > 1000
+
+
+def test_hidden_test_labels_for_local_scoring(tmp_path):
+    from kaggle_utils.data import load_index, read_label, read_volume
+
+    root = synthetic.generate_dataset(tmp_path / "d", n_train=2, n_test=2, size=32, n_scrolls=2, seed=3)
+    test = load_index(root, "test")
+    for rec in test:
+        label = read_label(root / "test_labels" / f"{rec.id}.tif")
+        assert label.shape == read_volume(rec.image_path).shape
+    bare = synthetic.generate_dataset(tmp_path / "e", n_train=2, n_test=1, size=32, n_scrolls=2, seed=3, test_labels=False)
+    assert not (bare / "test_labels").exists()
