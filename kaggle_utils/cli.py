@@ -274,6 +274,24 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# baseline
+# ----------------------------------------------------------------------------------------------
+
+
+def _args_baseline(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kind", choices=["zeros", "otsu"], default="otsu", help="all-zero or Otsu intensity threshold")
+    p.add_argument("--data-dir", type=Path, required=True, help="competition-layout folder (test.csv, test_images/)")
+    p.add_argument("--out", type=Path, default=Path("baseline.zip"), help="submission zip to write")
+
+
+def _run_baseline(args: argparse.Namespace) -> int:
+    from .baselines import write_baseline_submission
+
+    print(f"wrote {write_baseline_submission(args.data_dir, args.out, args.kind)} ({args.kind} baseline)")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # registry
 # ----------------------------------------------------------------------------------------------
 
@@ -282,6 +300,7 @@ _Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[
 COMMANDS: list[_Command] = [
     ("synth", "write a synthetic dataset in the competition layout", _args_synth, _run_synth),
     ("check-data", "validate a competition-layout folder and report label shares", _args_check_data, _run_check_data),
+    ("baseline", "write a trivial baseline submission (all-zero or Otsu threshold)", _args_baseline, _run_baseline),
     ("diagnose", "per-volume foreground shares, collapse verdict and a report PNG", _args_diagnose, _run_diagnose),
     ("score", "competition score of predictions against labels (per volume and mean)", _args_score, _run_score),
     ("predict", "inference + post-processing on every test id -> validated submission.zip", _args_predict, _run_predict),
