@@ -44,6 +44,8 @@ __all__ = [
 
 Counts = dict[int, tuple[int, int, int]]
 DEFAULT_WEIGHTS = (0.34, 0.33, 0.33)
+# foreground complexes with more solid cubes than this get dim-2 clearing before their reduction
+_CLEAR_MIN_CUBES = 20000
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,15 +276,22 @@ def _dim2_face(x, y, z, v, t, X, Y, Z, nc, parent, size, maxk, maxc, M, cleared,
     if a == b:
         return 0
     cleared[3 * v + t] = 1
-    yk = min(maxk[a], maxk[b])
-    yc = min(maxc[a], maxc[b])
+    yk = np.int64(0)
+    yc = np.int64(0)
+    if pv == 0:
+        yk = min(maxk[a], maxk[b])
+        yc = min(maxc[a], maxc[b])
     if size[a] < size[b]:
         a, b = b, a
     parent[b] = a
     size[a] += size[b]
+    if pv == 1:  # set maxima are folded in after the value-1 sweep; no pairs at value-1 faces
+        return 0
     maxk[a] = max(maxk[a], maxk[b])
     maxc[a] = max(maxc[a], maxc[b])
-    if pv == 0 and yk // M != 0:
+    if mode == 2:
+        return 0
+    if yk // M != 0:
         ycube = yc % M
         if mode == 0:
             key_out[ycube] = 1
@@ -300,6 +309,7 @@ def _dim2_pass(bg, cube_k, cube_c, X, Y, Z, mode, key_a, key_g, key_out, cleared
     ``key_out[y_C] = 1`` for every pair and returns the number of pairs.
     mode 1: comparison image (cube_k == cube_c): returns the number of comparison pairs whose
     younger cube is keyed in both ``key_a`` and ``key_g``.
+    mode 2: clearing only (returns 0).
     Every 2-cell that causes a union is marked in ``cleared`` (uint8 over face ids).
     """
     nc = (X - 1) * (Y - 1) * (Z - 1)
@@ -345,6 +355,12 @@ def _dim2_pass(bg, cube_k, cube_c, X, Y, Z, mode, key_a, key_g, key_out, cleared
                             zeros = grown
                         zeros[nz] = 3 * v + t
                         nz += 1
+    # fold the set maxima of the value-1 sweep into the roots
+    for c in range(nc + 1):
+        r = _uf_find(parent, c)
+        if r != c:
+            maxk[r] = max(maxk[r], maxk[c])
+            maxc[r] = max(maxc[r], maxc[c])
     for i in range(nz):
         f = zeros[i]
         v = f // 3
@@ -723,16 +739,22 @@ def topo_counts_octant(pred: np.ndarray, gt: np.ndarray) -> Counts:
         bg_c = (~fc).astype(np.uint8).ravel()
         cleared = {k: np.zeros(3 * n, dtype=np.uint8) for k in "agc"}
         if min(X, Y, Z) > 1:
-            cube_a = _cube_values(bg_a, X, Y, Z)
-            cube_g = _cube_values(bg_g, X, Y, Z)
             cube_c = _cube_values(bg_c, X, Y, Z)
             nc1 = cube_c.shape[0]
             key_a = np.zeros(nc1, dtype=np.uint8)
             key_g = np.zeros(nc1, dtype=np.uint8)
-            _dim2_pass(bg_a, cube_a, cube_c, X, Y, Z, 0, key_a, key_g, key_a, cleared["a"])
-            _dim2_pass(bg_g, cube_g, cube_c, X, Y, Z, 0, key_a, key_g, key_g, cleared["g"])
-            m2 = int(_dim2_pass(bg_c, cube_c, cube_c, X, Y, Z, 1, key_a, key_g, key_g, cleared["c"]))
-            del cube_a, cube_g, cube_c
+            for bg, key, keys in ((bg_a, "a", key_a), (bg_g, "g", key_g)):
+                cube_k = _cube_values(bg, X, Y, Z)
+                # input images: the dual union-find is needed for the dim-2 keys, or to clear the
+                # foreground-complex columns when the foreground holds many solid cubes
+                if need2 or np.count_nonzero(cube_k == 0) > _CLEAR_MIN_CUBES:
+                    _dim2_pass(bg, cube_k, cube_c, X, Y, Z, 0, key_a, key_g, keys, cleared[key])
+                del cube_k
+            mode = 1 if need2 else 2
+            m2 = int(_dim2_pass(bg_c, cube_c, cube_c, X, Y, Z, mode, key_a, key_g, key_g, cleared["c"]))
+            if not need2:
+                m2 = 0
+            del cube_c
         if need1:
             m1 = _dim1_counts(bg_a, bg_g, bg_c, cleared, X, Y, Z)
     return {0: (m0, pa[0], pg[0]), 1: (m1, pa[1], pg[1]), 2: (m2, pa[2], pg[2])}
