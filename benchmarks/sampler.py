@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import resource
 import time
 from pathlib import Path
 
@@ -109,28 +111,27 @@ def breakdown(ds: PatchDataset, aug: AugmentConfig, n: int = 10) -> list[tuple[s
     return rows
 
 
+def _cpu_seconds() -> float:
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def throughput(index, cfg: SamplerConfig, aug: AugmentConfig | None, workers: int, n_patches: int,
-               batch_size: int = 2) -> float:
-    ds = PatchDataset(index, cfg, seed=0, augment=aug)
+               batch_size: int = 2) -> tuple[float, float]:
+    """One full epoch of ``n_patches`` through make_loader (workers started and joined inside).
+
+    Returns ``(patches per wall second, patches per CPU second)``; CPU time counts this process
+    and its finished workers, so the second number does not depend on other load on the machine.
+    """
+    ds = PatchDataset(index, dataclasses.replace(cfg, patches_per_epoch=n_patches), seed=0, augment=aug)
     for rec in ds.records:  # warm the cache before forking: workers inherit it
         ds.cache.get(rec)
-    loader = make_loader(ds, batch_size=batch_size, num_workers=workers)
-    it = iter(loader)
-    for _ in range(2):  # start-up
-        next(it)
-    t = time.perf_counter()
-    n = 0
-    while n < n_patches:
-        try:
-            image, _, _ = next(it)
-        except StopIteration:
-            ds.set_epoch(ds.epoch + 1)
-            it = iter(loader)
-            continue
-        n += image.shape[0]
-    rate = n / (time.perf_counter() - t)
-    del it, loader
-    return rate
+    loader = make_loader(ds, batch_size=batch_size, num_workers=workers, persistent_workers=False)
+    cpu, t = _cpu_seconds(), time.perf_counter()
+    n = sum(image.shape[0] for image, _, _ in loader)  # workers exit (and are reaped) at the end
+    wall = time.perf_counter() - t
+    cpu = _cpu_seconds() - cpu
+    return n / wall, n / max(cpu, 1e-9)
 
 
 def main() -> None:
@@ -174,14 +175,16 @@ def main() -> None:
         print(f"| {name} | {ms:.1f} | {exp:.1f} |")
     torch.set_num_threads(threads)
 
-    print(f"\n| DataLoader, batch 2, {args.patch}^3 | workers | patches/s |")
-    print("|---|---|---|")
+    print(f"\n| DataLoader, batch 2, {args.patch}^3 | workers | patches/s (wall) | patches per CPU-second |")
+    print("|---|---|---|---|")
     result = {}
     for augmented in (False, True):
         for workers in (0, 2):
-            rate = throughput(index, cfg, aug if augmented else None, workers, args.patches)
+            rate, per_cpu = throughput(index, cfg, aug if augmented else None, workers, args.patches)
             result[(augmented, workers)] = rate
-            print(f"| {'augmented' if augmented else 'no augmentation'} | {workers} | {rate:.1f} |")
+            print(f"| {'augmented' if augmented else 'no augmentation'} | {workers} | {rate:.1f} | {per_cpu:.1f} |")
+    print(f"\nload average (1 min) at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs "
+          "(other jobs share the cores: patches per CPU-second x 2 is the 2-free-core rate)")
     print(f"\npatches/s ({args.patch}^3, augmented, 2 workers): {result[(True, 2)]:.1f}")
 
 
