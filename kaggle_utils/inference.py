@@ -22,7 +22,9 @@ Shapes: volumes are ``(Z, Y, X)``; a model maps ``(B, 1, z, y, x) float`` window
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import itertools
 import logging
 import math
@@ -448,7 +450,10 @@ def predict_windows(
             x = t.apply(windows)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last_3d)
-            with torch.autocast(windows.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            autocast = (
+                torch.autocast(windows.device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+            )
+            with autocast:
                 y = model(x)
             if not isinstance(y, torch.Tensor) or y.shape != x.shape:
                 got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
@@ -504,15 +509,17 @@ def run_with_oom_fallback(
         except torch.cuda.OutOfMemoryError:
             if i == len(attempts) - 1:
                 raise
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            nbs, ndev = attempts[i + 1]
-            msg = (
-                f"CUDA out of memory with window batch {bs} and accumulation on {dev}; "
-                f"retrying with window batch {nbs} and accumulation on {ndev}"
-            )
-            logger.warning(msg)
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        # outside the except block, so the traceback no longer holds the failed attempt's tensors
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        nbs, ndev = attempts[i + 1]
+        msg = (
+            f"CUDA out of memory with window batch {bs} and accumulation on {dev}; "
+            f"retrying with window batch {nbs} and accumulation on {ndev}"
+        )
+        logger.warning(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -696,7 +703,7 @@ def _blend_volume(
     out = acc[crop]
     if ensemble == "logits":
         out = _activate(out, activation)
-    return out.to("cpu", torch.float32).numpy().copy() if out.device.type != "cpu" else np.ascontiguousarray(out.numpy())
+    return np.ascontiguousarray(out.cpu().numpy())
 
 
 # ----------------------------------------------------------------------------------------------
