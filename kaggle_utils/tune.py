@@ -1,0 +1,788 @@
+"""Tune post-processing on out-of-fold probabilities with the local competition scorer.
+
+The winners of the competition gained about +0.03 from post-processing and still chose their
+threshold from a single public volume. This module chooses the :class:`PostprocessConfig` that
+maximizes the **mean local competition score** (:func:`kaggle_utils.metrics.score_volume`) over
+out-of-fold probability volumes instead, and reports how much of that gain survives on held-out
+folds.
+
+Pipeline:
+
+1. :func:`load_probs` reads a folder of probability volumes: ``{id}.npy`` (``float16 (Z, Y, X)``)
+   with an ``{id}.json`` sidecar (``id, scroll_id, fold, shape, dtype``) — the format written by
+   ``train`` (``RUN_DIR/oof/``, ``RUN_DIR/fold{k}/oof/`` for all folds) and by
+   ``predict --save-probs DIR``. Sub-folders are searched, so one call reads every fold.
+2. :func:`load_labels` reads the matching ``train_labels/{id}.tif``.
+3. :func:`tune` searches a :class:`SearchSpace`: a grid over the threshold (and, optionally, the
+   hysteresis low threshold, with the threshold as the high one), then coordinate descent over
+   dust size, closing radius, pinhole filling, cavity filling, border zeroing and the threshold
+   again (``method="random"``: random search instead). Every (candidate, volume) pair is one task
+   in a process pool; the volumes reach the workers once (fork: shared memory; spawn: pickled once
+   per worker by the pool initializer), never once per candidate.
+4. :class:`TuneResult` holds the best config, every evaluated candidate with its mean score and
+   three parts, per-scroll means, and the **fold guard**: for each fold, the candidate chosen on
+   the other folds, scored on the held-out one, next to the in-sample best's score there.
+   :func:`plot_threshold_curves` draws score and parts against the threshold, overall and per
+   scroll.
+
+The best config is written with :func:`kaggle_utils.postprocess.save_postprocess`, so
+``predict --postprocess best-postprocess.yaml`` reads it unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import multiprocessing as mp
+import os
+import random
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Literal, Sequence
+
+import numpy as np
+
+from .config import ConfigError, from_dict, load_yaml
+from .data import DataError
+from .postprocess import PostprocessConfig, postprocess
+
+__all__ = [
+    "ProbVolume",
+    "SearchSpace",
+    "CandidateResult",
+    "FoldGuardRow",
+    "TuneResult",
+    "load_probs",
+    "load_labels",
+    "load_search_space",
+    "tune",
+    "plot_threshold_curves",
+]
+
+log = logging.getLogger(__name__)
+
+PARTS = ("score", "topo_score", "surface_dice", "voi_score")
+#: parameters visited by coordinate descent, in this order (the threshold last: it interacts with all)
+COORDINATES = ("min_component_size", "closing_radius", "fill_holes", "max_cavity_size", "border", "threshold")
+
+
+# ----------------------------------------------------------------------------------------------
+# Probability volumes
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ProbVolume:
+    """One out-of-fold probability volume.
+
+    Attributes:
+        id: volume id (the ``train.csv`` id).
+        scroll_id: its scroll.
+        fold: the fold it was held out in (``None`` when unknown, e.g. ``predict --save-probs``
+            with an ensemble of several folds).
+        prob: ``float16`` or ``float32 (Z, Y, X)`` foreground probabilities in ``[0, 1]``.
+        path: the ``.npy`` file it came from (``None`` when built in memory).
+    """
+
+    id: str
+    scroll_id: str
+    fold: int | None
+    prob: np.ndarray
+    path: Path | None = None
+
+
+def _as_fold(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.lstrip("-").isdigit():
+        return int(value)
+    return None  # None, or a list of folds (an ensemble): no single held-out fold
+
+
+def load_probs(folder: str | os.PathLike, mmap: bool = False) -> list[ProbVolume]:
+    """Read every ``{id}.npy`` + ``{id}.json`` pair under ``folder`` (sub-folders included).
+
+    Args:
+        folder: a folder written by ``train`` (``RUN_DIR/oof``; ``RUN_DIR`` of ``--fold -1``
+            holds one ``fold{k}/oof`` per fold) or by ``predict --save-probs``.
+        mmap: memory-map the arrays instead of reading them (saves memory for large sets).
+
+    Returns:
+        The volumes, sorted by id, ``prob`` as stored (``float16 (Z, Y, X)``).
+
+    Raises:
+        DataError: no probability files, a ``.npy`` without its sidecar (or the reverse), a
+            sidecar without ``scroll_id``, a shape mismatch, or the same id twice.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: probability folder not found")
+    npys = sorted(folder.rglob("*.npy"))
+    if not npys:
+        raise DataError(f"{folder}: no {{id}}.npy probability files found (looked in sub-folders too)")
+    out: dict[str, ProbVolume] = {}
+    for npy in npys:
+        sidecar = npy.with_suffix(".json")
+        if not sidecar.is_file():
+            raise DataError(f"{npy}: sidecar {sidecar.name} (id, scroll_id, fold) not found")
+        try:
+            meta = json.loads(sidecar.read_text())
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{sidecar}: invalid JSON ({exc})") from None
+        vid = str(meta.get("id", npy.stem))
+        if "scroll_id" not in meta:
+            raise DataError(f"{sidecar}: key 'scroll_id' missing")
+        prob = np.load(npy, mmap_mode="r" if mmap else None)
+        if prob.ndim != 3:
+            raise DataError(f"{npy}: expected a 3D (Z, Y, X) array, got shape {prob.shape}")
+        if "shape" in meta and list(meta["shape"]) != list(prob.shape):
+            raise DataError(f"{npy}: shape {list(prob.shape)} differs from {sidecar.name} shape {meta['shape']}")
+        if vid in out:
+            raise DataError(f"{npy}: id {vid!r} also in {out[vid].path}; pass one run's probabilities")
+        out[vid] = ProbVolume(vid, str(meta["scroll_id"]), _as_fold(meta.get("fold")), prob, npy)
+    return [out[k] for k in sorted(out)]
+
+
+def load_labels(data_dir: str | os.PathLike, ids: Sequence[str]) -> list[np.ndarray]:
+    """Labels (``uint8 (Z, Y, X)``, values {0, 1, 2}) of ``ids`` from a competition-layout folder.
+
+    Raises:
+        DataError: an id is not in ``train.csv`` (probabilities of test volumes have no labels).
+    """
+    from .data import load_index, read_label
+
+    index = load_index(data_dir, "train")
+    by_id = {r.id: r for r in index}
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise DataError(
+            f"{Path(data_dir) / 'train.csv'}: no label for id(s) {missing[:5]}"
+            + (" ..." if len(missing) > 5 else "") + " (tune needs out-of-fold probabilities of train ids)"
+        )
+    return [read_label(by_id[i].label_path) for i in ids]
+
+
+# ----------------------------------------------------------------------------------------------
+# Search space
+# ----------------------------------------------------------------------------------------------
+
+
+def _frange(start: float, stop: float, step: float) -> list[float]:
+    n = int(np.floor((stop - start) / step + 1e-9)) + 1
+    return [round(start + i * step, 6) for i in range(max(n, 0))]
+
+
+@dataclass
+class SearchSpace:
+    """Values :func:`tune` tries for each :class:`PostprocessConfig` field (the ``--space`` YAML).
+
+    Every list field may be written in YAML as a list or as a range mapping
+    ``{start: 0.2, stop: 0.6, step: 0.05}`` (``stop`` included). An empty list leaves the field at
+    its value in ``base``.
+
+    Args:
+        threshold: thresholds of the first-stage grid (also the hysteresis high thresholds).
+        hysteresis_low: low thresholds of 3D hysteresis; each is paired with every larger
+            ``threshold`` in the first stage (empty: hysteresis is not searched).
+        min_component_size: dust sizes (voxels, 26-connected; 0 = off).
+        closing_radius: closing ball radii (0 = off).
+        fill_holes: pinhole filling on/off.
+        max_cavity_size: largest enclosed cavity filled (0 = off).
+        border: voxels zeroed on each face (0 = off).
+        base: starting values of the fields not yet searched.
+        method: ``"coordinate"`` (coordinate descent, repeated up to ``rounds`` times until
+            nothing changes) or ``"random"`` (``n_random`` random combinations around the
+            first-stage best threshold).
+        rounds: coordinate-descent passes at most.
+        n_random: candidates of the random search.
+    """
+
+    threshold: list[float] = field(default_factory=lambda: _frange(0.2, 0.6, 0.05))
+    hysteresis_low: list[float] = field(default_factory=list)
+    min_component_size: list[int] = field(default_factory=lambda: [0, 200, 1000, 5000, 20000])
+    closing_radius: list[int] = field(default_factory=lambda: [0, 1, 2])
+    fill_holes: list[bool] = field(default_factory=lambda: [False, True])
+    max_cavity_size: list[int] = field(default_factory=lambda: [0, 100, 1000])
+    border: list[int] = field(default_factory=lambda: [0, 3])
+    base: PostprocessConfig = field(default_factory=PostprocessConfig)
+    method: Literal["coordinate", "random"] = "coordinate"
+    rounds: int = 2
+    n_random: int = 40
+
+    def __post_init__(self) -> None:
+        if not self.threshold:
+            raise ValueError("search space: 'threshold' needs at least one value")
+        for name in ("threshold", "hysteresis_low"):
+            bad = [v for v in getattr(self, name) if not 0.0 <= v <= 1.0]
+            if bad:
+                raise ValueError(f"search space: {name} values must be in [0, 1], got {bad}")
+        for name in ("min_component_size", "closing_radius", "max_cavity_size", "border"):
+            bad = [v for v in getattr(self, name) if v < 0]
+            if bad:
+                raise ValueError(f"search space: {name} values must be >= 0, got {bad}")
+        if self.rounds < 1 or self.n_random < 1:
+            raise ValueError("search space: rounds and n_random must be >= 1")
+
+
+_RANGE_KEYS = {"start", "stop", "step"}
+
+
+def _expand_ranges(data: dict, where: str) -> dict:
+    out = dict(data)
+    for key, value in data.items():
+        if isinstance(value, dict) and key != "base":
+            unknown = sorted(set(value) - _RANGE_KEYS)
+            missing = sorted(_RANGE_KEYS - set(value))
+            if unknown or missing:
+                raise ConfigError(
+                    f"{where}{key}: a range needs exactly the keys start, stop, step"
+                    + (f"; unknown {unknown}" if unknown else "") + (f"; missing {missing}" if missing else "")
+                )
+            try:
+                start, stop, step = (float(value[k]) for k in ("start", "stop", "step"))
+            except (TypeError, ValueError):
+                raise ConfigError(f"{where}{key}: range start/stop/step must be numbers, got {value}") from None
+            if step <= 0:
+                raise ConfigError(f"{where}{key}: range step must be > 0, got {step}")
+            vals = _frange(start, stop, step)
+            if key not in ("threshold", "hysteresis_low"):
+                vals = [int(round(v)) for v in vals]
+            out[key] = vals
+    return out
+
+
+def load_search_space(path: str | os.PathLike | None = None, data: dict | None = None) -> SearchSpace:
+    """Build a :class:`SearchSpace` from a YAML file (or a dict); ``None`` for both: the defaults.
+
+    Accepts the bare mapping or a top-level ``tune:`` section. Unknown keys raise
+    :class:`~kaggle_utils.config.ConfigError` naming the file and key.
+    """
+    if path is None and data is None:
+        return SearchSpace()
+    where = f"{path}: " if path is not None else ""
+    raw = load_yaml(path) if path is not None else dict(data or {})
+    prefix = ""
+    if "tune" in raw and isinstance(raw["tune"], dict):
+        raw, prefix = raw["tune"], "tune"
+    try:
+        return from_dict(SearchSpace, _expand_ranges(raw, f"{prefix}." if prefix else ""), prefix)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}{exc}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation (in worker processes)
+# ----------------------------------------------------------------------------------------------
+
+
+def _key(cfg: PostprocessConfig) -> tuple:
+    return dataclasses.astuple(cfg)
+
+
+class _Evaluator:
+    """Holds the volumes of one tuning run; scores (candidate, volume) pairs.
+
+    A worker keeps one instance (set once by the pool initializer) and a cache keyed by the
+    binary mask that reaches the scorer, so candidates that give the same mask are scored once.
+    """
+
+    def __init__(self, probs: Sequence[np.ndarray], labels: Sequence[np.ndarray]):
+        self.probs = probs
+        self.labels = labels
+        self.cache: dict[tuple[int, bytes], tuple[float, float, float, float]] = {}
+
+    def __call__(self, cfg: PostprocessConfig, i: int) -> tuple[tuple[float, float, float, float], float, float]:
+        import hashlib
+
+        from .metrics import score_volume
+
+        t0 = time.perf_counter()
+        # float32 as in predict, which thresholds the float32 probabilities before they are saved
+        mask = postprocess(np.asarray(self.probs[i], dtype=np.float32), cfg)
+        label = self.labels[i]
+        mask[label == 2] = 0  # the scorer ignores these voxels; doing it here makes the cache key exact
+        digest = hashlib.blake2b(np.packbits(mask).tobytes(), digest_size=16).digest()
+        t1 = time.perf_counter()
+        hit = self.cache.get((i, digest))
+        if hit is None:
+            s = score_volume(mask, label)
+            hit = (s.score, s.topo_score, s.surface_dice, s.voi_score)
+            self.cache[(i, digest)] = hit
+        return hit, t1 - t0, time.perf_counter() - t1
+
+
+_WORKER: _Evaluator | None = None  # one per worker process, set by _init_worker
+
+
+def _init_worker(probs: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> None:
+    global _WORKER
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _WORKER = _Evaluator(probs, labels)
+
+
+def _work(cfg: PostprocessConfig, i: int):
+    assert _WORKER is not None, "worker not initialized"  # internal invariant, not user input
+    return _WORKER(cfg, i)
+
+
+# ----------------------------------------------------------------------------------------------
+# Results
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CandidateResult:
+    """One evaluated candidate: its config, the search stage, and means over all volumes."""
+
+    cfg: PostprocessConfig
+    stage: str
+    score: float
+    topo_score: float
+    surface_dice: float
+    voi_score: float
+
+
+@dataclass
+class FoldGuardRow:
+    """Over-fitting guard for one fold.
+
+    Attributes:
+        fold: the held-out fold.
+        n_volumes: volumes in it.
+        chosen: the best candidate on the *other* folds.
+        held_out_score: ``chosen``'s mean score on this fold (an honest estimate).
+        in_sample_score: the overall best config's mean score on this fold (chosen with it).
+        oracle_score: the best any evaluated candidate reaches on this fold.
+    """
+
+    fold: int | str
+    n_volumes: int
+    chosen: PostprocessConfig
+    held_out_score: float
+    in_sample_score: float
+    oracle_score: float
+
+
+@dataclass
+class TuneResult:
+    """Everything :func:`tune` measured.
+
+    Attributes:
+        best: the best :class:`PostprocessConfig` (mean score over all volumes).
+        best_score: its mean score.
+        candidates: every evaluated candidate, in evaluation order.
+        scores: ``float64 (n_candidates, n_volumes, 4)`` per-volume ``score, topo_score,
+            surface_dice, voi_score``.
+        ids, scroll_ids, folds: per volume.
+        per_scroll: ``{scroll_id: {part: mean}}`` of ``best``.
+        fold_guard: one :class:`FoldGuardRow` per fold (empty with fewer than 2 folds).
+        fold_source: ``"sidecar"`` (folds from the probability files) or ``"scroll_id"``
+            (folds unknown: one fold per scroll).
+        timings: seconds of ``postprocess`` and ``score`` summed over tasks (across workers),
+            and ``wall`` of the search.
+        n_tasks: (candidate, volume) pairs evaluated.
+    """
+
+    best: PostprocessConfig
+    best_score: float
+    candidates: list[CandidateResult]
+    scores: np.ndarray
+    ids: list[str]
+    scroll_ids: list[str]
+    folds: list[int | str | None]
+    per_scroll: dict[str, dict[str, float]]
+    fold_guard: list[FoldGuardRow]
+    fold_source: str
+    timings: dict[str, float]
+    n_tasks: int
+
+    def _index(self, cfg: PostprocessConfig) -> int | None:
+        k = _key(cfg)
+        for j, c in enumerate(self.candidates):
+            if _key(c.cfg) == k:
+                return j
+        return None
+
+    def threshold_curve(self, scroll_id: str | None = None, cfg: PostprocessConfig | None = None
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        """Score parts against the threshold with every other field as in ``cfg`` (default: best).
+
+        Returns:
+            ``(thresholds float (T,), parts float (T, 4))`` for the evaluated thresholds, means over
+            all volumes or over those of ``scroll_id``.
+        """
+        cfg = cfg or self.best
+        rows = []
+        vol = np.ones(len(self.ids), bool) if scroll_id is None else np.array([s == scroll_id for s in self.scroll_ids])
+        for j, c in enumerate(self.candidates):
+            if _key(_with_threshold(c.cfg, cfg.threshold)) == _key(cfg):
+                rows.append((c.cfg.threshold, self.scores[j][vol].mean(axis=0)))
+        rows.sort(key=lambda r: r[0])
+        if not rows:
+            return np.zeros(0), np.zeros((0, 4))
+        return np.array([r[0] for r in rows]), np.stack([r[1] for r in rows])
+
+    def format_table(self, top: int | None = 15) -> str:
+        """The candidates sorted by mean score, per-scroll means and the fold guard, as text."""
+        lines = [f"{'rank':>4} {'score':>7} {'topo':>7} {'SD':>7} {'VOI':>7}  {'stage':<11} config"]
+        order = sorted(range(len(self.candidates)), key=lambda j: -self.candidates[j].score)
+        for r, j in enumerate(order[:top] if top else order, 1):
+            c = self.candidates[j]
+            lines.append(f"{r:>4} {c.score:7.4f} {c.topo_score:7.4f} {c.surface_dice:7.4f} {c.voi_score:7.4f}  "
+                         f"{c.stage:<11} {_describe(c.cfg)}")
+        if top and len(order) > top:
+            lines.append(f"     ... {len(order) - top} more candidate(s)")
+        lines.append("")
+        lines.append(f"best: {self.best_score:.4f}  {_describe(self.best)}")
+        lines.append(f"{'scroll':>10} {'n':>4} {'score':>7} {'topo':>7} {'SD':>7} {'VOI':>7}")
+        for s, d in self.per_scroll.items():
+            n = sum(x == s for x in self.scroll_ids)
+            lines.append(f"{s:>10} {n:>4} " + " ".join(f"{d[p]:7.4f}" for p in PARTS))
+        if self.fold_guard:
+            lines.append("")
+            lines.append(f"fold guard (folds from {self.fold_source}): parameters chosen on the other folds, "
+                         "scored on the held-out one")
+            lines.append(f"{'fold':>6} {'n':>4} {'held-out':>9} {'in-sample':>9} {'oracle':>7}  chosen on other folds")
+            for g in self.fold_guard:
+                lines.append(f"{g.fold!s:>6} {g.n_volumes:>4} {g.held_out_score:9.4f} {g.in_sample_score:9.4f} "
+                             f"{g.oracle_score:7.4f}  {_describe(g.chosen)}")
+            ho = _weighted_mean([(g.held_out_score, g.n_volumes) for g in self.fold_guard])
+            ins = _weighted_mean([(g.in_sample_score, g.n_volumes) for g in self.fold_guard])
+            lines.append(f"{'all':>6} {len(self.ids):>4} {ho:9.4f} {ins:9.4f}")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        """Plain-JSON summary (no per-volume matrix)."""
+        return {
+            "best": dataclasses.asdict(self.best),
+            "best_score": self.best_score,
+            "per_scroll": self.per_scroll,
+            "fold_source": self.fold_source,
+            "fold_guard": [{**dataclasses.asdict(g), "chosen": dataclasses.asdict(g.chosen)} for g in self.fold_guard],
+            "candidates": [{**dataclasses.asdict(c), "cfg": dataclasses.asdict(c.cfg)} for c in self.candidates],
+            "timings": self.timings,
+            "n_tasks": self.n_tasks,
+        }
+
+
+def _weighted_mean(pairs: Iterable[tuple[float, int]]) -> float:
+    pairs = list(pairs)
+    n = sum(w for _, w in pairs)
+    return float(sum(v * w for v, w in pairs) / n) if n else float("nan")
+
+
+def _describe(cfg: PostprocessConfig) -> str:
+    parts = [f"thr {cfg.threshold:g}"]
+    if cfg.uses_hysteresis:
+        parts.append(f"hyst {cfg.hysteresis_low:g}/{cfg.hysteresis_high:g}")
+    for name, short in (("min_component_size", "dust"), ("closing_radius", "close"), ("max_cavity_size", "cavity"),
+                        ("border", "border")):
+        if getattr(cfg, name):
+            parts.append(f"{short} {getattr(cfg, name)}")
+    if cfg.fill_holes:
+        parts.append("holes")
+    return ", ".join(parts)
+
+
+def _with_threshold(cfg: PostprocessConfig, t: float, low: float | None | Literal["keep"] = "keep") -> PostprocessConfig:
+    """``cfg`` with threshold ``t``; with hysteresis, ``t`` is also the high threshold."""
+    low = cfg.hysteresis_low if low == "keep" else low
+    if low is not None and low > t:
+        low = None
+    return dataclasses.replace(cfg, threshold=float(t), hysteresis_low=low, hysteresis_high=None if low is None else float(t))
+
+
+# ----------------------------------------------------------------------------------------------
+# The search
+# ----------------------------------------------------------------------------------------------
+
+
+class _Runner:
+    """Evaluates batches of candidates on all volumes, in a pool or in this process, with a cache."""
+
+    def __init__(self, probs: Sequence[np.ndarray], labels: Sequence[np.ndarray], workers: int, progress: bool):
+        from tqdm.auto import tqdm
+
+        self.n = len(probs)
+        self.cfgs: list[PostprocessConfig] = []
+        self.stages: list[str] = []
+        self.rows: list[np.ndarray] = []
+        self.index: dict[tuple, int] = {}
+        self.timings = {"postprocess": 0.0, "score": 0.0}
+        self.pool = None
+        self.local = None
+        if workers > 1:
+            methods = mp.get_all_start_methods()
+            ctx = mp.get_context("fork" if "fork" in methods else None)
+            self.pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                            initargs=(list(probs), list(labels)))
+        else:
+            self.local = _Evaluator(probs, labels)
+        self.bar = tqdm(total=0, desc="tune", unit="vol", disable=not progress)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.pool is not None:
+            self.pool.shutdown()
+
+    def mean(self, cfg: PostprocessConfig) -> float:
+        return float(self.rows[self.index[_key(cfg)]][:, 0].mean())
+
+    def evaluate(self, cfgs: Iterable[PostprocessConfig], stage: str) -> list[float]:
+        """Mean score of each config (new ones are evaluated, in parallel)."""
+        cfgs = list(cfgs)
+        new = []
+        for c in cfgs:
+            k = _key(c)
+            if k not in self.index and all(_key(x) != k for x in new):
+                new.append(c)
+        if new:
+            self.bar.total += len(new) * self.n
+            self.bar.refresh()
+            self.bar.set_postfix_str(stage)
+            res = np.zeros((len(new), self.n, 4))
+            tasks = [(a, i) for a in range(len(new)) for i in range(self.n)]
+            if self.pool is not None:
+                futs = {self.pool.submit(_work, new[a], i): (a, i) for a, i in tasks}
+                from concurrent.futures import as_completed
+
+                for f in as_completed(futs):
+                    a, i = futs[f]
+                    self._store(res, a, i, f.result())
+            else:
+                for a, i in tasks:
+                    self._store(res, a, i, self.local(new[a], i))  # type: ignore[misc]
+            for a, c in enumerate(new):
+                self.index[_key(c)] = len(self.cfgs)
+                self.cfgs.append(c)
+                self.stages.append(stage)
+                self.rows.append(res[a])
+        return [self.mean(c) for c in cfgs]
+
+    def _store(self, res: np.ndarray, a: int, i: int, out) -> None:
+        parts, t_pp, t_score = out
+        res[a, i] = parts
+        self.timings["postprocess"] += t_pp
+        self.timings["score"] += t_score
+        self.bar.update(1)
+
+
+def _best_of(cfgs: Sequence[PostprocessConfig], means: Sequence[float], current: PostprocessConfig | None = None,
+             current_score: float = -np.inf) -> tuple[PostprocessConfig, float]:
+    """Highest mean; ties keep ``current`` (then the earliest)."""
+    best, best_s = current, current_score
+    for c, s in zip(cfgs, means):
+        if s > best_s + 1e-12:
+            best, best_s = c, s
+    return best, best_s  # type: ignore[return-value]
+
+
+def _values(space: SearchSpace, name: str, cur: PostprocessConfig) -> list:
+    vals = list(getattr(space, name))
+    if getattr(cur, name) not in vals:
+        vals.insert(0, getattr(cur, name))
+    return vals
+
+
+def _first_stage(space: SearchSpace) -> list[PostprocessConfig]:
+    base = dataclasses.replace(space.base, hysteresis_low=None, hysteresis_high=None)
+    cfgs = [_with_threshold(base, t, None) for t in space.threshold]
+    for low in space.hysteresis_low:
+        cfgs += [_with_threshold(base, t, low) for t in space.threshold if t > low]
+    return cfgs
+
+
+def _coordinate_descent(run: _Runner, space: SearchSpace, best: PostprocessConfig, best_s: float):
+    lows: list[float | None] = [None] + list(space.hysteresis_low)
+    for rnd in range(space.rounds):
+        changed = False
+        for name in COORDINATES:
+            if name == "threshold":
+                cfgs = [_with_threshold(best, t, low) for t in space.threshold for low in lows
+                        if low is None or low < t]
+            else:
+                vals = _values(space, name, best)
+                if len(vals) < 2:
+                    continue
+                cfgs = [dataclasses.replace(best, **{name: v}) for v in vals]
+            means = run.evaluate(cfgs, f"{name} r{rnd + 1}")
+            new, new_s = _best_of(cfgs, means, best, best_s)
+            if _key(new) != _key(best):
+                changed = True
+                best, best_s = new, new_s
+        if not changed:
+            break
+    return best, best_s
+
+
+def _random_search(run: _Runner, space: SearchSpace, best: PostprocessConfig, best_s: float, seed: int):
+    rng = random.Random(seed)
+    lows: list[float | None] = [None] + list(space.hysteresis_low)
+    cfgs = []
+    for _ in range(space.n_random):
+        kw = {name: rng.choice(_values(space, name, best)) for name in COORDINATES if name != "threshold"}
+        c = dataclasses.replace(best, **kw)
+        t = rng.choice(space.threshold)
+        low = rng.choice([x for x in lows if x is None or x < t])
+        cfgs.append(_with_threshold(c, t, low))
+    means = run.evaluate(cfgs, "random")
+    return _best_of(cfgs, means, best, best_s)
+
+
+def tune(
+    probs: Sequence[ProbVolume],
+    labels: Sequence[np.ndarray],
+    space: SearchSpace | None = None,
+    workers: int = 1,
+    seed: int = 0,
+    progress: bool = True,
+) -> TuneResult:
+    """Search post-processing settings that maximize the mean local competition score.
+
+    Args:
+        probs: out-of-fold probability volumes (:func:`load_probs`), ``(Z, Y, X)`` each; they are
+            thresholded as ``float32`` (as ``predict`` does before saving them as float16).
+        labels: ``uint8 (Z, Y, X)`` labels {0, 1, 2} in the same order and shapes.
+        space: what to search (:class:`SearchSpace` defaults when ``None``).
+        workers: processes scoring (candidate, volume) pairs in parallel (1: this process).
+        seed: seed of the random search.
+        progress: show a tqdm bar (one step per (candidate, volume) pair).
+
+    Returns:
+        :class:`TuneResult`.
+
+    Raises:
+        ValueError: no volumes, or labels that do not match the probabilities.
+    """
+    space = space or SearchSpace()
+    probs = list(probs)
+    if not probs:
+        raise ValueError("tune: no probability volumes")
+    if len(labels) != len(probs):
+        raise ValueError(f"tune: {len(probs)} probability volumes but {len(labels)} labels")
+    for p, lab in zip(probs, labels):
+        if tuple(p.prob.shape) != tuple(np.shape(lab)):
+            raise ValueError(f"tune: volume {p.id}: probability shape {tuple(p.prob.shape)} != label shape "
+                             f"{tuple(np.shape(lab))}")
+    t0 = time.perf_counter()
+    run = _Runner([p.prob for p in probs], labels, max(1, int(workers)), progress)
+    try:
+        stage1 = _first_stage(space)
+        best, best_s = _best_of(stage1, run.evaluate(stage1, "grid"))
+        if space.method == "random":
+            best, best_s = _random_search(run, space, best, best_s, seed)
+        else:
+            best, best_s = _coordinate_descent(run, space, best, best_s)
+        # the threshold curve of the final settings, for the plot (usually already evaluated)
+        run.evaluate([_with_threshold(best, t) for t in space.threshold], "curve")
+    finally:
+        run.close()
+    wall = time.perf_counter() - t0
+
+    scores = np.stack(run.rows)
+    ids = [p.id for p in probs]
+    scrolls = [p.scroll_id for p in probs]
+    candidates = [CandidateResult(c, s, *(float(x) for x in run.rows[j].mean(axis=0)))
+                  for j, (c, s) in enumerate(zip(run.cfgs, run.stages))]
+    b = run.index[_key(best)]
+    per_scroll = {}
+    for s in sorted(set(scrolls)):
+        sel = np.array([x == s for x in scrolls])
+        per_scroll[s] = dict(zip(PARTS, (float(v) for v in scores[b][sel].mean(axis=0))))
+    folds, source = _folds(probs)
+    guard = _fold_guard(scores, folds, b, run.cfgs)
+    return TuneResult(
+        best=best, best_score=float(best_s), candidates=candidates, scores=scores, ids=ids, scroll_ids=scrolls,
+        folds=folds, per_scroll=per_scroll, fold_guard=guard, fold_source=source,
+        timings={**run.timings, "wall": wall}, n_tasks=int(scores.shape[0] * scores.shape[1]),
+    )
+
+
+def _folds(probs: Sequence[ProbVolume]) -> tuple[list[int | str | None], str]:
+    folds = [p.fold for p in probs]
+    if all(f is not None for f in folds) and len(set(folds)) >= 2:
+        return list(folds), "sidecar"
+    return [p.scroll_id for p in probs], "scroll_id"
+
+
+def _fold_guard(scores: np.ndarray, folds: Sequence[Any], best: int, cfgs: Sequence[PostprocessConfig]
+                ) -> list[FoldGuardRow]:
+    """For each fold: the candidate with the best mean on the other folds, scored on this one.
+
+    The choice is among the candidates the search evaluated (the search itself saw every fold),
+    so the held-out score is a slightly optimistic but cheap estimate.
+    """
+    uniq = sorted(set(folds), key=str)
+    if len(uniq) < 2:
+        return []
+    rows = []
+    fold_arr = np.array([str(f) for f in folds])
+    for f in uniq:
+        held = fold_arr == str(f)
+        other = scores[:, ~held, 0].mean(axis=1)
+        j = int(np.argmax(other))  # first maximum: ties go to the earlier candidate
+        on_fold = scores[:, held, 0].mean(axis=1)
+        rows.append(FoldGuardRow(f, int(held.sum()), cfgs[j], float(on_fold[j]), float(on_fold[best]),
+                                 float(on_fold.max())))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Plot
+# ----------------------------------------------------------------------------------------------
+
+
+def plot_threshold_curves(result: TuneResult, out_png: str | os.PathLike, max_scrolls: int = 8) -> Path:
+    """Score and its three parts against the threshold, overall and per scroll_id (PNG).
+
+    Solid lines: every other field at the tuned values; the dashed grey line is the score of the
+    first-stage grid (plain threshold, other fields at ``base``). A vertical line marks the best
+    threshold.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .data import atomic_path
+
+    scrolls = list(result.per_scroll)[:max_scrolls]
+    panels: list[str | None] = [None] + scrolls
+    ncol = min(3, len(panels))
+    nrow = int(np.ceil(len(panels) / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.3 * nrow), squeeze=False, sharey=True)
+    base = next((c.cfg for c in result.candidates if c.stage == "grid" and not c.cfg.uses_hysteresis), None)
+    colors = {"score": "k", "topo_score": "tab:red", "surface_dice": "tab:blue", "voi_score": "tab:green"}
+    for ax, s in zip(axes.ravel(), panels):
+        t, parts = result.threshold_curve(s)
+        for k, name in enumerate(PARTS):
+            ax.plot(t, parts[:, k], marker="o", ms=3, color=colors[name], lw=2 if k == 0 else 1.2,
+                    label={"score": "score", "topo_score": "TopoScore", "surface_dice": "SurfaceDice",
+                           "voi_score": "VOI_score"}[name])
+        if base is not None:
+            tb, pb = result.threshold_curve(s, base)
+            if len(tb) and _key(base) != _key(_with_threshold(result.best, base.threshold)):
+                ax.plot(tb, pb[:, 0], ls="--", color="0.6", lw=1.2, label="score, no post-proc.")
+        ax.axvline(result.best.threshold, color="0.4", lw=0.8, ls=":")
+        n = len(result.ids) if s is None else sum(x == s for x in result.scroll_ids)
+        ax.set_title("all volumes" if s is None else f"scroll {s}", fontsize=10)
+        ax.text(0.02, 0.03, f"n={n}", transform=ax.transAxes, fontsize=8, color="0.3")
+        ax.set_xlabel("threshold")
+        ax.grid(alpha=0.3)
+    for ax in axes.ravel()[len(panels):]:
+        ax.axis("off")
+    axes[0, 0].set_ylabel("mean over volumes")
+    axes[0, 0].legend(fontsize=7, loc="lower right" if len(panels) > 1 else "best")
+    fig.suptitle(f"tuned: {_describe(result.best)}  (score {result.best_score:.4f})", fontsize=10)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return out_png

@@ -1,0 +1,201 @@
+"""Tests of kaggle_utils.tune: known-optimum search, YAML round trip, fold guard, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import cc3d
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from kaggle_utils.config import ConfigError
+from kaggle_utils.data import DataError, write_volume
+from kaggle_utils.metrics import score_volume
+from kaggle_utils.postprocess import PostprocessConfig, load_postprocess, postprocess, save_postprocess
+from kaggle_utils.synthetic import make_volume
+from kaggle_utils.tune import (
+    ProbVolume,
+    SearchSpace,
+    load_labels,
+    load_probs,
+    load_search_space,
+    plot_threshold_curves,
+    tune,
+)
+
+TRUE_T = 0.4
+
+
+def _known_prob(label: np.ndarray, seed: int) -> np.ndarray:
+    """Probabilities whose ``> 0.4`` reproduces the surface label exactly, plus 1-voxel specks.
+
+    Outside the surface, probability falls by 0.0125 per voxel of distance (0.05 per 4 voxels), so a
+    threshold one grid step lower (0.35) thickens every sheet by 3 voxels on each side (further
+    than SurfaceDice's tolerance of 2); inside it is 0.4 + 0.025 + 0.0125 (d - 1), so 0.45 and
+    above drop the 1-2 voxel thick sheets. Isolated single voxels of probability 0.9 far from any
+    sheet (only removable by dust removal) are added in labelled background.
+    """
+    fg = label == 1
+    d_out = ndimage.distance_transform_edt(~fg)
+    d_in = ndimage.distance_transform_edt(fg)
+    prob = np.where(fg, TRUE_T + 0.025 + 0.0125 * (d_in - 1), TRUE_T - 0.0125 * d_out)
+    prob = np.clip(prob, 0.0, 1.0)
+    rng = np.random.default_rng(seed)
+    far = np.argwhere((label == 0) & (d_out > 8))
+    pick = far[rng.choice(len(far), size=min(6, len(far)), replace=False)]
+    prob[tuple(pick.T)] = 0.9
+    return prob.astype(np.float16)
+
+
+@pytest.fixture(scope="module")
+def volumes():
+    """Four 40^3 synthetic volumes in two scrolls / two folds, with their labels."""
+    probs, labels = [], []
+    for k in range(4):
+        _, label = make_volume((40, 40, 40), seed=100 + k)
+        # surface fragments of < 5 voxels become "ignore", so dust size 5 is exactly right
+        fg = label == 1
+        label[fg & ~cc3d.dust(fg, threshold=5, connectivity=26)] = 2
+        labels.append(label)
+        probs.append(ProbVolume(f"v{k}", "s1" if k < 2 else "s2", k % 2, _known_prob(label, k)))
+    return probs, labels
+
+
+SMALL_SPACE = dict(threshold={"start": 0.2, "stop": 0.6, "step": 0.05}, min_component_size=[0, 5, 1000000],
+                   closing_radius=[0], fill_holes=[False], max_cavity_size=[0], border=[0, 3])
+
+
+def test_known_optimum_found_and_yaml_round_trip(volumes, tmp_path):
+    probs, labels = volumes
+    space = load_search_space(data=SMALL_SPACE)
+    assert len(space.threshold) == 9
+    res = tune(probs, labels, space, workers=1, progress=False)
+    assert res.best.threshold == pytest.approx(TRUE_T)
+    assert res.best.min_component_size == 5  # removes the specks, keeps the sheets
+    assert res.best_score == pytest.approx(1.0)
+    # the optimum is unambiguous: every other threshold scores lower with the same settings
+    t, parts = res.threshold_curve()
+    assert len(t) == 9
+    assert int(np.argmax(parts[:, 0])) == int(np.argmin(abs(t - TRUE_T)))
+    assert np.sort(parts[:, 0])[-2] < parts[:, 0].max() - 0.01
+    # first stage alone (no dust) is worse: specks cost TopoScore
+    grid = [c for c in res.candidates if c.stage == "grid"]
+    assert max(c.score for c in grid) < res.best_score - 0.01
+    # YAML round trip: predict --postprocess reads it with load_postprocess, same scores
+    out = tmp_path / "best-postprocess.yaml"
+    save_postprocess(res.best, out)
+    cfg = load_postprocess(out)
+    assert cfg == res.best
+    again = np.mean([score_volume(postprocess(p.prob.astype(np.float32), cfg), lab).score
+                     for p, lab in zip(probs, labels)])
+    assert again == pytest.approx(res.best_score, abs=1e-9)
+    # table: every candidate with its parts; per scroll; fold guard with one row per fold
+    assert res.scores.shape == (len(res.candidates), 4, 4)
+    assert set(res.per_scroll) == {"s1", "s2"}
+    assert res.fold_source == "sidecar"
+    assert [g.fold for g in res.fold_guard] == [0, 1]
+    for g in res.fold_guard:
+        assert g.n_volumes == 2
+        assert g.held_out_score <= g.oracle_score + 1e-12
+        assert g.chosen.threshold == pytest.approx(TRUE_T)
+    text = res.format_table()
+    assert "fold guard" in text and "held-out" in text
+    png = plot_threshold_curves(res, tmp_path / "tune.png")
+    assert png.stat().st_size > 1000
+
+
+def test_parallel_matches_serial_and_random_search(volumes):
+    probs, labels = volumes
+    space = load_search_space(data=dict(SMALL_SPACE, threshold=[0.3, 0.4, 0.5], border=[0]))
+    serial = tune(probs, labels, space, workers=1, progress=False)
+    par = tune(probs, labels, space, workers=2, progress=False)
+    assert par.best == serial.best
+    np.testing.assert_allclose(par.scores, serial.scores)
+    rnd = tune(probs, labels, load_search_space(data=dict(SMALL_SPACE, threshold=[0.3, 0.4, 0.5], method="random",
+                                                          n_random=6)), progress=False)
+    assert rnd.best.threshold == pytest.approx(TRUE_T)
+    assert rnd.best_score >= max(c.score for c in rnd.candidates if c.stage == "grid")
+
+
+def test_hysteresis_grid(volumes):
+    probs, labels = volumes
+    space = load_search_space(data=dict(threshold=[0.4, 0.5], hysteresis_low=[0.3], min_component_size=[0],
+                                        closing_radius=[0], fill_holes=[False], max_cavity_size=[0], border=[0]))
+    res = tune(probs[:1], labels[:1], space, progress=False)
+    hyst = [c.cfg for c in res.candidates if c.cfg.uses_hysteresis]
+    assert hyst and all(c.hysteresis_low == 0.3 and c.hysteresis_high == c.threshold for c in hyst)
+    assert res.fold_guard == []  # one volume: no fold to hold out
+
+
+def test_search_space_yaml_errors(tmp_path):
+    bad = tmp_path / "tune.yaml"
+    bad.write_text("threshold: [0.3, 0.4]\ndust: [0, 100]\n")
+    with pytest.raises(ConfigError, match="dust"):
+        load_search_space(bad)
+    bad.write_text("threshold: {start: 0.2, stop: 0.5, stepp: 0.1}\n")
+    with pytest.raises(ConfigError, match="stepp"):
+        load_search_space(bad)
+    bad.write_text("base: {threshold: 0.3, typo: 1}\n")
+    with pytest.raises(ConfigError, match="typo"):
+        load_search_space(bad)
+    good = tmp_path / "ok.yaml"
+    good.write_text("tune:\n  threshold: [0.3, 0.35]\n  min_component_size: {start: 0, stop: 1000, step: 500}\n")
+    space = load_search_space(good)
+    assert space.threshold == [0.3, 0.35] and space.min_component_size == [0, 500, 1000]
+    assert load_search_space().threshold == pytest.approx([0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6])
+
+
+def _write_layout(root, probs, labels, fold_value=lambda p: p.fold):
+    """Competition layout with the labels, and probabilities in the train/predict sidecar format."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "train.csv").write_text("id,scroll_id\n" + "".join(f"{p.id},{p.scroll_id}\n" for p in probs))
+    for p, lab in zip(probs, labels):
+        write_volume(root / "train_images" / f"{p.id}.tif", np.zeros_like(lab))
+        write_volume(root / "train_labels" / f"{p.id}.tif", lab)
+        sub = root / "run" / f"fold{p.fold}" / "oof"
+        sub.mkdir(parents=True, exist_ok=True)
+        np.save(sub / f"{p.id}.npy", p.prob.astype(np.float16))
+        (sub / f"{p.id}.json").write_text(json.dumps(
+            {"id": p.id, "scroll_id": p.scroll_id, "fold": fold_value(p), "shape": list(p.prob.shape),
+             "dtype": "float16"}))
+
+
+def test_load_probs_formats(volumes, tmp_path):
+    probs, labels = volumes
+    _write_layout(tmp_path, probs, labels)
+    got = load_probs(tmp_path / "run")
+    assert [p.id for p in got] == ["v0", "v1", "v2", "v3"]
+    assert [p.fold for p in got] == [0, 1, 0, 1] and got[0].prob.dtype == np.float16
+    assert all(np.array_equal(a.prob, b.prob) for a, b in zip(got, probs))
+    labs = load_labels(tmp_path, [p.id for p in got])
+    assert all(np.array_equal(a, b) for a, b in zip(labs, labels))
+    with pytest.raises(DataError, match="no label"):
+        load_labels(tmp_path, ["nope"])
+    (tmp_path / "run" / "fold0" / "oof" / "v0.json").unlink()
+    with pytest.raises(DataError, match="sidecar"):
+        load_probs(tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_cli_tune(volumes, tmp_path, capsys):
+    from kaggle_utils.cli import main
+
+    probs, labels = volumes
+    # predict --save-probs of an ensemble records a list of folds: tune falls back to scroll folds
+    _write_layout(tmp_path, probs, labels, fold_value=lambda p: [0, 1])
+    space = tmp_path / "space.yaml"
+    space.write_text("threshold: [0.35, 0.4, 0.45]\nmin_component_size: [0, 5]\nclosing_radius: [0]\n"
+                     "fill_holes: [false]\nmax_cavity_size: [0]\nborder: [0]\n")
+    out, png = tmp_path / "best-postprocess.yaml", tmp_path / "tune.png"
+    rc = main(["tune", "--probs", str(tmp_path / "run"), "--data-dir", str(tmp_path), "--space", str(space),
+               "--workers", "1", "--out", str(out), "--plot", str(png), "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "fold guard (folds from scroll_id)" in text
+    cfg = load_postprocess(out)
+    assert isinstance(cfg, PostprocessConfig) and cfg.threshold == pytest.approx(TRUE_T)
+    assert cfg.min_component_size == 5 and png.is_file()
+    space.write_text("thresholds: [0.4]\n")
+    assert main(["tune", "--probs", str(tmp_path / "run"), "--data-dir", str(tmp_path), "--space", str(space),
+                 "--out", str(out)]) == 2
