@@ -292,6 +292,49 @@ def _run_baseline(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# tune
+# ----------------------------------------------------------------------------------------------
+
+
+def _args_tune(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--probs", required=True, type=Path,
+                   help="out-of-fold probabilities: RUN_DIR/oof, RUN_DIR of --fold -1, or predict --save-probs DIR")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="competition-layout folder with train.csv and train_labels/ (default: the Kaggle mount)")
+    p.add_argument("--space", type=Path, default=None, help="search-space YAML (SearchSpace keys); default: built-in")
+    p.add_argument("--workers", type=int, default=1, help="processes scoring candidates in parallel")
+    p.add_argument("--out", type=Path, default=Path("best-postprocess.yaml"),
+                   help="best post-processing YAML (for predict --postprocess)")
+    p.add_argument("--plot", type=Path, default=None, help="also save score vs threshold (overall, per scroll) PNG")
+    p.add_argument("--json", type=Path, default=None, help="also write every candidate and the fold guard as JSON")
+    p.add_argument("--top", type=int, default=15, help="candidates shown in the table")
+    p.add_argument("--seed", type=int, default=0, help="seed of method: random")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+
+
+def _run_tune(args: argparse.Namespace) -> int:
+    from .data import atomic_path, find_data_root
+    from .postprocess import save_postprocess
+    from .tune import load_labels, load_probs, load_search_space, plot_threshold_curves, tune
+
+    space = load_search_space(args.space)
+    probs = load_probs(args.probs)
+    labels = load_labels(find_data_root(args.data_dir), [p.id for p in probs])
+    result = tune(probs, labels, space, workers=args.workers, seed=args.seed, progress=not args.no_progress)
+    print(result.format_table(top=args.top))
+    save_postprocess(result.best, args.out)
+    print(f"wrote {args.out}  (use: predict --postprocess {args.out})")
+    if args.plot is not None:
+        plot_threshold_curves(result, args.plot)
+        print(f"wrote {args.plot}")
+    if args.json is not None:
+        with atomic_path(args.json) as tmp:
+            Path(tmp).write_text(json.dumps(result.to_json(), indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # registry
 # ----------------------------------------------------------------------------------------------
 
@@ -307,6 +350,7 @@ COMMANDS: list[_Command] = [
     ("validate-submission", "check a submission.zip against test.csv and the test images", _args_validate_submission,
      _run_validate_submission),
     ("train", "train one fold (or all with --fold -1) from a YAML config; --resume continues", _args_train, _run_train),
+    ("tune", "search post-processing on out-of-fold probabilities -> best-postprocess.yaml", _args_tune, _run_tune),
 ]
 
 
