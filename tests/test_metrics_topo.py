@@ -1,0 +1,364 @@
+"""Tests for kaggle_utils.metrics.topo: official reference values, hand-built cases, closed forms,
+and a literal (slow, textbook) implementation of the Betti-matching procedure on tiny volumes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from kaggle_utils.data import read_volume
+from kaggle_utils.metrics import topo
+from kaggle_utils.metrics.topo import (
+    closed_form_counts,
+    octant_slices,
+    topo_counts,
+    topo_counts_octant,
+    topo_f1_from_counts,
+    topo_score,
+    topo_score_from_counts,
+)
+
+REF = Path(__file__).parent / "data" / "metric_reference"
+OFFICIAL = json.loads((REF / "official.json").read_text())
+
+
+def _load_case(name: str) -> tuple[np.ndarray, np.ndarray]:
+    if name.startswith("extra_"):
+        gt, pred = read_volume(REF / f"{name}_gt.tif"), read_volume(REF / f"{name}_pred.tif")
+    else:
+        gt, pred = read_volume(REF / "gt.tif"), read_volume(REF / f"pred_{name}.tif")
+    ignore = gt == 2
+    return np.where(ignore, 0, pred) != 0, np.where(ignore, 0, gt) != 0
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL))
+def test_official_reference(name):
+    pred, gt = _load_case(name)
+    score, counts = topo_score(pred, gt)
+    ref = {int(k): tuple(v) for k, v in OFFICIAL[name]["topo_counts_by_dim_m_p_g"].items()}
+    assert counts == ref
+    assert score == pytest.approx(OFFICIAL[name]["topo_score"], abs=1e-9)
+    f1 = topo_f1_from_counts(counts)
+    for k, val in OFFICIAL[name]["topoF1_by_dim"].items():
+        assert (f1[int(k)] is None) == (val is None)
+        if val is not None:
+            assert f1[int(k)] == pytest.approx(val, abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Octants and score arithmetic
+# ---------------------------------------------------------------------------------------------
+
+
+def test_octant_slices_rule():
+    sl = octant_slices((5, 1, 4))
+    assert len(sl) == 4
+    assert sl[0] == (slice(0, 3), slice(0, 1), slice(0, 2))
+    assert sl[-1] == (slice(3, 5), slice(0, 1), slice(2, 4))
+    vol = np.zeros((7, 6, 5), int)
+    for i, s in enumerate(octant_slices(vol.shape)):
+        vol[s] += 1
+    assert (vol == 1).all()
+    with pytest.raises(ValueError):
+        octant_slices((4, 4))
+
+
+def test_score_from_counts():
+    assert topo_score_from_counts({0: (0, 0, 0), 1: (0, 0, 0), 2: (0, 0, 0)}) == 1.0
+    counts = {0: (1, 2, 2), 1: (0, 3, 0), 2: (0, 0, 0)}
+    f1 = topo_f1_from_counts(counts)
+    assert f1 == {0: 0.5, 1: 0.5 / 3.5, 2: None}
+    assert topo_score_from_counts(counts) == pytest.approx((0.34 * 0.5 + 0.33 * 0.5 / 3.5) / 0.67)
+
+
+def test_shape_mismatch_raises():
+    with pytest.raises(ValueError, match="shape"):
+        topo_counts(np.zeros((4, 4, 4)), np.zeros((4, 4, 5)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Hand-built cases (one octant or whole volume)
+# ---------------------------------------------------------------------------------------------
+
+ZERO = {0: (0, 0, 0), 1: (0, 0, 0), 2: (0, 0, 0)}
+
+
+def test_empty_single_full():
+    z = np.zeros((6, 6, 6), bool)
+    score, counts = topo_score(z, z)
+    assert counts == ZERO and score == 1.0
+    one = z.copy()
+    one[1, 1, 1] = True
+    assert topo_counts(one, one) == ZERO
+    assert topo_counts(~z, ~z) == ZERO
+
+
+def test_diagonal_voxels_are_two_components():
+    a = np.zeros((4, 4, 4), bool)
+    a[0, 0, 0] = a[1, 1, 0] = True
+    assert topo_counts_octant(a, np.zeros_like(a)) == {0: (0, 1, 0), 1: (0, 0, 0), 2: (0, 0, 0)}
+
+
+def test_hollow_cube_and_ring():
+    box = np.zeros((7, 7, 7), bool)
+    box[1:6, 1:6, 1:6] = True
+    box[2:5, 2:5, 2:5] = False
+    assert topo_counts_octant(box, box) == {0: (0, 0, 0), 1: (0, 0, 0), 2: (1, 1, 1)}
+    ring = np.zeros((3, 7, 7), bool)
+    ring[1, 1:6, 1:6] = True
+    ring[1, 2:5, 2:5] = False
+    assert topo_counts_octant(ring, ring) == {0: (0, 0, 0), 1: (1, 1, 1), 2: (0, 0, 0)}
+    assert topo_counts_octant(ring, np.zeros_like(ring))[1] == (0, 1, 0)
+    # whole volume: hollow cube inside octant 0 of a 16^3 volume
+    vol = np.zeros((16, 16, 16), bool)
+    vol[:7, :7, :7] = box
+    assert topo_counts(vol, vol)[2] == (1, 1, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Literal implementation of the procedure (BETTI.md) for tiny volumes
+# ---------------------------------------------------------------------------------------------
+
+
+class _UF:
+    """Union-find whose set root is the min (``keep_min``) or max node by (value, id)."""
+
+    def __init__(self, values, keep_min):
+        self.parent = list(range(len(values)))
+        self.key = [(v, i) for i, v in enumerate(values)]
+        self.keep_min = keep_min
+
+    def find(self, i):
+        while self.parent[i] != i:
+            i = self.parent[i]
+        return i
+
+    def union(self, a, b):  # a, b roots
+        keep = min(a, b, key=self.key.__getitem__) if self.keep_min else max(a, b, key=self.key.__getitem__)
+        lose = b if keep == a else a
+        self.parent[lose] = keep
+
+
+def _complex(shape):
+    X, Y, Z = shape
+    vid = lambda x, y, z: (x * Y + y) * Z + z  # noqa: E731
+    st = [(1, 0, 0), (0, 1, 0), (0, 0, 1)]
+    span = {0: (1, 2), 1: (0, 2), 2: (0, 1)}
+    edges, faces, cubes = {}, {}, {}
+    for x in range(X):
+        for y in range(Y):
+            for z in range(Z):
+                v = vid(x, y, z)
+                for t in range(3):
+                    e = (x + st[t][0], y + st[t][1], z + st[t][2])
+                    if e[0] < X and e[1] < Y and e[2] < Z:
+                        edges[3 * v + t] = (v, vid(*e))
+                    a, b = span[t]
+                    c = [x, y, z]
+                    if c[a] + 1 < shape[a] and c[b] + 1 < shape[b]:
+                        pa = tuple(c[i] + st[a][i] for i in range(3))
+                        pb = tuple(c[i] + st[b][i] for i in range(3))
+                        corners = [v, vid(*pa), vid(*pb), vid(*(c[i] + st[a][i] + st[b][i] for i in range(3)))]
+                        bnd = [3 * v + a, 3 * v + b, 3 * vid(*pa) + b, 3 * vid(*pb) + a]
+                        # dual neighbours along t (None = infinity)
+                        lo = list(c)
+                        lo[t] -= 1
+                        n1 = tuple(lo) if lo[t] >= 0 else None
+                        n2 = tuple(c) if c[t] < shape[t] - 1 else None
+                        faces[3 * v + t] = (corners, bnd, n1, n2)
+                if x < X - 1 and y < Y - 1 and z < Z - 1:
+                    cubes[(x * (Y - 1) + y) * (Z - 1) + z] = [
+                        vid(x + i, y + j, z + k) for i in (0, 1) for j in (0, 1) for k in (0, 1)
+                    ]
+    return edges, faces, cubes
+
+
+def _literal_counts(fa, fg):
+    shape = fa.shape
+    X, Y, Z = shape
+    vals = [(~fa).astype(int).ravel(), (~fg).astype(int).ravel()]
+    vals.append(np.minimum(vals[0], vals[1]))
+    edges, faces, cubes = _complex(shape)
+    ev = [{e: max(V[a], V[b]) for e, (a, b) in edges.items()} for V in vals]
+    fv = [{f: max(V[c] for c in d[0]) for f, d in faces.items()} for V in vals]
+    out = {}
+    # dimension 2
+    if min(shape) > 1:
+        nc = len(cubes)
+        cube_ix = lambda c: None if c is None else (c[0] * (Y - 1) + c[1]) * (Z - 1) + c[2]  # noqa: E731
+        cv = [[max(V[c] for c in cubes[i]) for i in range(nc)] + [np.inf] for V in vals]
+        keys, npairs = [set(), set()], [0, 0]
+        for k in (0, 1, 2):
+            uf = _UF(cv[k], keep_min=False)
+            ufc = _UF(cv[2], keep_min=False)
+            m = 0
+            for f in sorted(faces, key=lambda f: (fv[k][f], f), reverse=True):
+                n1, n2 = (cube_ix(c) for c in faces[f][2:])
+                n1 = nc if n1 is None else n1
+                n2 = nc if n2 is None else n2
+                a, b = uf.find(n1), uf.find(n2)
+                if a == b:
+                    continue
+                yk = min(a, b, key=uf.key.__getitem__)
+                ca, cb = ufc.find(n1), ufc.find(n2)
+                yc = min(ca, cb, key=ufc.key.__getitem__)
+                uf.union(a, b)
+                ufc.union(ca, cb)
+                if fv[k][f] != cv[k][yk]:
+                    if k < 2:
+                        keys[k].add(yc)
+                        npairs[k] += 1
+                    elif yk in keys[0] and yk in keys[1]:
+                        m += 1
+        out[2] = (m, npairs[0], npairs[1])
+    else:
+        out[2] = (0, 0, 0)
+
+    # dimension 1: textbook reductions, no clearing
+    def reduce(col_order, row_key):
+        pivots, lows = {}, {}
+        for f in col_order:
+            col = {row_key(e) for e in faces[f][1]}
+            while col:
+                low = max(col)
+                if low not in pivots:
+                    pivots[low] = f
+                    lows[f] = low[1]
+                    break
+                col ^= reduced[pivots[low]]
+            reduced[f] = col
+        return lows
+
+    order = [sorted(faces, key=lambda f: (fv[k][f], f)) for k in range(3)]
+    births, n1 = [], []
+    for k in (0, 1):
+        reduced = {}
+        lows = reduce(order[k], lambda e: (ev[k][e], e))
+        b = {e for f, e in lows.items() if ev[k][e] != fv[k][f]}
+        births.append(b)
+        n1.append(len(b))
+    reduced = {}
+    comp = {f: e for f, e in reduce(order[2], lambda e: (ev[2][e], e)).items() if ev[2][e] != fv[2][f]}
+    im = []
+    for k in (0, 1):
+        reduced = {}
+        im.append(reduce(order[2], lambda e: (ev[k][e], e)))
+    m1 = sum(1 for f in comp if im[0].get(f) in births[0] and im[1].get(f) in births[1])
+    out[1] = (m1, n1[0], n1[1])
+    # dimension 0
+    ekeys, n0 = [set(), set()], [0, 0]
+    for k in (0, 1):
+        uf = _UF(list(vals[k]), keep_min=True)
+        for e in sorted(edges, key=lambda e: (ev[k][e], e)):
+            a, b = uf.find(edges[e][0]), uf.find(edges[e][1])
+            if a == b:
+                continue
+            y = max(a, b, key=uf.key.__getitem__)
+            uf.union(a, b)
+            if vals[k][y] != ev[k][e]:
+                ekeys[k].add(y)
+                n0[k] += 1
+    ufs = [_UF(list(V), keep_min=True) for V in vals]
+    m0 = 0
+    for e in sorted(edges, key=lambda e: (ev[2][e], e)):
+        roots = [(u.find(edges[e][0]), u.find(edges[e][1])) for u in ufs]
+        if roots[2][0] == roots[2][1]:
+            continue
+        ys = [max(r, key=u.key.__getitem__) for r, u in zip(roots, ufs)]
+        for r, u in zip(roots, ufs):
+            u.union(*r)
+        if vals[2][ys[2]] != ev[2][e] and ys[0] in ekeys[0] and ys[1] in ekeys[1]:
+            m0 += 1
+    out[0] = (m0, n0[0], n0[1])
+    return out
+
+
+def _random_pair(rng, shape):
+    """Blobby pred (loops and cavities at high foreground share), GT = pred with a few flips or independent."""
+    noise = ndimage.uniform_filter(rng.random(shape), 2) if rng.random() < 0.7 else rng.random(shape)
+    a = noise < np.quantile(noise, rng.uniform(0.3, 0.85))
+    if rng.random() < 0.75:
+        g = a ^ (rng.random(shape) < rng.uniform(0.01, 0.1))
+    else:
+        g = rng.random(shape) < rng.uniform(0.2, 0.8)
+    return a, g
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_matches_literal_procedure(seed, monkeypatch):
+    rng = np.random.default_rng(seed)
+    low = 1 if seed % 8 == 0 else 4
+    shape = tuple(int(s) for s in rng.integers(low, 9, size=3))
+    a, g = _random_pair(rng, shape)
+    expected = _literal_counts(a, g)
+    if seed % 2:  # force the dim-2 clearing path for the foreground complexes
+        monkeypatch.setattr(topo, "_CLEAR_MIN_CUBES", -1)
+    assert topo_counts_octant(a, g) == expected
+
+
+@pytest.mark.parametrize("seed", [0, 1, 3, 4, 6, 7, 8, 9, 11, 13])
+def test_matches_literal_procedure_cavities(seed, monkeypatch):
+    """Mostly-foreground volumes with background pockets: many dim-2 pairs and partial matches."""
+    rng = np.random.default_rng(50 + seed)
+    shape = tuple(int(s) for s in rng.integers(6, 9, size=3))
+    a = rng.random(shape) > rng.uniform(0.02, 0.06)
+    g = a ^ (rng.random(shape) < 0.03)
+    expected = _literal_counts(a, g)
+    assert expected[2][1] > 0 and expected[2][2] > 0
+    if seed % 2:
+        monkeypatch.setattr(topo, "_CLEAR_MIN_CUBES", 10**9)  # foreground reductions without clearing
+    assert topo_counts_octant(a, g) == expected
+
+
+def test_whole_volume_is_sum_of_literal_octants():
+    rng = np.random.default_rng(99)
+    a, g = _random_pair(rng, (9, 8, 7))
+    expected = {k: [0, 0, 0] for k in range(3)}
+    for sl in octant_slices(a.shape):
+        res = _literal_counts(a[sl], g[sl])
+        for k in range(3):
+            expected[k] = [x + y for x, y in zip(expected[k], res[k])]
+    assert topo_counts(a, g) == {k: tuple(v) for k, v in expected.items()}
+    assert topo_counts(a, g, workers=1) == topo_counts(a, g, workers=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Closed forms vs the union-find / reduction machinery, and identity property
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_closed_forms_match_machinery(seed):
+    rng = np.random.default_rng(100 + seed)
+    shape = (12, 11, 10)
+    fg = ndimage.uniform_filter(rng.random(shape), 2) < rng.uniform(0.3, 0.7)
+    n0, n1, n2 = closed_form_counts(fg)
+    # p0 against scipy's 6-connected labelling
+    n_lab = ndimage.label(fg)[1]
+    assert n0 == max(n_lab - 1, 0)
+    X, Y, Z = shape
+    bg = (~fg).astype(np.uint8).ravel()
+    cube = topo._cube_values(bg, X, Y, Z)
+    keys = np.zeros(cube.shape[0], np.uint8)
+    cleared = np.zeros(3 * fg.size, np.uint8)
+    assert topo._dim2_pass(bg, cube, cube, X, Y, Z, 0, keys, keys, keys, cleared) == n2
+    for clear in (cleared, np.zeros_like(cleared)):
+        cols = topo._k0_columns(bg, clear, X, Y, Z)
+        lows = topo._reduce(cols, bg, X, Y, Z, cols.shape[0])
+        assert topo._k0_births(bg, lows, X, Y, Z)[1] == n1
+    cols = topo._column_order(bg, cleared, X, Y, Z)
+    lows = topo._reduce(cols, bg, X, Y, Z, cols.shape[0])
+    assert topo._births(cols, lows, bg, Y, Z, fg.size)[1] == n1
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_identity_matches_everything(seed):
+    rng = np.random.default_rng(200 + seed)
+    x = ndimage.uniform_filter(rng.random((20, 18, 16)), 2) < 0.45
+    counts = topo_counts(x, x)
+    for k, (m, p, g) in counts.items():
+        assert m == p == g
+    assert sum(p for _, p, _ in counts.values()) > 0
