@@ -362,3 +362,12 @@ def test_prefetcher_order_overlap_and_errors():
     assert seen == [(0, 0.0), (1, 1.0), (2, 2.0)]
     with pytest.raises(ValueError, match="depth"):
         VolumePrefetcher(load, [0], depth=0)
+
+
+def test_amp_bfloat16_on_cpu_close_to_float32():
+    net = conv_net(9)
+    vol = rand_volume((40, 40, 40), seed=9)
+    full = sliding_window_predict(net, vol, 32, device="cpu", amp=False)
+    half = sliding_window_predict(net, vol, 32, device="cpu", amp=True)  # bfloat16 autocast on CPU
+    assert half.dtype == np.float32
+    np.testing.assert_allclose(half, full, atol=2e-2, rtol=0)
