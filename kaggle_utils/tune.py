@@ -429,12 +429,12 @@ class TuneResult:
 
     def format_table(self, top: int | None = 15) -> str:
         """The candidates sorted by mean score, per-scroll means and the fold guard, as text."""
-        lines = [f"{'rank':>4} {'score':>7} {'topo':>7} {'SD':>7} {'VOI':>7}  {'stage':<11} config"]
+        lines = [f"{'rank':>4} {'score':>7} {'topo':>7} {'SD':>7} {'VOI':>7}  {'stage':<20} config"]
         order = sorted(range(len(self.candidates)), key=lambda j: -self.candidates[j].score)
         for r, j in enumerate(order[:top] if top else order, 1):
             c = self.candidates[j]
             lines.append(f"{r:>4} {c.score:7.4f} {c.topo_score:7.4f} {c.surface_dice:7.4f} {c.voi_score:7.4f}  "
-                         f"{c.stage:<11} {_describe(c.cfg)}")
+                         f"{c.stage:<20} {_describe(c.cfg)}")
         if top and len(order) > top:
             lines.append(f"     ... {len(order) - top} more candidate(s)")
         lines.append("")
