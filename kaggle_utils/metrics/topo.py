@@ -156,14 +156,11 @@ def closed_form_counts(fg: np.ndarray) -> tuple[int, int, int]:
 
 @njit(cache=True, nogil=True)
 def _uf_find(parent, i):
-    root = i
-    while parent[root] != root:
-        root = parent[root]
-    while parent[i] != root:
-        nxt = parent[i]
-        parent[i] = root
-        i = nxt
-    return root
+    """Root of i, with path halving."""
+    while parent[i] != i:
+        parent[i] = parent[parent[i]]
+        i = parent[i]
+    return i
 
 
 @njit(cache=True, nogil=True)
@@ -259,46 +256,15 @@ def _cube_values(bg, X, Y, Z):
 
 
 @njit(cache=True, nogil=True)
-def _dim2_face(x, y, z, v, t, X, Y, Z, nc, parent, size, maxk, maxc, M, cleared, mode,
-               key_a, key_g, key_out, pv):
-    """Process one 2-cell of value ``pv`` in the dual union-find; returns 1 for a (matched) pair."""
-    if t == 0:
-        c1 = ((x - 1) * (Y - 1) + y) * (Z - 1) + z if x >= 1 else nc
-        c2 = (x * (Y - 1) + y) * (Z - 1) + z if x < X - 1 else nc
-    elif t == 1:
-        c1 = (x * (Y - 1) + y - 1) * (Z - 1) + z if y >= 1 else nc
-        c2 = (x * (Y - 1) + y) * (Z - 1) + z if y < Y - 1 else nc
-    else:
-        c1 = (x * (Y - 1) + y) * (Z - 1) + z - 1 if z >= 1 else nc
-        c2 = (x * (Y - 1) + y) * (Z - 1) + z if z < Z - 1 else nc
-    a = _uf_find(parent, c1)
-    b = _uf_find(parent, c2)
-    if a == b:
-        return 0
-    cleared[3 * v + t] = 1
-    yk = np.int64(0)
-    yc = np.int64(0)
-    if pv == 0:
-        yk = min(maxk[a], maxk[b])
-        yc = min(maxc[a], maxc[b])
-    if size[a] < size[b]:
-        a, b = b, a
+def _union_rank(parent, rank, a, b):
+    """Link two distinct roots by rank; returns the new root."""
+    if rank[a] < rank[b]:
+        parent[a] = b
+        return b
     parent[b] = a
-    size[a] += size[b]
-    if pv == 1:  # set maxima are folded in after the value-1 sweep; no pairs at value-1 faces
-        return 0
-    maxk[a] = max(maxk[a], maxk[b])
-    maxc[a] = max(maxc[a], maxc[b])
-    if mode == 2:
-        return 0
-    if yk // M != 0:
-        ycube = yc % M
-        if mode == 0:
-            key_out[ycube] = 1
-            return 1
-        if key_a[ycube] and key_g[ycube]:
-            return 1
-    return 0
+    if rank[a] == rank[b]:
+        rank[a] += 1
+    return a
 
 
 @njit(cache=True, nogil=True)
@@ -311,43 +277,53 @@ def _dim2_pass(bg, cube_k, cube_c, X, Y, Z, mode, key_a, key_g, key_out, cleared
     younger cube is keyed in both ``key_a`` and ``key_g``.
     mode 2: clearing only (returns 0).
     Every 2-cell that causes a union is marked in ``cleared`` (uint8 over face ids).
+    The set maxima (value, id) under both images are only needed at value-0 2-cells (no pair can
+    arise at a value-1 2-cell), so they are folded into the roots after the value-1 sweep.
     """
     nc = (X - 1) * (Y - 1) * (Z - 1)
-    M = np.int64(nc + 1)
     parent = np.arange(nc + 1, dtype=np.int32)
-    size = np.ones(nc + 1, dtype=np.int32)
-    maxk = np.empty(nc + 1, dtype=np.int64)
-    maxc = np.empty(nc + 1, dtype=np.int64)
-    for c in range(nc + 1):
-        maxk[c] = cube_k[c] * M + c
-        maxc[c] = cube_c[c] * M + c
+    rank = np.zeros(nc + 1, dtype=np.uint8)
     YZ = Y * Z
-    zeros = np.empty(1024, dtype=np.int64)  # value-0 faces met in the first sweep (descending id)
+    Y1Z1 = (Y - 1) * (Z - 1)
+    Z1 = Z - 1
+    zeros = np.empty(1024, dtype=np.int64)  # value-0 2-cells, met in descending id
     nz = 0
-    count = 0
     for x in range(X - 1, -1, -1):
         for y in range(Y - 1, -1, -1):
             for z in range(Z - 1, -1, -1):
                 v = (x * Y + y) * Z + z
+                cxyz = (x * (Y - 1) + y) * Z1 + z
+                inx = x < X - 1
+                iny = y < Y - 1
+                inz = z < Z - 1
                 for t in range(2, -1, -1):
                     if t == 0:
-                        if y + 1 >= Y or z + 1 >= Z:
+                        if not (iny and inz):
                             continue
                         s1 = Z
                         s2 = 1
+                        c1 = cxyz - Y1Z1 if x >= 1 else nc
+                        c2 = cxyz if inx else nc
                     elif t == 1:
-                        if x + 1 >= X or z + 1 >= Z:
+                        if not (inx and inz):
                             continue
                         s1 = YZ
                         s2 = 1
+                        c1 = cxyz - Z1 if y >= 1 else nc
+                        c2 = cxyz if iny else nc
                     else:
-                        if x + 1 >= X or y + 1 >= Y:
+                        if not (inx and iny):
                             continue
                         s1 = YZ
                         s2 = Z
+                        c1 = cxyz - 1 if z >= 1 else nc
+                        c2 = cxyz if inz else nc
                     if bg[v] | bg[v + s1] | bg[v + s2] | bg[v + s1 + s2]:
-                        count += _dim2_face(x, y, z, v, t, X, Y, Z, nc, parent, size, maxk, maxc,
-                                            M, cleared, mode, key_a, key_g, key_out, 1)
+                        a = _uf_find(parent, c1)
+                        b = _uf_find(parent, c2)
+                        if a != b:
+                            cleared[3 * v + t] = 1
+                            _union_rank(parent, rank, a, b)
                     else:
                         if nz == zeros.shape[0]:
                             grown = np.empty(2 * nz, dtype=np.int64)
@@ -355,22 +331,65 @@ def _dim2_pass(bg, cube_k, cube_c, X, Y, Z, mode, key_a, key_g, key_out, cleared
                             zeros = grown
                         zeros[nz] = 3 * v + t
                         nz += 1
-    # fold the set maxima of the value-1 sweep into the roots
+    if mode == 2:
+        for i in range(nz):
+            f = zeros[i]
+            c1, c2 = _dual_neighbours(f, X, Y, Z, nc)
+            a = _uf_find(parent, c1)
+            b = _uf_find(parent, c2)
+            if a != b:
+                cleared[f] = 1
+                _union_rank(parent, rank, a, b)
+        return 0
+    M = np.int64(nc + 1)
+    maxk = np.empty(nc + 1, dtype=np.int64)
+    maxc = np.empty(nc + 1, dtype=np.int64)
+    for c in range(nc + 1):
+        maxk[c] = cube_k[c] * M + c
+        maxc[c] = cube_c[c] * M + c
     for c in range(nc + 1):
         r = _uf_find(parent, c)
         if r != c:
             maxk[r] = max(maxk[r], maxk[c])
             maxc[r] = max(maxc[r], maxc[c])
+    count = 0
     for i in range(nz):
         f = zeros[i]
-        v = f // 3
-        t = f % 3
-        x = v // YZ
-        y = (v // Z) % Y
-        z = v % Z
-        count += _dim2_face(x, y, z, v, t, X, Y, Z, nc, parent, size, maxk, maxc,
-                            M, cleared, mode, key_a, key_g, key_out, 0)
+        c1, c2 = _dual_neighbours(f, X, Y, Z, nc)
+        a = _uf_find(parent, c1)
+        b = _uf_find(parent, c2)
+        if a == b:
+            continue
+        cleared[f] = 1
+        yk = min(maxk[a], maxk[b])
+        yc = min(maxc[a], maxc[b])
+        r = _union_rank(parent, rank, a, b)
+        maxk[r] = max(maxk[a], maxk[b])
+        maxc[r] = max(maxc[a], maxc[b])
+        if yk // M != 0:  # both sets reach a value-1 cube (or infinity): a finite pair
+            ycube = yc % M
+            if mode == 0:
+                key_out[ycube] = 1
+                count += 1
+            elif key_a[ycube] and key_g[ycube]:
+                count += 1
     return count
+
+
+@njit(cache=True, nogil=True)
+def _dual_neighbours(f, X, Y, Z, nc):
+    """The two cubes on either side of 2-cell f along its normal axis (``nc`` = infinity)."""
+    v = f // 3
+    t = f % 3
+    x = v // (Y * Z)
+    y = (v // Z) % Y
+    z = v % Z
+    cxyz = (x * (Y - 1) + y) * (Z - 1) + z
+    if t == 0:
+        return (cxyz - (Y - 1) * (Z - 1) if x >= 1 else nc), (cxyz if x < X - 1 else nc)
+    if t == 1:
+        return (cxyz - (Z - 1) if y >= 1 else nc), (cxyz if y < Y - 1 else nc)
+    return (cxyz - 1 if z >= 1 else nc), (cxyz if z < Z - 1 else nc)
 
 
 @njit(cache=True, nogil=True)
