@@ -262,11 +262,17 @@ def importance_map(
     raise ValueError(f"blend must be one of {list(BLENDS)}, got {blend!r}")
 
 
-def _shift_add(part: torch.Tensor, size: int, starts: Sequence[int], axis: int, offset: int = 0) -> torch.Tensor:
-    """``sum_s part`` pasted at ``s - offset`` along ``axis`` into a zero array whose ``axis`` has ``size``."""
+def _shift_add(
+    part: torch.Tensor, size: int, starts: Sequence[int], axis: int, offset: int = 0, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``sum_s part`` pasted at ``s - offset`` along ``axis`` into a zero array whose ``axis`` has ``size``
+    (``out``, zeroed here, when given)."""
     out_shape = list(part.shape)
     out_shape[axis] = size
-    out = torch.zeros(out_shape, dtype=part.dtype, device=part.device)
+    if out is None:
+        out = torch.zeros(out_shape, dtype=part.dtype, device=part.device)
+    else:
+        out.zero_()
     r = part.shape[axis]
     for s in starts:
         lo, hi = max(s - offset, 0), min(s - offset + r, size)
@@ -310,9 +316,10 @@ def _normalize_by_weight_sum(
     part = weights
     for axis in reversed(range(1, weights.ndim)):
         part = _shift_add(part, acc.shape[axis], starts[axis], axis)
+    buf = torch.empty((min(chunk, acc.shape[0]), *acc.shape[1:]), dtype=acc.dtype, device=acc.device)
     for z0 in range(0, acc.shape[0], chunk):
         n = min(chunk, acc.shape[0] - z0)
-        acc[z0 : z0 + n] /= _shift_add(part, n, starts[0], 0, offset=z0)
+        acc[z0 : z0 + n] /= _shift_add(part, n, starts[0], 0, offset=z0, out=buf[:n])
 
 
 # ----------------------------------------------------------------------------------------------
