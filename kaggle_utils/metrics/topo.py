@@ -118,19 +118,19 @@ def _n_cavities(fg: np.ndarray) -> int:
     return int(n - np.count_nonzero(touching))
 
 
-def _euler(fg: np.ndarray) -> int:
-    """Euler characteristic of the cubical complex spanned by the foreground voxels (V-construction)."""
+def _euler(fg: np.ndarray) -> tuple[int, int]:
+    """Euler characteristic of the foreground cubical complex (V-construction) and its cube count."""
     v = int(np.count_nonzero(fg))
     e_fg = [fg[1:] & fg[:-1], fg[:, 1:] & fg[:, :-1], fg[:, :, 1:] & fg[:, :, :-1]]
     e = sum(int(np.count_nonzero(x)) for x in e_fg)
+    sq01 = e_fg[0][:, 1:] & e_fg[0][:, :-1]
     f = (
-        int(np.count_nonzero(e_fg[0][:, 1:] & e_fg[0][:, :-1]))  # axes 0,1
+        int(np.count_nonzero(sq01))  # axes 0,1
         + int(np.count_nonzero(e_fg[0][:, :, 1:] & e_fg[0][:, :, :-1]))  # axes 0,2
         + int(np.count_nonzero(e_fg[1][:, :, 1:] & e_fg[1][:, :, :-1]))  # axes 1,2
     )
-    sq01 = e_fg[0][:, 1:] & e_fg[0][:, :-1]
     c = int(np.count_nonzero(sq01[:, :, 1:] & sq01[:, :, :-1]))
-    return v - e + f - c
+    return v - e + f - c, c
 
 
 def closed_form_counts(fg: np.ndarray) -> tuple[int, int, int]:
@@ -142,11 +142,17 @@ def closed_form_counts(fg: np.ndarray) -> tuple[int, int, int]:
     Returns:
         ``(n0, n1, n2)``: 6-connected components minus one, beta1, cavities.
     """
-    fg = np.ascontiguousarray(fg, dtype=bool)
+    return _closed_form(np.ascontiguousarray(fg, dtype=bool))[:3]
+
+
+def _closed_form(fg: np.ndarray) -> tuple[int, int, int, int]:
+    """``(n0, n1, n2, number of foreground cubes)`` of a contiguous bool octant."""
     b0 = _n_components6(fg)
+    if b0 == 0:
+        return 0, 0, 0, 0
     b2 = _n_cavities(fg)
-    b1 = b0 + b2 - _euler(fg) if b0 else 0
-    return max(b0 - 1, 0), b1, b2
+    chi, cubes = _euler(fg)
+    return b0 - 1, b0 + b2 - chi, b2, cubes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -568,6 +574,41 @@ def _boundary_keys(f, bg, Y, Z, E, buf):
 
 
 @njit(cache=True, nogil=True)
+def _max_edge(f, bg, Y, Z):
+    """Edge id of the largest row (value, id) in the boundary of face f, and its value."""
+    v = f // 3
+    t = f % 3
+    if t == 0:
+        a = 1
+        b = 2
+        sa = Z
+        sb = 1
+    elif t == 1:
+        a = 0
+        b = 2
+        sa = Y * Z
+        sb = 1
+    else:
+        a = 0
+        b = 1
+        sa = Y * Z
+        sb = Z
+    # ids: 3v+a < 3v+b < 3(v+sb)+a < 3(v+sa)+b (sa > sb); pick the largest among the highest value
+    va = v + sa
+    vb = v + sb
+    vab = va + sb
+    if bg[va] | bg[vab]:
+        return 3 * va + b, 1
+    if bg[vb] | bg[vab]:
+        return 3 * vb + a, 1
+    if bg[v] | bg[vb]:
+        return 3 * v + b, 1
+    if bg[v] | bg[va]:
+        return 3 * v + a, 1
+    return 3 * va + b, 0
+
+
+@njit(cache=True, nogil=True)
 def _reduce(cols, bg, X, Y, Z, stop):
     """Left-to-right Z/2 reduction; returns the low edge id of every column (-1: reduced to zero).
 
@@ -588,12 +629,12 @@ def _reduce(cols, bg, X, Y, Z, stop):
     other = np.empty(4, dtype=np.int64)
     b4 = np.empty(4, dtype=np.int64)
     for i in range(min(stop, ncols)):
-        _boundary_keys(cols[i], bg, Y, Z, E, b4)
-        e = b4[0] % E
-        if owner[e] < 0:
+        e, _ = _max_edge(cols[i], bg, Y, Z)
+        if owner[e] < 0:  # emergent pair: the column's own maximum is still free
             owner[e] = i
             lows[i] = e
             continue
+        _boundary_keys(cols[i], bg, Y, Z, E, b4)
         for q in range(4):
             work[q] = b4[q]
         wl = 4
@@ -640,7 +681,7 @@ def _reduce(cols, bg, X, Y, Z, stop):
             wl = r
             if wl == 0:
                 break
-            e = work[0] % E
+            e = work[0] - E if work[0] >= E else work[0]
             if owner[e] < 0:
                 owner[e] = i
                 lows[i] = e
@@ -740,9 +781,9 @@ def topo_counts_octant(pred: np.ndarray, gt: np.ndarray) -> Counts:
     fg_ = np.ascontiguousarray(gt, dtype=bool)
     fc = fa | fg_
     X, Y, Z = fa.shape
-    pa = closed_form_counts(fa)
-    pg = closed_form_counts(fg_)
-    pc = closed_form_counts(fc)
+    pa = _closed_form(fa)
+    pg = _closed_form(fg_)
+    pc = _closed_form(fc)
     # dimension 0
     m0 = 0
     if pa[0] > 0 and pg[0] > 0 and pc[0] > 0:
@@ -758,21 +799,20 @@ def topo_counts_octant(pred: np.ndarray, gt: np.ndarray) -> Counts:
         bg_c = (~fc).astype(np.uint8).ravel()
         cleared = {k: np.zeros(3 * n, dtype=np.uint8) for k in "agc"}
         if min(X, Y, Z) > 1:
-            cube_c = _cube_values(bg_c, X, Y, Z)
-            nc1 = cube_c.shape[0]
+            nc1 = (X - 1) * (Y - 1) * (Z - 1) + 1
+            cube_c = _cube_values(bg_c, X, Y, Z) if need2 else np.zeros(1, np.uint8)
             key_a = np.zeros(nc1, dtype=np.uint8)
             key_g = np.zeros(nc1, dtype=np.uint8)
-            for bg, key, keys in ((bg_a, "a", key_a), (bg_g, "g", key_g)):
-                cube_k = _cube_values(bg, X, Y, Z)
+            for bg, key, keys, solid in ((bg_a, "a", key_a, pa[3]), (bg_g, "g", key_g, pg[3])):
                 # input images: the dual union-find is needed for the dim-2 keys, or to clear the
                 # foreground-complex columns when the foreground holds many solid cubes
-                if need2 or np.count_nonzero(cube_k == 0) > _CLEAR_MIN_CUBES:
-                    _dim2_pass(bg, cube_k, cube_c, X, Y, Z, 0, key_a, key_g, keys, cleared[key])
-                del cube_k
+                if need2 or solid > _CLEAR_MIN_CUBES:
+                    cube_k = _cube_values(bg, X, Y, Z) if need2 else cube_c
+                    _dim2_pass(bg, cube_k, cube_c, X, Y, Z, 0 if need2 else 2, key_a, key_g, keys,
+                               cleared[key])
+                    del cube_k
             mode = 1 if need2 else 2
             m2 = int(_dim2_pass(bg_c, cube_c, cube_c, X, Y, Z, mode, key_a, key_g, key_g, cleared["c"]))
-            if not need2:
-                m2 = 0
             del cube_c
         if need1:
             m1 = _dim1_counts(bg_a, bg_g, bg_c, cleared, X, Y, Z)
