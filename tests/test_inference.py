@@ -371,3 +371,20 @@ def test_amp_bfloat16_on_cpu_close_to_float32():
     half = sliding_window_predict(net, vol, 32, device="cpu", amp=True)  # bfloat16 autocast on CPU
     assert half.dtype == np.float32
     np.testing.assert_allclose(half, full, atol=2e-2, rtol=0)
+
+
+def test_prefetcher_early_break_stops_thread():
+    loaded = []
+
+    def load(i):
+        loaded.append(i)
+        return i
+
+    pf = VolumePrefetcher(load, range(100), depth=2)
+    with pf:
+        for vid, _ in pf:
+            if vid == 1:
+                break
+    pf._thread.join(timeout=5)
+    assert not pf._thread.is_alive()
+    assert len(loaded) <= 5  # 2 consumed + at most depth queued + 1 in flight
