@@ -609,11 +609,12 @@ def _max_edge(f, bg, Y, Z):
 
 
 @njit(cache=True, nogil=True)
-def _reduce(cols, bg, X, Y, Z, stop):
+def _reduce(cols, bg, X, Y, Z, stop, target=-1):
     """Left-to-right Z/2 reduction; returns the low edge id of every column (-1: reduced to zero).
 
     cols: face ids in column order; rows ordered by (value in ``bg`` image, edge id). Only the first
-    ``stop`` columns are reduced (later lows are -1).
+    ``stop`` columns are reduced (later lows are -1). With ``target >= 0`` the reduction also stops
+    once ``target`` columns of value 1 have reduced to a value-0 low (all finite pairs found).
     """
     n = X * Y * Z
     E = np.int64(3 * n)
@@ -628,6 +629,7 @@ def _reduce(cols, bg, X, Y, Z, stop):
     tmp = np.empty(64, dtype=np.int64)
     other = np.empty(4, dtype=np.int64)
     b4 = np.empty(4, dtype=np.int64)
+    found = 0
     for i in range(min(stop, ncols)):
         e, _ = _max_edge(cols[i], bg, Y, Z)
         if owner[e] < 0:  # emergent pair: the column's own maximum is still free
@@ -685,6 +687,16 @@ def _reduce(cols, bg, X, Y, Z, stop):
             if owner[e] < 0:
                 owner[e] = i
                 lows[i] = e
+                if target >= 0 and work[0] < E:  # value-0 low; emergent columns never get one
+                    f = cols[i]
+                    v = f // 3
+                    t = f % 3
+                    s1 = Z if t == 0 else Y * Z
+                    s2 = Z if t == 2 else 1
+                    if bg[v] | bg[v + s1] | bg[v + s2] | bg[v + s1 + s2]:
+                        found += 1
+                        if found == target:
+                            return lows
                 if pool_len + wl > pool.shape[0]:
                     newp = np.empty(2 * (pool_len + wl), dtype=np.int64)
                     newp[:pool_len] = pool[:pool_len]
@@ -734,9 +746,11 @@ def _dim1_match(cols_c, lows_c, lows_ia, lows_ig, bg_c, birth_a, birth_g, Y, Z, 
 
 @njit(cache=True, nogil=True)
 def _births(cols, lows, bg, Y, Z, n):
-    """uint8 over edge ids: 1 where a value-0 edge is the low of a value-1 column (a finite pair)."""
+    """Finite (value 0, value 1) pairs of a reduction: uint8 over edge ids marking their births,
+    their number, and one past the column index of the last one."""
     out = np.zeros(3 * n, dtype=np.uint8)
     cnt = 0
+    last = 0
     for i in range(cols.shape[0]):
         e = lows[i]
         if e < 0:
@@ -760,7 +774,8 @@ def _births(cols, lows, bg, Y, Z, n):
         if fval != (bg[w] | bg[w + st]):
             out[e] = 1
             cnt += 1
-    return out, cnt
+            last = i + 1
+    return out, cnt, last
 
 
 # ----------------------------------------------------------------------------------------------
@@ -815,15 +830,16 @@ def topo_counts_octant(pred: np.ndarray, gt: np.ndarray) -> Counts:
             m2 = int(_dim2_pass(bg_c, cube_c, cube_c, X, Y, Z, mode, key_a, key_g, key_g, cleared["c"]))
             del cube_c
         if need1:
-            m1 = _dim1_counts(bg_a, bg_g, bg_c, cleared, X, Y, Z)
+            m1 = _dim1_counts(bg_a, bg_g, bg_c, cleared, X, Y, Z, pc[1])
     return {0: (m0, pa[0], pg[0]), 1: (m1, pa[1], pg[1]), 2: (m2, pa[2], pg[2])}
 
 
-def _dim1_counts(bg_a, bg_g, bg_c, cleared, X, Y, Z) -> int:
+def _dim1_counts(bg_a, bg_g, bg_c, cleared, X, Y, Z, n_pairs_c) -> int:
+    """m1 of one octant; ``n_pairs_c`` = beta1 of the comparison foreground (closed form)."""
     n = X * Y * Z
     cols_c = _column_order(bg_c, cleared["c"], X, Y, Z)
-    lows_c = _reduce(cols_c, bg_c, X, Y, Z, cols_c.shape[0])
-    comp_birth, n_comp = _births(cols_c, lows_c, bg_c, Y, Z, n)
+    lows_c = _reduce(cols_c, bg_c, X, Y, Z, cols_c.shape[0], n_pairs_c)
+    _, n_comp, stop = _births(cols_c, lows_c, bg_c, Y, Z, n)
     if n_comp == 0:
         return 0
     births = []
@@ -833,8 +849,6 @@ def _dim1_counts(bg_a, bg_g, bg_c, cleared, X, Y, Z) -> int:
         births.append(_k0_births(bg, lows, X, Y, Z)[0])
         del cols, lows
     # image reductions only up to the last comparison-pair column
-    is_pair = lows_c >= 0
-    stop = int(np.flatnonzero(is_pair)[-1]) + 1 if is_pair.any() else 0
     im_a = _reduce(cols_c, bg_a, X, Y, Z, stop)
     im_g = _reduce(cols_c, bg_g, X, Y, Z, stop)
     return int(_dim1_match(cols_c, lows_c, im_a, im_g, bg_c, births[0], births[1], Y, Z, n))
