@@ -13,7 +13,8 @@
   foreground share, the local competition score (``metrics.score_volume``) on the first
   ``validation.n_score`` volumes, and the collapse guard (``diagnostics.collapse_verdict``);
 * ``RUN_DIR/last.pt`` and ``RUN_DIR/best.pt`` (best competition score) written atomically every
-  epoch, with everything needed to resume exactly; ``train.log``, ``metrics.jsonl``, ``metrics.csv``;
+  epoch, with everything needed to resume exactly; ``train.log``, ``metrics.jsonl``, ``metrics.csv``
+  (one row per epoch) and ``val_volumes.jsonl`` (one row per validated volume and validation);
 * at the end, out-of-fold probabilities of the validation volumes in ``RUN_DIR/oof/``
   (``{id}.npy`` float16 ``(Z, Y, X)`` + ``{id}.json`` with ``id``, ``scroll_id``, ``fold``).
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import datetime
 import io
 import json
 import logging
@@ -488,6 +490,7 @@ def validate_volumes(model: nn.Module, records: list, cfg: TrainConfig, device: 
     summary = {
         "val_dice": mean("dice"), "val_score": mean("score"), "val_topo": mean("topo"), "val_sd": mean("sd"),
         "val_voi": mean("voi"), "val_fg_pct": 100 * (mean("fg") or 0.0),
+        "val_fg_min_pct": 100 * min(r["fg"] for r in rows), "val_fg_max_pct": 100 * max(r["fg"] for r in rows),
         "val_label_fg_pct": 100 * (mean("label_fg") or 0.0), "val_prob_std": mean("prob_std"),
         "collapse": verdict.kind, "collapse_reasons": "; ".join(verdict.reasons),
     }
@@ -557,7 +560,8 @@ def _epoch_line(row: dict, epochs: int, part_names: list[str]) -> str:
     if "val_dice" in row:
         line += (f" | val dice {_fmt(row['val_dice'], '.4f')} score {_fmt(row['val_score'], '.4f')} "
                  f"(topo {_fmt(row['val_topo'], '.3f')} sd {_fmt(row['val_sd'], '.3f')} voi {_fmt(row['val_voi'], '.3f')}) "
-                 f"fg {row['val_fg_pct']:.2f}% (labelled {row['val_label_fg_pct']:.2f}%) [{row['collapse']}]")
+                 f"fg {row['val_fg_pct']:.2f}% [{row['val_fg_min_pct']:.2f}-{row['val_fg_max_pct']:.2f}% per volume] "
+                 f"(labelled {row['val_label_fg_pct']:.2f}%) [{row['collapse']}]")
     return line
 
 
@@ -581,22 +585,28 @@ class _Dist:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
             if not dist.is_initialized():
-                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+                # rank 0 validates whole volumes while the others wait: allow long waits
+                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                        timeout=datetime.timedelta(hours=3))
                 self.owns_group = True
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
-    def broadcast_flag(self, value: int) -> int:
+    def broadcast(self, value: float) -> float:
         """Rank 0's ``value`` on every rank."""
         if self.world == 1:
             return value
         import torch.distributed as dist
 
-        t = torch.tensor([value], dtype=torch.int64, device=self.device if self.device.type == "cuda" else "cpu")
+        t = torch.tensor([value], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
         dist.broadcast(t, 0)
-        return int(t.item())
+        return float(t.item())
+
+    def broadcast_flag(self, value: int) -> int:
+        """Rank 0's integer ``value`` on every rank."""
+        return int(round(self.broadcast(float(value))))
 
     def mean(self, values: dict[str, float]) -> dict[str, float]:
         if self.world == 1 or not values:
@@ -738,6 +748,10 @@ def train(
             start_epoch = int(ckpt["epoch"])
             if dist_.main:
                 _set_rng_state(ckpt["rng"])
+            vv = run_dir / "val_volumes.jsonl"
+            if dist_.main and vv.is_file():  # drop rows of epochs after the checkpoint
+                keep = [ln for ln in vv.read_text().splitlines() if ln and json.loads(ln)["epoch"] <= start_epoch]
+                vv.write_text("".join(ln + "\n" for ln in keep))
             log(f"resumed {last_path} at epoch {start_epoch} (best {best_score} at epoch {best_epoch})")
         elif resume:
             warn(f"--resume: no {last_path}, starting a fresh run")
@@ -774,9 +788,11 @@ def train(
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch", leave=False,
                        disable=not (progress and dist_.main))
             for i, (image, label, _meta) in enumerate(bar):
-                if limit is not None and time.monotonic() - t_start > limit:
-                    abandoned = True
-                    break
+                if limit is not None:
+                    over = time.monotonic() - t_start > limit
+                    if dist_.broadcast_flag(int(over)):  # every rank stops at the same batch
+                        abandoned = True
+                        break
                 image = image.to(dev, non_blocking=True)
                 label = label.to(dev, non_blocking=True)
                 if tc.augment:
@@ -804,7 +820,7 @@ def train(
                 n_batches += 1
                 bar.set_postfix(loss=f"{sums['total'] / n_batches:.4f}")
             bar.close()
-            if dist_.broadcast_flag(int(abandoned)) if dist_.world > 1 else abandoned:
+            if abandoned:
                 stopped = "time_limit"
                 log(f"time limit {limit:.0f}s reached inside epoch {epoch + 1}: abandoned it; "
                     f"last.pt holds epoch {epoch}")
@@ -817,11 +833,13 @@ def train(
             # validation (rank 0)
             validate_now = (epoch + 1) % vc.every == 0 or epoch + 1 == tc.epochs
             improved, stop_reason = False, ""
-            if validate_now and dist_.main:
+            if validate_now and dist_.main and val_records:
                 eval_model = ema.module if ema is not None else model
-                summary, _ = validate_volumes(eval_model, val_records, cfg, dev, progress=progress)
+                summary, per_volume = validate_volumes(eval_model, val_records, cfg, dev, progress=progress)
                 model.train()
                 row.update(summary)
+                with open(run_dir / "val_volumes.jsonl", "a") as fh:
+                    fh.writelines(json.dumps({"epoch": epoch + 1, **v}) + "\n" for v in per_volume)
                 metric = summary["val_score"] if vc.n_score > 0 and summary["val_score"] is not None else summary["val_dice"]
                 row["val_metric"] = metric
                 if metric is not None and (best_score is None or metric > best_score + vc.min_delta):
@@ -837,10 +855,8 @@ def train(
                         stop_reason = "collapse"
                 if not stop_reason and vc.patience is not None and bad_validations >= vc.patience:
                     stop_reason = "early_stopping"
-            if dist_.world > 1 and cfg.optim.schedule == "plateau":
-                # keep the plateau state identical on every rank
-                schedule.plateau_scale = float(dist_.mean({"s": schedule.plateau_scale if dist_.main else 0.0})["s"]
-                                               * dist_.world)
+            if dist_.world > 1 and cfg.optim.schedule == "plateau":  # rank 0 observed the score
+                schedule.plateau_scale = dist_.broadcast(schedule.plateau_scale)
                 schedule._apply()
             row["time_s"] = time.monotonic() - t_epoch
             history.append(row)

@@ -117,6 +117,8 @@ def test_resume_after_kill_equals_uninterrupted(data_dir, tmp_path):
     assert full.history[1]["train_loss"] == pytest.approx(resumed.history[1]["train_loss"], abs=1e-6)
     # the log file holds both sessions, metrics.jsonl exactly one row per epoch
     assert len((tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()) == 2
+    vv = [json.loads(x)["epoch"] for x in (tmp_path / "resumed" / "val_volumes.jsonl").read_text().splitlines()]
+    assert vv == [1, 2]
 
 
 def test_time_limit_stops_cleanly(data_dir, tmp_path):
