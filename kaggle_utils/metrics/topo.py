@@ -619,10 +619,13 @@ def _reduce(cols, bg, X, Y, Z, stop, target=-1):
     n = X * Y * Z
     E = np.int64(3 * n)
     ncols = cols.shape[0]
-    lows = np.full(ncols, -1, dtype=np.int64)
+    lows = np.full(ncols, -1, dtype=np.int32)
     owner = np.full(3 * n, -1, dtype=np.int32)
-    start = np.full(ncols, -1, dtype=np.int64)
-    length = np.zeros(ncols, dtype=np.int32)
+    # reduced columns of the non-emergent columns: slot[i] -> pool[start[s]:start[s]+length[s]]
+    slot = np.full(ncols, -1, dtype=np.int32)
+    start = np.empty(256, dtype=np.int64)
+    length = np.empty(256, dtype=np.int32)
+    n_slots = 0
     pool = np.empty(1024, dtype=np.int64)
     pool_len = 0
     work = np.empty(64, dtype=np.int64)
@@ -642,15 +645,15 @@ def _reduce(cols, bg, X, Y, Z, stop, target=-1):
         wl = 4
         while True:
             j = owner[e]
-            if start[j] < 0:
+            if slot[j] < 0:
                 _boundary_keys(cols[j], bg, Y, Z, E, other)
                 ol = 4
                 src = other
                 off = 0
             else:
-                ol = length[j]
+                ol = length[slot[j]]
                 src = pool
-                off = start[j]
+                off = start[slot[j]]
             # symmetric difference of two descending arrays
             if tmp.shape[0] < wl + ol:
                 tmp = np.empty(2 * (wl + ol), dtype=np.int64)
@@ -702,8 +705,17 @@ def _reduce(cols, bg, X, Y, Z, stop, target=-1):
                     newp[:pool_len] = pool[:pool_len]
                     pool = newp
                 pool[pool_len:pool_len + wl] = work[:wl]
-                start[i] = pool_len
-                length[i] = wl
+                if n_slots == start.shape[0]:
+                    grown_s = np.empty(2 * n_slots, dtype=np.int64)
+                    grown_s[:n_slots] = start
+                    start = grown_s
+                    grown_l = np.empty(2 * n_slots, dtype=np.int32)
+                    grown_l[:n_slots] = length
+                    length = grown_l
+                slot[i] = n_slots
+                start[n_slots] = pool_len
+                length[n_slots] = wl
+                n_slots += 1
                 pool_len += wl
                 break
     return lows
