@@ -21,7 +21,9 @@ from kaggle_utils.metrics.topo import topo_counts
 
 def sheets(size: int, n_sheets: int = 5, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    z, y, x = np.meshgrid(*(np.arange(size),) * 3, indexing="ij")
+    z = np.arange(size, dtype=np.float32)[:, None, None]
+    y = np.arange(size, dtype=np.float32)[None, :, None]
+    x = np.arange(size, dtype=np.float32)[None, None, :]
     out = np.zeros((size,) * 3, dtype=bool)
     for i in range(n_sheets):
         base = (i + 0.5) * size / n_sheets
@@ -39,6 +41,24 @@ def blobs(size: int, seed: int = 0, frac: float = 0.5) -> np.ndarray:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak() -> float:
+    """Reset the kernel's peak-RSS mark (Linux) and return the current RSS in MB."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+    return _status_mb("VmRSS")
 
 
 def main() -> None:
@@ -68,14 +88,19 @@ def main() -> None:
         b = blobs(n)
         bp = b ^ (rng.random(b.shape) < 0.01)
         cases.append(("random blobs 50% + 1% flips", bp, b))
-    topo_counts(np.zeros((8, 8, 8), bool), np.zeros((8, 8, 8), bool))  # compile / load cache
-    print(f"| case ({n}^3) | seconds | counts {{k: (m,p,g)}} | peak RSS MB so far |")
-    print("|---|---|---|---|")
+    warm = blobs(24)  # compile / load the numba cache for every kernel
+    topo_counts(warm, warm ^ (rng.random(warm.shape) < 0.05))
+    print(f"inputs built, peak RSS {peak_rss_mb():.0f} MB")
+    print(f"| case ({n}^3) | wall s | CPU s | peak RSS growth MB | counts {{k: (m,p,g)}} |")
+    print("|---|---|---|---|---|")
     for name, p, g in cases:
-        t = time.perf_counter()
+        base = reset_peak()
+        t, c0 = time.perf_counter(), time.process_time()
         c = topo_counts(p, g)
-        dt = time.perf_counter() - t
-        print(f"| {name} | {dt:.2f} | {c} | {peak_rss_mb():.0f} |", flush=True)
+        dt, dc = time.perf_counter() - t, time.process_time() - c0
+        grow = _status_mb("VmHWM") - base
+        print(f"| {name} | {dt:.2f} | {dc:.2f} | {grow:.0f} | {c} |", flush=True)
+    print(f"process peak RSS {peak_rss_mb():.0f} MB")
 
 
 if __name__ == "__main__":

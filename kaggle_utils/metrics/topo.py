@@ -6,17 +6,22 @@ The official scorer inverts both masks (foreground -> 0, background -> 1), cuts 
 their comparison image ``min(pred, gt)``. Per homology dimension k it reports m_k (matched pairs),
 p_k (prediction pairs) and g_k (ground-truth pairs); TopoScore is a weighted mean of per-dimension F1.
 
-This module reproduces those counts exactly for binary input (see ``/work/shared/BETTI.md`` for the
-precise construction), but much faster:
+This module reproduces those counts exactly for binary input (same complex, filtration order
+"value, then cell id", union-find passes and column reductions as Betti-Matching-3D), but faster:
 
 * p_k and g_k come from closed forms: p0 = #6-connected foreground components - 1,
   p2 = #26-connected background components not touching the octant border (cavities),
   p1 = beta0 + beta2 - chi of the foreground cubical complex.
-* m0 is one union-find pass, m2 one dual union-find pass per image; both are skipped when the
-  comparison image has no pairs in that dimension.
-* m1 needs five left-to-right Z/2 reductions of the face/edge boundary matrix (inputs, comparison,
-  two image reductions). They run only when prediction, ground truth and comparison all have
-  1-cycles, use the "emergent pair" shortcut and cache reduced columns as sorted key arrays.
+* A dimension's matching is computed only when prediction, ground truth and comparison image all
+  have pairs in it (otherwise m_k = 0).
+* m0: one union-find pass (value-1 comparison edges in id order; a union of two sets that both hold
+  prediction and GT foreground is a match). m2: dual union-find over cubes per image, with the
+  comparison values mirrored to key the input pairs.
+* m1: left-to-right Z/2 reductions of the 2-cell/edge boundary matrix with the dual union-find's
+  clearing and the emergent-pair shortcut (reduced columns cached as sorted key arrays). The input
+  births are found on the foreground complex alone (positive edges not killed by a foreground
+  2-cell); the comparison reduction stops once all its pairs are found, and the two image
+  reductions (comparison columns, rows ordered by the input image) stop at the last pair column.
 
 Cell conventions (array axes 0, 1, 2 of one octant, shape (X, Y, Z) in the text below):
 vertex ``v = (x*Y + y)*Z + z``; edge ``e = 3*v + t`` (from v along axis t); 2-cell ``f = 3*v + t``
