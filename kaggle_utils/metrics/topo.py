@@ -614,12 +614,65 @@ def _max_edge(f, bg, Y, Z):
 
 
 @njit(cache=True, nogil=True)
+def _heap_push(h, hl, key):
+    """Push onto the max-heap h[0:hl] (capacity ensured by the caller); returns the new size."""
+    i = hl
+    h[i] = key
+    while i > 0:
+        par = (i - 1) >> 1
+        if h[par] >= key:
+            break
+        h[i] = h[par]
+        i = par
+    h[i] = key
+    return hl + 1
+
+
+@njit(cache=True, nogil=True)
+def _heap_pop(h, hl):
+    """Pop the maximum of h[0:hl]; returns (key, new size)."""
+    top = h[0]
+    hl -= 1
+    if hl > 0:
+        last = h[hl]
+        i = 0
+        while True:
+            c = 2 * i + 1
+            if c >= hl:
+                break
+            if c + 1 < hl and h[c + 1] > h[c]:
+                c += 1
+            if h[c] <= last:
+                break
+            h[i] = h[c]
+            i = c
+        h[i] = last
+    return top, hl
+
+
+@njit(cache=True, nogil=True)
+def _heap_pivot(h, hl):
+    """Largest key with odd multiplicity (Z/2 sum) left on the heap, kept on it; -1 if none."""
+    while hl > 0:
+        top, hl = _heap_pop(h, hl)
+        if hl > 0 and h[0] == top:
+            top, hl = _heap_pop(h, hl)
+            continue
+        hl = _heap_push(h, hl, top)
+        return top, hl
+    return np.int64(-1), hl
+
+
+@njit(cache=True, nogil=True)
 def _reduce(cols, bg, X, Y, Z, stop, target=-1):
     """Left-to-right Z/2 reduction; returns the low edge id of every column (-1: reduced to zero).
 
     cols: face ids in column order; rows ordered by (value in ``bg`` image, edge id). Only the first
     ``stop`` columns are reduced (later lows are -1). With ``target >= 0`` the reduction also stops
     once ``target`` columns of value 1 have reduced to a value-0 low (all finite pairs found).
+    A column whose own maximum edge is free takes it at once ("emergent pair"); the others are
+    reduced on a max-heap with lazy Z/2 cancellation, adding the cached reduced columns of earlier
+    non-emergent columns (or the raw boundary of emergent ones, which equals their reduced column).
     """
     n = X * Y * Z
     E = np.int64(3 * n)
@@ -633,8 +686,7 @@ def _reduce(cols, bg, X, Y, Z, stop, target=-1):
     n_slots = 0
     pool = np.empty(1024, dtype=np.int64)
     pool_len = 0
-    work = np.empty(64, dtype=np.int64)
-    tmp = np.empty(64, dtype=np.int64)
+    heap = np.empty(1024, dtype=np.int64)
     other = np.empty(4, dtype=np.int64)
     b4 = np.empty(4, dtype=np.int64)
     found = 0
@@ -645,9 +697,10 @@ def _reduce(cols, bg, X, Y, Z, stop, target=-1):
             lows[i] = e
             continue
         _boundary_keys(cols[i], bg, Y, Z, E, b4)
+        hl = 0
         for q in range(4):
-            work[q] = b4[q]
-        wl = 4
+            hl = _heap_push(heap, hl, b4[q])
+        pivot = b4[0]
         while True:
             j = owner[e]
             if slot[j] < 0:
@@ -659,70 +712,57 @@ def _reduce(cols, bg, X, Y, Z, stop, target=-1):
                 ol = length[slot[j]]
                 src = pool
                 off = start[slot[j]]
-            # symmetric difference of two descending arrays
-            if tmp.shape[0] < wl + ol:
-                tmp = np.empty(2 * (wl + ol), dtype=np.int64)
-            p = 0
-            q = 0
-            r = 0
-            while p < wl and q < ol:
-                a = work[p]
-                b = src[off + q]
-                if a > b:
-                    tmp[r] = a
-                    r += 1
-                    p += 1
-                elif b > a:
-                    tmp[r] = b
-                    r += 1
-                    q += 1
-                else:
-                    p += 1
-                    q += 1
-            while p < wl:
-                tmp[r] = work[p]
-                r += 1
-                p += 1
-            while q < ol:
-                tmp[r] = src[off + q]
-                r += 1
-                q += 1
-            work, tmp = tmp, work
-            wl = r
-            if wl == 0:
+            if hl + ol > heap.shape[0]:
+                grown = np.empty(2 * (hl + ol), dtype=np.int64)
+                grown[:hl] = heap[:hl]
+                heap = grown
+            for q in range(ol):
+                hl = _heap_push(heap, hl, src[off + q])
+            pivot, hl = _heap_pivot(heap, hl)
+            if pivot < 0:
                 break
-            e = work[0] - E if work[0] >= E else work[0]
+            e = pivot - E if pivot >= E else pivot
             if owner[e] < 0:
-                owner[e] = i
-                lows[i] = e
-                if target >= 0 and work[0] < E:  # value-0 low; emergent columns never get one
-                    f = cols[i]
-                    v = f // 3
-                    t = f % 3
-                    s1 = Z if t == 0 else Y * Z
-                    s2 = Z if t == 2 else 1
-                    if bg[v] | bg[v + s1] | bg[v + s2] | bg[v + s1 + s2]:
-                        found += 1
-                        if found == target:
-                            return lows
-                if pool_len + wl > pool.shape[0]:
-                    newp = np.empty(2 * (pool_len + wl), dtype=np.int64)
-                    newp[:pool_len] = pool[:pool_len]
-                    pool = newp
-                pool[pool_len:pool_len + wl] = work[:wl]
-                if n_slots == start.shape[0]:
-                    grown_s = np.empty(2 * n_slots, dtype=np.int64)
-                    grown_s[:n_slots] = start
-                    start = grown_s
-                    grown_l = np.empty(2 * n_slots, dtype=np.int32)
-                    grown_l[:n_slots] = length
-                    length = grown_l
-                slot[i] = n_slots
-                start[n_slots] = pool_len
-                length[n_slots] = wl
-                n_slots += 1
-                pool_len += wl
                 break
+        if pivot < 0:
+            continue
+        owner[e] = i
+        lows[i] = e
+        if target >= 0 and pivot < E:  # value-0 low; emergent columns never get one
+            f = cols[i]
+            v = f // 3
+            t = f % 3
+            s1 = Z if t == 0 else Y * Z
+            s2 = Z if t == 2 else 1
+            if bg[v] | bg[v + s1] | bg[v + s2] | bg[v + s1 + s2]:
+                found += 1
+                if found == target:
+                    return lows
+        # cache the reduced column (descending keys, cancelled pairs dropped)
+        if pool_len + hl > pool.shape[0]:
+            newp = np.empty(2 * (pool_len + hl), dtype=np.int64)
+            newp[:pool_len] = pool[:pool_len]
+            pool = newp
+        wl = 0
+        while hl > 0:
+            top, hl = _heap_pop(heap, hl)
+            if hl > 0 and heap[0] == top:
+                top, hl = _heap_pop(heap, hl)
+                continue
+            pool[pool_len + wl] = top
+            wl += 1
+        if n_slots == start.shape[0]:
+            grown_s = np.empty(2 * n_slots, dtype=np.int64)
+            grown_s[:n_slots] = start
+            start = grown_s
+            grown_l = np.empty(2 * n_slots, dtype=np.int32)
+            grown_l[:n_slots] = length
+            length = grown_l
+        slot[i] = n_slots
+        start[n_slots] = pool_len
+        length[n_slots] = wl
+        n_slots += 1
+        pool_len += wl
     return lows
 
 
