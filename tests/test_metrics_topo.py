@@ -79,6 +79,16 @@ def test_shape_mismatch_raises():
         topo_counts(np.zeros((4, 4, 4)), np.zeros((4, 4, 5)))
 
 
+def test_nan_and_nonbinary_values():
+    a = np.zeros((6, 6, 6), np.float32)
+    a[0, 0, 0] = a[1, 1, 0] = 0.3  # two 6-disconnected voxels
+    a[4, 4, 4] = np.nan  # background
+    assert topo_counts(a, np.zeros_like(a))[0] == (0, 1, 0)
+    b = (a != 0).astype(np.uint8) * 255
+    b[4, 4, 4] = 0
+    assert topo_counts(b, b)[0] == (1, 1, 1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Hand-built cases (one octant or whole volume)
 # ---------------------------------------------------------------------------------------------

@@ -923,7 +923,16 @@ def _check_pair(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarra
         raise ValueError(f"topo_counts: expected 3D (Z, Y, X) arrays, got {pred.shape} and {gt.shape}")
     if pred.shape != gt.shape:
         raise ValueError(f"topo_counts: shape mismatch, pred {pred.shape} vs gt {gt.shape}")
-    return pred != 0, gt != 0
+
+    def binary(x: np.ndarray) -> np.ndarray:
+        if x.dtype == bool:
+            return x
+        fg = x != 0
+        if np.issubdtype(x.dtype, np.floating):
+            fg &= ~np.isnan(x)  # NaN counts as background, as in the official wrapper
+        return fg
+
+    return binary(pred), binary(gt)
 
 
 def topo_counts(pred: np.ndarray, gt: np.ndarray, workers: int = 2) -> Counts:
@@ -931,7 +940,7 @@ def topo_counts(pred: np.ndarray, gt: np.ndarray, workers: int = 2) -> Counts:
 
     Args:
         pred, gt: binary ``bool`` or ``uint8 {0,1}`` arrays ``(Z, Y, X)`` of the same shape
-            (ignore label already removed by the caller; any nonzero value is foreground).
+            (ignore label already removed by the caller; any nonzero, non-NaN value is foreground).
         workers: threads over octants (the numba kernels release the GIL).
 
     Returns:
