@@ -15,8 +15,10 @@
 * ``RUN_DIR/last.pt`` and ``RUN_DIR/best.pt`` (best competition score) written atomically every
   epoch, with everything needed to resume exactly; ``train.log``, ``metrics.jsonl``, ``metrics.csv``
   (one row per epoch) and ``val_volumes.jsonl`` (one row per validated volume and validation);
-* at the end, out-of-fold probabilities of the validation volumes in ``RUN_DIR/oof/``
-  (``{id}.npy`` float16 ``(Z, Y, X)`` + ``{id}.json`` with ``id``, ``scroll_id``, ``fold``).
+* at the end, out-of-fold probabilities of the validation volumes from ``best.pt``, predicted with
+  the ``inference`` settings (window, overlap, blending, TTA) as a submission would, in
+  ``RUN_DIR/oof/`` (``{id}.npy`` float16 ``(Z, Y, X)`` + ``{id}.json`` with ``id``, ``scroll_id``,
+  ``fold``, ``shape``, ``epoch``), for threshold/post-processing tuning.
 
 Under ``torchrun --nproc_per_node N`` the same call uses DistributedDataParallel (NCCL on GPUs,
 gloo on CPU): every rank draws its own patches, rank 0 validates, logs and writes checkpoints.
@@ -431,10 +433,16 @@ def _dice(pred: np.ndarray, label: np.ndarray) -> float:
     return 1.0 if denom == 0 else float(2 * int((p & g).sum()) / denom)
 
 
-def _predict(model: nn.Module, image: np.ndarray, cfg: TrainConfig, device: torch.device) -> np.ndarray:
+def _predict(model: nn.Module, image: np.ndarray, cfg: TrainConfig, device: torch.device,
+             final: bool = False) -> np.ndarray:
+    """Probabilities ``float32 (Z, Y, X)``: validation settings, or ``inference`` settings (TTA too) if ``final``."""
     from .inference import sliding_window_predict
 
     x = normalize_intensity(image, mode=cfg.sampler.normalization)
+    if final:
+        kw = cfg.inference.to_kwargs()
+        kw.pop("ensemble", None)
+        return sliding_window_predict(model, x, device=device, pad_multiple=model_divisor(cfg.model), **kw)
     v = cfg.validation
     return sliding_window_predict(
         model, x, tuple(v.patch_size or cfg.sampler.patch_size), overlap=v.overlap, batch_size=v.batch_size,
@@ -639,7 +647,7 @@ def _write_oof(model: nn.Module, records: list, cfg: TrainConfig, device: torch.
     oof = run_dir / "oof"
     oof.mkdir(parents=True, exist_ok=True)
     for rec in tqdm(records, desc="oof", unit="vol", leave=False, disable=not progress):
-        prob = _predict(model, read_volume(rec.image_path), cfg, device)
+        prob = _predict(model, read_volume(rec.image_path), cfg, device, final=True)
         with atomic_path(oof / f"{rec.id}.npy") as tmp:
             with open(tmp, "wb") as fh:
                 np.save(fh, prob.astype(np.float16))
