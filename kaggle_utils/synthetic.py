@@ -67,6 +67,16 @@ class ScrollStyle:
         hole_fraction: mean share of a sheet's area missing (holes and tears).
         half_thickness: half the labelled sheet thickness, voxels (1.0 -> ~2 voxels thick).
         fibre_cells: coarse-grid cell sizes ``(z, y, x)`` of the texture (anisotropic fibres).
+        body_sigma: Gaussian width (sigma, voxels) of a sheet's bright papyrus body across the
+            sheet; wider than the labelled ~2 voxels (FWHM ``2.355 * body_sigma``), and the bodies
+            of neighbouring sheets add up where they nearly touch (partial volume).
+        body_offset: amplitude (voxels) of the smooth shift between a sheet's bright body and its
+            labelled surface (annotations do not sit exactly on the intensity ridge).
+        density_var: relative amplitude of the smooth brightness variation along each sheet.
+        debris: unlabelled bright debris objects (blobs, short fibre bundles, fibres stuck to or
+            bridging sheets) per 64^3 voxels; they stay label 0 (or 2 inside ignore regions).
+        grain: std of the voxel noise added after the blur, grey levels (what the eye sees).
+        rings: amplitude of ring artefacts (arcs around a scanner axis parallel to z), grey levels.
     """
 
     base: float = 60.0
@@ -84,6 +94,12 @@ class ScrollStyle:
     hole_fraction: float = 0.08
     half_thickness: float = 1.0
     fibre_cells: tuple[float, float, float] = (6.0, 2.0, 2.0)
+    body_sigma: float = 2.0
+    body_offset: float = 0.8
+    density_var: float = 0.2
+    debris: float = 12.0
+    grain: float = 10.0
+    rings: float = 8.0
 
 
 def _stable_int(text: str) -> int:
@@ -96,13 +112,15 @@ def scroll_style(scroll_id: str | int, seed: int = 0) -> ScrollStyle:
     lo = float(rng.uniform(9.0, 11.5))
     fibre = [float(rng.uniform(4.0, 8.0)), float(rng.uniform(1.5, 2.5)), float(rng.uniform(1.5, 2.5))]
     rng.shuffle(fibre)
+    base = float(rng.uniform(40.0, 90.0))
+    contrast = float(rng.uniform(60.0, 120.0))
     return ScrollStyle(
-        base=float(rng.uniform(40.0, 90.0)),
-        contrast=float(rng.uniform(60.0, 120.0)),
+        base=base,
+        contrast=contrast,
         noise_sigma=float(rng.uniform(5.0, 14.0)),
         blur_sigma=float(rng.uniform(0.5, 1.1)),
         texture=float(rng.uniform(0.1, 0.35)),
-        drift=float(rng.uniform(5.0, 25.0)),
+        drift=float(contrast * rng.uniform(0.2, 0.45)),
         spacing=(lo, lo + float(rng.uniform(3.0, 6.0))),
         close_prob=float(rng.uniform(0.08, 0.25)),
         axis_tilt=float(rng.uniform(5.0, 35.0)),
@@ -112,6 +130,20 @@ def scroll_style(scroll_id: str | int, seed: int = 0) -> ScrollStyle:
         hole_fraction=float(rng.uniform(0.03, 0.1)),
         half_thickness=float(rng.uniform(0.95, 1.1)),
         fibre_cells=(fibre[0], fibre[1], fibre[2]),
+        **_hard_style(rng, contrast),
+    )
+
+
+def _hard_style(rng: np.random.Generator, contrast: float) -> dict[str, float]:
+    """The style fields that make the image hard for intensity-only rules (drawn after the
+    original ones so those keep their values for a given scroll)."""
+    return dict(
+        body_sigma=float(rng.uniform(2.2, 3.0)),
+        body_offset=float(rng.uniform(0.5, 1.2)),
+        density_var=float(rng.uniform(0.15, 0.35)),
+        debris=float(rng.uniform(30.0, 55.0)),
+        grain=float(contrast * rng.uniform(0.1, 0.27)),
+        rings=float(rng.uniform(6.0, 18.0)),
     )
 
 
@@ -277,7 +309,7 @@ def _wound_sheets(
 
     Returns:
         ``(sheet bool (Z, Y, X), profile float32 (Z, Y, X))``: the labelled sheet voxels and a
-        soft 0..~1.15 density profile across the sheets for the image.
+        soft density profile (about 0..1.2, up to ~2 where two bodies merge) for the image.
     """
     size = float(np.mean(shape))
     e1, e2 = _axis_frame(style, rng)
@@ -309,7 +341,8 @@ def _wound_sheets(
     pad = lambda a, v: np.concatenate([[v], a, [v]]).astype(np.float32)  # noqa: E731
     jc, js = pad(jitter * np.cos(theta), 0.0), pad(jitter * np.sin(theta), 0.0)
     hc, hs, hthr = pad(np.cos(phi), 0.0), pad(np.sin(phi), 0.0), pad(hole_thr, 9.0)
-    bright = pad(rng.uniform(0.75, 1.15, n_sheets), 0.0)  # sheets differ in density
+    bright = pad(rng.uniform(0.55, 1.15, n_sheets), 0.0)  # sheets differ in density
+    oa, ob = (pad(rng.normal(0.0, style.body_offset / math.sqrt(2.0), n_sheets), 0.0) for _ in range(2))
 
     jit1 = smooth_field(shape, float(np.clip(size / 4.0, 12.0, 40.0)), rng)
     jit2 = smooth_field(shape, float(np.clip(size / 4.0, 12.0, 40.0)), rng)
@@ -317,7 +350,9 @@ def _wound_sheets(
     hole1 = smooth_field(shape, hole_cell, rng)
     hole2 = smooth_field(shape, hole_cell, rng)
     half = np.float32(style.half_thickness) + np.float32(0.12) * jit1
-    sigma = np.float32(style.half_thickness * 0.9)
+    # the papyrus body is wider than the labelled surface, and denser in some places than others
+    sigma = np.float32(style.body_sigma) * (np.float32(1.0) + np.float32(0.12) * jit2)
+    density = np.float32(1.0) + np.float32(style.density_var) * smooth_field(shape, float(rng.uniform(6.0, 12.0)), rng)
 
     upper = np.searchsorted(radii, u).astype(np.int32)
     sheet = np.zeros(shape, dtype=bool)
@@ -327,10 +362,133 @@ def _wound_sheets(
         h = hc[k] * hole1 + hs[k] * hole2 - hthr[k]  # < 0: sheet present
         sheet |= (np.abs(d) < half) & (h < 0)
         amp = np.clip(0.5 - h / np.float32(0.3), 0.0, 1.0)
-        np.maximum(profile, bright[k] * amp * np.exp(-0.5 * (d / sigma) ** 2), out=profile)
+        d -= oa[k] * jit1 + ob[k] * jit2  # the body's centre is not exactly the label's
+        profile += bright[k] * amp * np.exp(-0.5 * (d / sigma) ** 2)  # bodies add up (partial volume)
         del d, h, amp
+    profile *= density
     return sheet, profile
 
+
+def _random_rotation(rng: np.random.Generator) -> np.ndarray:
+    """A uniformly random ``(3, 3)`` rotation matrix."""
+    q, r = np.linalg.qr(rng.standard_normal((3, 3)))
+    return q * np.sign(np.diag(r))
+
+
+def _local_grid(
+    shape: Sequence[int], centre: np.ndarray, extent: float
+) -> tuple[tuple[slice, ...], np.ndarray] | None:
+    """Slices of the box ``centre +- extent`` clipped to the volume and the ``float32 (3, z, y, x)``
+    voxel coordinates relative to ``centre`` inside it (``None`` when the box is outside)."""
+    lo = np.maximum(np.floor(centre - extent).astype(int), 0)
+    hi = np.minimum(np.ceil(centre + extent).astype(int) + 1, shape)
+    if (hi <= lo).any():
+        return None
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    grid = np.stack(
+        np.meshgrid(*(np.arange(a, b, dtype=np.float32) - np.float32(c) for a, b, c in zip(lo, hi, centre)), indexing="ij")
+    )
+    return box, grid
+
+
+def _sheet_normal(sheet: np.ndarray, point: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Unit normal of the labelled sheet near ``point`` (smallest principal axis of the sheet voxels
+    within 4 voxels); a random direction where there are too few of them."""
+    lo = np.maximum(point - 4, 0)
+    hi = point + 5
+    pts = np.argwhere(sheet[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]).astype(np.float64)
+    if len(pts) < 8:
+        v = rng.normal(size=3)
+        return v / np.linalg.norm(v)
+    pts -= pts.mean(axis=0)
+    return np.linalg.eigh(pts.T @ pts)[1][:, 0]
+
+
+def _debris(shape: tuple[int, int, int], style: ScrollStyle, sheet: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Unlabelled bright debris: ellipsoidal blobs, short fibre bundles floating between the
+    sheets, and fibres sticking out of a sheet along its normal (some bridging to the next one).
+
+    Returns:
+        ``float32 (Z, Y, X)`` density in ``[0, ~1.1]`` with soft (partial-volume) edges.
+    """
+    # clumps and fibre fragments everywhere: the top ~0.1 % per unit of ``debris`` of a fine,
+    # anisotropic random field (cheap at any size)
+    cells = rng.permutation([rng.uniform(3.0, 6.0), rng.uniform(1.2, 2.0), rng.uniform(1.2, 2.0)])
+    thr = float(special.ndtri(1.0 - min(0.001 * style.debris, 0.2)))
+    field = smooth_field(shape, cells, rng)
+    field -= np.float32(thr)
+    field *= np.float32(rng.uniform(0.6, 1.0) * 2.0)
+    np.clip(field, 0.0, 1.0, out=field)
+    n_obj = int(rng.poisson(0.4 * style.debris * float(np.prod(shape)) / 64.0**3))
+    if n_obj == 0:
+        return field
+    sheet_idx = np.flatnonzero(sheet[::2, ::2, ::2])
+    sub_shape = sheet[::2, ::2, ::2].shape
+    dims = np.asarray(shape, dtype=np.float64)
+    for _ in range(n_obj):
+        kind = rng.choice(3, p=(0.35, 0.3, 0.35)) if sheet_idx.size else rng.choice(2, p=(0.55, 0.45))
+        bright = np.float32(rng.uniform(0.6, 1.1))
+        if kind == 0:  # blob: a randomly oriented ellipsoid
+            centre = rng.uniform(0.0, 1.0, 3) * dims
+            axes = rng.uniform(1.2, 4.5, 3)
+            found = _local_grid(shape, centre, float(axes.max()) + 1.5)
+            if found is None:
+                continue
+            box, grid = found
+            rot = _random_rotation(rng).astype(np.float32)
+            q = np.tensordot(rot, grid, axes=1) / axes.astype(np.float32)[:, None, None, None]
+            r = np.sqrt((q * q).sum(axis=0))
+            val = np.clip((np.float32(1.0) - r) * np.float32(axes.min()) + np.float32(0.5), 0.0, 1.0)
+        else:  # fibre (bundle): one to three parallel capsules
+            if kind == 2:
+                start = np.array(np.unravel_index(rng.choice(sheet_idx), sub_shape)) * 2
+                direction = _sheet_normal(sheet, start, rng) * rng.choice((-1.0, 1.0))
+                direction += rng.normal(0.0, 0.25, 3)
+                length = rng.uniform(5.0, 20.0)
+            else:
+                start = rng.uniform(0.0, 1.0, 3) * dims
+                direction = rng.normal(size=3)
+                length = rng.uniform(6.0, 30.0)
+            direction /= np.linalg.norm(direction)
+            radius = rng.uniform(0.6, 1.3)
+            centre = start + 0.5 * length * direction
+            found = _local_grid(shape, centre, 0.5 * length + radius + 3.0)
+            if found is None:
+                continue
+            box, grid = found
+            v = direction.astype(np.float32)
+            val = np.zeros(grid.shape[1:], dtype=np.float32)
+            offsets = [np.zeros(3)] + [rng.normal(0.0, 1.2, 3) for _ in range(int(rng.integers(0, 3)))]
+            for off in offsets:
+                off = (off - (off @ direction) * direction).astype(np.float32)  # across the fibre
+                p = grid - off[:, None, None, None]
+                t = np.clip(np.tensordot(v, p, axes=1), -0.5 * length, 0.5 * length)
+                d = np.sqrt(((p - v[:, None, None, None] * t) ** 2).sum(axis=0))
+                np.maximum(val, np.clip(np.float32(radius + 0.5) - d, 0.0, 1.0), out=val)
+        np.maximum(field[box], bright * val, out=field[box])
+    return field
+
+
+def _ring_artefacts(shape: tuple[int, int, int], amplitude: float, rng: np.random.Generator) -> np.ndarray:
+    """CT ring artefacts: thin bright/dark arcs around a scanner axis parallel to z (usually outside
+    the crop), slowly varying along z. ``float32 (Z, Y, X)``, about ``+-amplitude``."""
+    nz, ny, nx = shape
+    size = float(np.mean(shape))
+    angle = rng.uniform(0.0, 2.0 * math.pi)
+    dist = size * rng.uniform(0.0, 2.5)
+    cy, cx = ny / 2.0 + dist * math.sin(angle), nx / 2.0 + dist * math.cos(angle)
+    y = np.arange(ny, dtype=np.float32)[:, None] - np.float32(cy)
+    x = np.arange(nx, dtype=np.float32)[None, :] - np.float32(cx)
+    r = np.sqrt(y * y + x * x)
+    rings = np.zeros((ny, nx), dtype=np.float32)
+    r_lo, r_hi = float(r.min()), float(r.max())
+    n_rings = max(1, int(rng.poisson((r_hi - r_lo) / 10.0)))
+    for r0, w, sign in zip(rng.uniform(r_lo, r_hi, n_rings), rng.uniform(0.6, 2.0, n_rings), rng.choice((-1.0, 1.0), n_rings)):
+        rings += np.float32(sign * rng.uniform(0.4, 1.0)) * np.exp(-0.5 * ((r - np.float32(r0)) / np.float32(w)) ** 2)
+    period = rng.uniform(4.0, 12.0)
+    rings += np.float32(0.3) * np.sin(r * np.float32(2.0 * math.pi / period) + np.float32(rng.uniform(0, 2 * math.pi)))
+    along_z = 1.0 + 0.4 * smooth_field((nz, 1, 1), (max(size / 3.0, 8.0), 1.0, 1.0), rng)
+    return np.float32(amplitude) * along_z * rings[None, :, :]
 
 
 def make_volume(
@@ -371,12 +529,15 @@ def make_volume(
     # --- intensities ----------------------------------------------------------------------------
     cells = np.asarray(style.fibre_cells)
     fibre = smooth_field(shape, cells, rng)
+    np.maximum(profile, _debris(shape, style, sheet, rng), out=profile)
     image = np.float32(style.contrast) * profile * (np.float32(1.0) + np.float32(style.texture) * fibre)
     image += np.float32(style.base) + np.float32(style.drift) * smooth_field(shape, max(size / 2.0, 16.0), rng)
     image += np.float32(0.3 * style.noise_sigma) * fibre  # faint structure in the air too
     image += np.float32(style.noise_sigma) * rng.standard_normal(shape, dtype=np.float32)
     del fibre, profile
     image = ndimage.gaussian_filter(image, style.blur_sigma, truncate=3.0)
+    image += _ring_artefacts(shape, style.rings, rng)
+    image += np.float32(style.grain) * rng.standard_normal(shape, dtype=np.float32)
     np.clip(image, 0.0, 255.0, out=image)
     image_u8 = np.rint(image).astype(np.uint8)
     del image

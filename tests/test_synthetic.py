@@ -99,6 +99,44 @@ def test_sheets_brighter_than_background():
         assert image[label == 1].mean() > image[label == 0].mean() + 20
 
 
+def _distance_to_sheet(label: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.distance_transform_edt(label != 1)
+
+
+def test_debris_bright_voxels_outside_labels():
+    # unlabelled debris: label-0 voxels far from every sheet that are as bright as the sheets
+    for sid in synthetic.SCROLL_IDS[:3]:
+        image, label = make_volume((64, 64, 64), seed=4, style=scroll_style(sid, 0))
+        far = (label == 0) & (_distance_to_sheet(label) > 6)
+        sheet_level = np.median(image[label == 1])
+        assert (image[far] >= sheet_level).sum() > 50, sid
+    # ...and none without debris, noise or artefacts
+    quiet = ScrollStyle(debris=0.0, grain=0.0, rings=0.0, noise_sigma=0.0, drift=0.0, texture=0.0)
+    image, label = make_volume((64, 64, 64), seed=4, style=quiet)
+    far = (label == 0) & (_distance_to_sheet(label) > 6)
+    assert (image[far] >= np.median(image[label == 1])).sum() == 0
+
+
+def test_bright_body_wider_than_label():
+    # the papyrus body extends 1-3 voxels beyond the labelled surface: label-0 voxels right next
+    # to a sheet are clearly brighter than label-0 voxels far from any sheet
+    style = ScrollStyle(debris=0.0, rings=0.0, drift=0.0)
+    image, label = make_volume((64, 64, 64), seed=7, style=style)
+    dist = _distance_to_sheet(label)
+    near = image[(label == 0) & (dist >= 1) & (dist <= 2)].mean()
+    far = image[(label == 0) & (dist >= 6)].mean()
+    assert near > far + 0.25 * style.contrast
+
+
+def test_style_has_hard_fields_with_defaults():
+    s = scroll_style("26010", 0)
+    assert 0.1 * s.contrast <= s.grain <= 0.3 * s.contrast
+    assert s.body_sigma > 1.5 and s.debris > 0 and s.rings > 0
+    assert ScrollStyle().body_sigma == 2.0  # new fields keep defaults
+
+
 def test_sheets_are_about_two_voxels_thick():
     # label 1 without holes/ignore: thickness ~ volume / (area); estimate from a flat-ish crop:
     # count, per voxel column along the main normal, the run lengths of surface voxels
