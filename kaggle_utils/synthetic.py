@@ -2,9 +2,12 @@
 
 Each volume holds several concentric-ish, undulating sheets around a random scroll axis (a
 wound scroll seen through a small crop), about 2 voxels thick, some pairs nearly touching or
-touching, some with holes. Intensities mimic CT: sheets brighter than air, fibre texture, blur,
-noise and a slow intensity drift; the look (brightness, contrast, noise, spacing, axis tilt ...)
-differs per ``scroll_id`` (:class:`ScrollStyle`).
+touching, some with holes. Intensities mimic CT and are hard on purpose: the bright papyrus body
+is wider than the labelled surface (and a little off it), the bodies of close sheets merge, density
+varies along and between sheets, unlabelled bright debris (clumps, blobs, loose fibres, fibres
+bridging sheets) fills the gaps, and noise, blur, drift and ring artefacts are strong, so a global
+intensity threshold scores below 0.5 (``benchmarks/synthetic_baselines.py``). The look
+(brightness, contrast, noise, spacing, axis tilt ...) differs per ``scroll_id`` (:class:`ScrollStyle`).
 
 Labels follow the competition: ``0`` background, ``1`` surface (the sheet voxels), ``2`` unlabeled
 (large smooth blobs/slabs plus a 3-voxel border on every face), with the real voxel shares
