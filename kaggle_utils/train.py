@@ -186,6 +186,9 @@ class ValidationConfig:
         stop_kinds: collapse kinds that ``on_collapse: stop`` acts on (``foreground``, ``uniform``,
             ``constant``, ``empty``); ``empty`` is left out by default because young models often
             predict nothing at first.
+        collapse_max_ratio: the guard flags ``foreground`` collapse when the mean predicted share of
+            labelled voxels exceeds this multiple of the labelled surface share.
+        collapse_max_fg: ... or exceeds this absolute share.
         write_oof: write out-of-fold probabilities of all validation volumes at the end of the fold.
     """
 
@@ -199,6 +202,8 @@ class ValidationConfig:
     min_delta: float = 0.0
     on_collapse: Literal["warn", "stop"] = "warn"
     stop_kinds: list[str] = field(default_factory=lambda: ["foreground", "uniform", "constant"])
+    collapse_max_ratio: float = 3.0
+    collapse_max_fg: float = 0.5
     write_oof: bool = True
 
     def __post_init__(self) -> None:
@@ -489,7 +494,8 @@ def validate_volumes(model: nn.Module, records: list, cfg: TrainConfig, device: 
             row.update(score=float(s.score), topo=float(s.topo_score), sd=float(s.surface_dice), voi=float(s.voi_score))
         rows.append(row)
     verdict = collapse_verdict([r["fg"] for r in rows], [r["label_fg"] for r in rows],
-                               prob_std=[r["prob_std"] for r in rows])
+                               prob_std=[r["prob_std"] for r in rows],
+                               max_ratio=cfg.validation.collapse_max_ratio, max_fg=cfg.validation.collapse_max_fg)
 
     def mean(key: str) -> float | None:
         vals = [r[key] for r in rows if key in r and r[key] is not None and math.isfinite(r[key])]
