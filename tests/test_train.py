@@ -216,8 +216,11 @@ torch.set_num_threads(1)
 from kaggle_utils.config import from_dict
 from kaggle_utils.train import TrainConfig, train
 cfg = from_dict(TrainConfig, json.loads(sys.argv[1]))
+import os
+rank = os.environ["RANK"]
 res = train(cfg, sys.argv[2], sys.argv[3], fold=0, device="cpu", progress=False)
-print("RESULT", torch.distributed.is_initialized(), res.epochs_completed, res.stopped)
+with open(sys.argv[4] + f".rank{rank}", "w") as fh:  # one file per rank: stdout of two ranks interleaves
+    fh.write(f"RESULT {torch.distributed.is_initialized()} {res.epochs_completed} {res.stopped}")
 """
 
 
@@ -231,11 +234,12 @@ def test_torchrun_two_gloo_processes_train_one_epoch(data_dir, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     out = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(script), json.dumps(data), str(data_dir), str(tmp_path / "run")],
+         str(script), json.dumps(data), str(data_dir), str(tmp_path / "run"), str(tmp_path / "result")],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count("RESULT False 1 completed") == 2, out.stdout[-2000:]
+    for rank in (0, 1):
+        assert (tmp_path / f"result.rank{rank}").read_text() == "RESULT False 1 completed", out.stdout[-2000:]
     log = (tmp_path / "run" / "train.log").read_text()
     assert log.count("epoch 1/1") == 1 and "2 rank(s)" in log  # rank 0 logs, once
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 1
