@@ -151,3 +151,10 @@ def test_fold_table_counts(tmp_path):
     lines = fold_table(DatasetIndex(tmp_path, "train", recs), folds).splitlines()
     assert lines[1].split() == ["a", "3", "0", "3"]
     assert lines[-1].split() == ["total", "3", "3", "6"]
+
+
+def test_finished_predictions_at_2_4x_the_labelled_share_are_flagged():
+    # the seed-v2 run of docs/collapse.md ends at ~2.4x the labelled surface share
+    v = collapse_verdict([0.469, 0.389, 0.342], [0.164, 0.193, 0.133])
+    assert v.collapsed and v.kind == "foreground"
+    assert not collapse_verdict([0.198, 0.2, 0.158], [0.164, 0.193, 0.133]).collapsed
