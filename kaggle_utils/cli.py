@@ -202,10 +202,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_json(), indent=1))
     else:
-        for note in report.notes:
-            print(f"note: {note}")
-        print(f"wrote {report.out_zip}: {report.n_volumes} volume(s) in {report.seconds:.0f} s, "
-              f"{len(report.errors)} failed (submitted empty), validated")
+        print(report)
     return 0
 
 
@@ -267,9 +264,7 @@ def _run_train(args: argparse.Namespace) -> int:
     else:
         results = [train(cfg, data_dir, args.out, fold=args.fold, **kwargs)]
     for r in results:
-        best = "-" if r.best_score is None else f"{r.best_score:.4f}"
-        print(f"fold {r.fold}: {r.stopped} after {r.epochs_completed} epoch(s), best {best} at epoch "
-              f"{r.best_epoch}; {r.run_dir}")
+        print(r)
     return 0
 
 

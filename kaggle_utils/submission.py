@@ -295,6 +295,13 @@ class PredictReport:
     tta: Any = None
     notes: list[str] = field(default_factory=list)
 
+    def __str__(self) -> str:
+        lines = [f"note: {n}" for n in self.notes]
+        lines += [f"error: {vid}: {msg}" for vid, msg in self.errors.items()]
+        lines.append(f"wrote {self.out_zip}: {self.n_volumes} volume(s) in {self.seconds:.0f} s, "
+                     f"{len(self.errors)} failed (submitted empty), validated")
+        return "\n".join(lines)
+
     def to_json(self) -> dict:
         return {
             "out_zip": str(self.out_zip), "n_volumes": self.n_volumes, "seconds": self.seconds,

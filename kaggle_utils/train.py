@@ -540,6 +540,11 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     oof_dir: Path | None = None
 
+    def __str__(self) -> str:
+        best = "-" if self.best_score is None else f"{self.best_score:.4f}"
+        return (f"fold {self.fold}: {self.stopped} after {self.epochs_completed} epoch(s), best {best} at epoch "
+                f"{self.best_epoch}; {self.run_dir}")
+
     @property
     def last_checkpoint(self) -> Path:
         return self.run_dir / "last.pt"

@@ -454,3 +454,13 @@ def test_cli_predict(tmp_path, capsys):
                "--config", str(tmp_path / "bad.yaml")])
     err = capsys.readouterr().err
     assert rc == 2 and "bad.yaml" in err and "patch_sise" in err
+
+
+def test_predict_report_summary_names_failures(tmp_path):
+    from kaggle_utils.submission import PredictReport
+
+    rep = PredictReport(tmp_path / "s.zip", n_volumes=3, seconds=12.3, errors={"7": "CUDA out of memory"},
+                        notes=["TTA reduced to 4 passes"])
+    lines = str(rep).splitlines()
+    assert lines == ["note: TTA reduced to 4 passes", "error: 7: CUDA out of memory",
+                     f"wrote {tmp_path / 's.zip'}: 3 volume(s) in 12 s, 1 failed (submitted empty), validated"]

@@ -243,3 +243,10 @@ def test_torchrun_two_gloo_processes_train_one_epoch(data_dir, tmp_path):
     log = (tmp_path / "run" / "train.log").read_text()
     assert log.count("epoch 1/1") == 1 and "2 rank(s)" in log  # rank 0 logs, once
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 1
+
+
+def test_train_result_summary_line(tmp_path):
+    from kaggle_utils.train import TrainResult
+
+    r = TrainResult(tmp_path, fold=2, epochs_completed=7, best_epoch=6, best_score=0.61234, stopped="early_stopping")
+    assert str(r) == f"fold 2: early_stopping after 7 epoch(s), best 0.6123 at epoch 6; {tmp_path}"
