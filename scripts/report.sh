@@ -10,6 +10,6 @@ $PY -m kaggle_utils synth --out "$OUT/data" --n-train 6 --n-test 2 --size 64 --n
 $PY -m papermill notebooks/train.ipynb "$OUT/train.ipynb" --cwd . \
     -p DATA_DIR "$OUT/data" -p CONFIG configs/smoke-cpu.yaml -p FOLD 0 -p OUT_DIR "$OUT/run" -p SMOKE True
 $PY -m papermill notebooks/submit.ipynb "$OUT/submit.ipynb" --cwd . \
-    -p DATA_DIR "$OUT/data" -y "CHECKPOINTS: ['$OUT/run/fold0/best.pt']" -p OUT "$OUT/submission.zip" -p DEVICE cpu
+    -p DATA_DIR "$OUT/data" -y "CHECKPOINTS: ['$OUT/run/fold0/best.pt']" -p OUT "$OUT/submission.zip" -p DEVICE cpu -p REPORT_PNG "$OUT/submission_report.png"
 $PY -m jupyter nbconvert --to html "$OUT/train.ipynb" "$OUT/submit.ipynb" --output-dir "$OUT"
 echo "report: $OUT/train.html $OUT/submit.html"

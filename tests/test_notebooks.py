@@ -43,8 +43,11 @@ def test_train_then_submit_notebooks(tmp_path):
     out = tmp_path / "submission.zip"
     papermill.execute_notebook(
         str(REPO / "notebooks" / "submit.ipynb"), str(tmp_path / "submit.out.ipynb"), cwd=str(REPO),
-        parameters={"DATA_DIR": str(data), "CHECKPOINTS": [str(ckpt)], "OUT": str(out), "DEVICE": "cpu"},
+        parameters={"DATA_DIR": str(data), "CHECKPOINTS": [str(ckpt)], "OUT": str(out), "DEVICE": "cpu",
+                    "REPORT_PNG": str(tmp_path / "submission_report.png")},
         progress_bar=False, kernel_name="python3",
     )
     assert out.exists()
     assert validate_submission(out, data) == []
+    assert (tmp_path / "submission_report.png").stat().st_size > 10000
+    assert not (REPO / "submission_report.png").exists(), "the notebook wrote into the repository"
