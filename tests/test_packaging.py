@@ -94,6 +94,8 @@ def test_wheel_set_installs_offline_into_fresh_venv(tmp_path):
                           capture_output=True, text=True, check=True).stdout.strip()
     Path(site, "kaggle_image.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     probe = ("import kaggle_utils, kaggle_utils.data, kaggle_utils.cli, segmentation_models_pytorch_3d as smp;"
+             "from kaggle_utils.train import load_train_config;"
+             "assert load_train_config('kaggle-t4').model.encoder == 'resnet34';"  # configs ship in the wheel
              "print(kaggle_utils.__file__); print(smp.__file__)")
     res = subprocess.run([str(py), "-c", probe], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
