@@ -403,6 +403,44 @@ def _dual_neighbours(f, X, Y, Z, nc):
     return (cxyz - 1 if z >= 1 else nc), (cxyz if z < Z - 1 else nc)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _face_strides(t, Y, Z):
+    """Strides from corner ``v`` of 2-cell ``3*v + t`` to its other corners ``v+s1, v+s2, v+s1+s2``
+    (t=0 spans (y,z), t=1 spans (x,z), t=2 spans (x,y))."""
+    if t == 0:
+        return Z, 1
+    if t == 1:
+        return Y * Z, 1
+    return Y * Z, Z
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _face_exists(x, y, z, t, X, Y, Z):
+    """Whether 2-cell ``(x, y, z, t)`` has all four corners inside the ``(X, Y, Z)`` grid."""
+    if t == 0:
+        return y + 1 < Y and z + 1 < Z
+    if t == 1:
+        return x + 1 < X and z + 1 < Z
+    return x + 1 < X and y + 1 < Y
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _face_value(bg, f, Y, Z):
+    """Value of 2-cell ``f = 3*v + t`` in a binary (inverted) image: the max of its 4 corners."""
+    v = f // 3
+    s1, s2 = _face_strides(f % 3, Y, Z)
+    return bg[v] | bg[v + s1] | bg[v + s2] | bg[v + s1 + s2]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _edge_value(bg, e, Y, Z):
+    """Value of edge ``e = 3*w + axis`` in a binary (inverted) image: the max of its 2 ends."""
+    w = e // 3
+    ax = e % 3
+    st = Y * Z if ax == 0 else (Z if ax == 1 else 1)
+    return bg[w] | bg[w + st]
+
+
 @njit(cache=True, nogil=True)
 def _k0_columns(bg, cleared, X, Y, Z):
     """Value-0 face ids (all 4 corners foreground) not cleared, ascending id."""
@@ -417,23 +455,10 @@ def _k0_columns(bg, cleared, X, Y, Z):
         y = (v // Z) % Y
         z = v % Z
         for t in range(3):
-            if t == 0:
-                if y + 1 >= Y or z + 1 >= Z:
-                    continue
-                s1 = Z
-                s2 = 1
-            elif t == 1:
-                if x + 1 >= X or z + 1 >= Z:
-                    continue
-                s1 = YZ
-                s2 = 1
-            else:
-                if x + 1 >= X or y + 1 >= Y:
-                    continue
-                s1 = YZ
-                s2 = Z
+            if not _face_exists(x, y, z, t, X, Y, Z):
+                continue
             f = 3 * v + t
-            if cleared[f] or bg[v + s1] or bg[v + s2] or bg[v + s1 + s2]:
+            if cleared[f] or _face_value(bg, f, Y, Z):
                 continue
             if k == out.shape[0]:
                 grown = np.empty(2 * k, dtype=np.int64)
@@ -506,25 +531,12 @@ def _column_order(bg, cleared, X, Y, Z):
         y = (v // Z) % Y
         z = v % Z
         for t in range(3):
-            if t == 0:
-                if y + 1 >= Y or z + 1 >= Z:
-                    continue
-                s1 = Z
-                s2 = 1
-            elif t == 1:
-                if x + 1 >= X or z + 1 >= Z:
-                    continue
-                s1 = YZ
-                s2 = 1
-            else:
-                if x + 1 >= X or y + 1 >= Y:
-                    continue
-                s1 = YZ
-                s2 = Z
+            if not _face_exists(x, y, z, t, X, Y, Z):
+                continue
             f = 3 * v + t
             if cleared[f]:
                 continue
-            vals[f] = bg[v] | bg[v + s1] | bg[v + s2] | bg[v + s1 + s2]
+            vals[f] = _face_value(bg, f, Y, Z)
             cnt += 1
     out = np.empty(cnt, dtype=np.int64)
     i = 0
@@ -729,12 +741,7 @@ def _reduce(cols, bg, X, Y, Z, stop, target=-1):
         owner[e] = i
         lows[i] = e
         if target >= 0 and pivot < E:  # value-0 low; emergent columns never get one
-            f = cols[i]
-            v = f // 3
-            t = f % 3
-            s1 = Z if t == 0 else Y * Z
-            s2 = Z if t == 2 else 1
-            if bg[v] | bg[v + s1] | bg[v + s2] | bg[v + s1 + s2]:
+            if _face_value(bg, cols[i], Y, Z):
                 found += 1
                 if found == target:
                     return lows
@@ -775,24 +782,7 @@ def _dim1_match(cols_c, lows_c, lows_ia, lows_ig, bg_c, birth_a, birth_g, Y, Z, 
         e = lows_c[i]
         if e < 0:
             continue
-        f = cols_c[i]
-        v = f // 3
-        t = f % 3
-        if t == 0:
-            s1 = Z
-            s2 = 1
-        elif t == 1:
-            s1 = Y * Z
-            s2 = 1
-        else:
-            s1 = Y * Z
-            s2 = Z
-        fval = bg_c[v] | bg_c[v + s1] | bg_c[v + s2] | bg_c[v + s1 + s2]
-        w = e // 3
-        ax = e % 3
-        st = Y * Z if ax == 0 else (Z if ax == 1 else 1)
-        evalue = bg_c[w] | bg_c[w + st]
-        if fval == evalue:
+        if _face_value(bg_c, cols_c[i], Y, Z) == _edge_value(bg_c, e, Y, Z):
             continue
         ba = lows_ia[i]
         bgl = lows_ig[i]
@@ -812,23 +802,7 @@ def _births(cols, lows, bg, Y, Z, n):
         e = lows[i]
         if e < 0:
             continue
-        f = cols[i]
-        v = f // 3
-        t = f % 3
-        if t == 0:
-            s1 = Z
-            s2 = 1
-        elif t == 1:
-            s1 = Y * Z
-            s2 = 1
-        else:
-            s1 = Y * Z
-            s2 = Z
-        fval = bg[v] | bg[v + s1] | bg[v + s2] | bg[v + s1 + s2]
-        w = e // 3
-        ax = e % 3
-        st = Y * Z if ax == 0 else (Z if ax == 1 else 1)
-        if fval != (bg[w] | bg[w + st]):
+        if _face_value(bg, cols[i], Y, Z) != _edge_value(bg, e, Y, Z):
             out[e] = 1
             cnt += 1
             last = i + 1
