@@ -14,11 +14,9 @@ unlabeled regions, so a healthy prediction covers about that share of a whole vo
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -328,22 +326,25 @@ def load_predictions(source: str | os.PathLike) -> Iterable[tuple[str, np.ndarra
     """Yield ``(id, volume)`` from a ``submission.zip``, or a folder of ``{id}.tif`` / ``{id}.npy``.
 
     Volumes are returned as stored: uint8 binary/probability TIFFs, float TIFFs or float16 ``.npy``.
+    TIFFs are found and read by the scorer's :func:`~kaggle_utils.metrics.score.list_volumes` /
+    :func:`~kaggle_utils.metrics.score.read_located` (a corrupt TIFF is a :class:`DataError` naming it).
     """
-    import tifffile
+    from .metrics.score import list_volumes, read_located
 
     source = Path(source)
     if source.is_file() and source.suffix == ".zip":
-        with zipfile.ZipFile(source) as zf:
-            for name in sorted(zf.namelist()):
-                if name.endswith(".tif"):
-                    yield Path(name).stem, tifffile.imread(io.BytesIO(zf.read(name)))
+        for vid, loc in list_volumes(source, role="pred").items():
+            yield vid, read_located(loc)
         return
     if source.is_dir():
-        files = sorted(source.glob("*.tif")) + sorted(source.glob("*.npy"))
-        if not files:
+        tifs = list_volumes(source, role="pred") if any(source.glob("*.tif")) else {}
+        npys = sorted(source.glob("*.npy"))
+        if not tifs and not npys:
             raise DataError(f"{source}: no .tif or .npy predictions found")
-        for f in files:
-            yield f.stem, (np.load(f) if f.suffix == ".npy" else tifffile.imread(f))
+        for vid, loc in tifs.items():
+            yield vid, read_located(loc)
+        for f in npys:
+            yield f.stem, np.load(f)
         return
     raise DataError(f"{source}: expected a submission .zip or a folder of .tif/.npy predictions")
 

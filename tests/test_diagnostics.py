@@ -158,3 +158,13 @@ def test_finished_predictions_at_2_4x_the_labelled_share_are_flagged():
     v = collapse_verdict([0.469, 0.389, 0.342], [0.164, 0.193, 0.133])
     assert v.collapsed and v.kind == "foreground"
     assert not collapse_verdict([0.198, 0.2, 0.158], [0.164, 0.193, 0.133]).collapsed
+
+
+def test_diagnose_names_a_corrupt_tiff_in_the_zip(tmp_path):
+    from kaggle_utils.data import DataError
+
+    zpath = tmp_path / "submission.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        zf.writestr("7.tif", b"not a tiff")
+    with pytest.raises(DataError, match=r"submission\.zip:7\.tif: cannot read TIFF"):
+        diagnose(zpath)

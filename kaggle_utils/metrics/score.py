@@ -36,6 +36,7 @@ __all__ = [
     "score_volume",
     "score_dataset",
     "list_volumes",
+    "read_located",
 ]
 
 WEIGHTS = (0.30, 0.35, 0.35)  # TopoScore, SurfaceDice, VOI_score
@@ -272,7 +273,12 @@ def list_volumes(source: str | os.PathLike, *, role: str = "pred") -> dict[str, 
     return dict(sorted(out.items()))
 
 
-def _read(loc: Locator) -> np.ndarray:
+def read_located(loc: Locator) -> np.ndarray:
+    """Read the TIFF a :func:`list_volumes` locator points at (a file or a zip member), as stored.
+
+    Raises:
+        DataError: unreadable or corrupt TIFF, naming the file (and zip member).
+    """
     import tifffile
 
     try:
@@ -289,7 +295,7 @@ def _read(loc: Locator) -> np.ndarray:
 
 
 def _score_pair(vol_id: str, pred_loc: Locator, gt_loc: Locator, backend: str) -> tuple[str, VolumeScore]:
-    pred, gt = _read(pred_loc), _read(gt_loc)
+    pred, gt = read_located(pred_loc), read_located(gt_loc)
     try:
         return vol_id, score_volume(pred, gt, backend=backend)
     except ValueError as exc:
