@@ -30,6 +30,7 @@ __all__ = [
     "read_volume",
     "read_label",
     "write_volume",
+    "write_probs",
     "atomic_path",
     "find_data_root",
     "load_index",
@@ -171,6 +172,31 @@ def write_volume(path: str | os.PathLike, volume: np.ndarray, compression: str |
     with atomic_path(path) as tmp:
         tifffile.imwrite(tmp, volume, compression=compression, photometric="minisblack")
     return Path(path)
+
+
+def write_probs(folder: str | os.PathLike, volume_id: str, scroll_id: str, prob: np.ndarray,
+                fold: object = None, **extra: object) -> Path:
+    """Save one volume's probabilities as ``{id}.npy`` (float16 ``(Z, Y, X)``) + ``{id}.json`` sidecar.
+
+    The format of out-of-fold probabilities (``train``) and ``predict --save-probs``, read by
+    :func:`kaggle_utils.tune.load_probs`. The sidecar holds ``id, scroll_id, fold, shape, dtype`` and
+    ``extra``. Both files are written atomically.
+
+    Returns:
+        the ``.npy`` path.
+    """
+    import json
+
+    folder = Path(folder)
+    npy = folder / f"{volume_id}.npy"
+    with atomic_path(npy) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, np.asarray(prob).astype(np.float16))
+    meta = {"id": volume_id, "scroll_id": scroll_id, "fold": fold, "shape": list(np.shape(prob)),
+            "dtype": "float16", **extra}
+    with atomic_path(folder / f"{volume_id}.json") as tmp:
+        Path(tmp).write_text(json.dumps(meta, indent=1, default=str))
+    return npy
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ Three pieces:
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import re
@@ -28,7 +27,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .data import DataError, atomic_path, load_index, normalize_intensity, read_volume
+from .data import DataError, atomic_path, load_index, normalize_intensity, read_volume, write_probs
 
 __all__ = [
     "SubmissionError",
@@ -581,7 +580,7 @@ def predict_dataset(
                 if prob.shape != tuple(shape):
                     raise RuntimeError(f"inference returned shape {prob.shape}, expected {tuple(shape)}")
                 if probs_dir is not None:
-                    _save_probs(probs_dir, rec, prob, fold)
+                    write_probs(probs_dir, rec.id, rec.scroll_id, prob, fold)
                 mask = postprocess(prob, pp_cfg)
                 del prob
                 row["fg_fraction"] = float(mask.mean()) if mask.size else 0.0
@@ -646,13 +645,3 @@ def _free_device_memory() -> None:
             torch.cuda.empty_cache()
     except Exception:  # never let cleanup hide the original error
         pass
-
-
-def _save_probs(folder: Path, rec: Any, prob: np.ndarray, fold: Any) -> None:
-    npy = folder / f"{rec.id}.npy"
-    with atomic_path(npy) as tmp:
-        with open(tmp, "wb") as fh:
-            np.save(fh, prob.astype(np.float16))
-    meta = {"id": rec.id, "scroll_id": rec.scroll_id, "fold": fold, "shape": list(prob.shape), "dtype": "float16"}
-    with atomic_path(folder / f"{rec.id}.json") as tmp:
-        Path(tmp).write_text(json.dumps(meta, indent=1, default=str))

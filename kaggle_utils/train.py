@@ -44,11 +44,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import ConfigError, from_dict, load_config, to_dict
-from .data import IGNORE_LABEL, atomic_path, load_index, normalize_intensity, read_label, read_volume, split_fold
+from .config import ConfigError, from_dict, to_dict
+from .data import (IGNORE_LABEL, atomic_path, load_index, normalize_intensity, read_label, read_volume, split_fold,
+                   write_probs)
 from .inference import InferenceConfig
 from .losses import LossConfig, build_loss
-from .models import ModelConfig, build_model, model_divisor, save_checkpoint, unwrap_model, validate_patch_size
+from .models import ModelConfig, build_model, model_divisor, save_checkpoint, validate_patch_size
 from .postprocess import PostprocessConfig
 from .sampling import AugmentConfig, PatchDataset, SamplerConfig, augment_batch, make_loader
 
@@ -659,13 +660,8 @@ def _write_oof(model: nn.Module, records: list, cfg: TrainConfig, device: torch.
     oof.mkdir(parents=True, exist_ok=True)
     for rec in tqdm(records, desc="oof", unit="vol", leave=False, disable=not progress):
         prob = _predict(model, read_volume(rec.image_path), cfg, device, final=True)
-        with atomic_path(oof / f"{rec.id}.npy") as tmp:
-            with open(tmp, "wb") as fh:
-                np.save(fh, prob.astype(np.float16))
-        meta = {"id": rec.id, "scroll_id": rec.scroll_id, "fold": fold, "shape": list(prob.shape),
-                "dtype": "float16", "checkpoint": "best.pt" if epoch is not None else "last.pt", "epoch": epoch}
-        with atomic_path(oof / f"{rec.id}.json") as tmp:
-            Path(tmp).write_text(json.dumps(meta, indent=1))
+        write_probs(oof, rec.id, rec.scroll_id, prob, fold,
+                    checkpoint="best.pt" if epoch is not None else "last.pt", epoch=epoch)
     return oof
 
 

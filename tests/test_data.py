@@ -289,3 +289,17 @@ def test_written_files_get_the_usual_mode(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
+
+
+def test_write_probs_round_trip(tmp_path):
+    import json
+
+    from kaggle_utils.data import write_probs
+
+    prob = np.linspace(0, 1, 24, dtype=np.float32).reshape(2, 3, 4)
+    npy = write_probs(tmp_path / "oof", "17", "34117", prob, 2, epoch=5)
+    back = np.load(npy)
+    assert back.dtype == np.float16 and back.shape == (2, 3, 4)
+    np.testing.assert_allclose(back, prob, atol=1e-3)
+    meta = json.loads((tmp_path / "oof" / "17.json").read_text())
+    assert meta == {"id": "17", "scroll_id": "34117", "fold": 2, "shape": [2, 3, 4], "dtype": "float16", "epoch": 5}

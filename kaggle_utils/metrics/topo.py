@@ -777,7 +777,6 @@ def _reduce(cols, bg, X, Y, Z, stop, target=-1):
 def _dim1_match(cols_c, lows_c, lows_ia, lows_ig, bg_c, birth_a, birth_g, Y, Z, n):
     """Count comparison pairs (value-0 edge, value-1 face) whose image lows are both input births."""
     m = 0
-    E = 3 * n
     for i in range(cols_c.shape[0]):
         e = lows_c[i]
         if e < 0:
