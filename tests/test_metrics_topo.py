@@ -129,7 +129,7 @@ def test_hollow_cube_and_ring():
 
 
 # ---------------------------------------------------------------------------------------------
-# Literal implementation of the procedure (BETTI.md) for tiny volumes
+# Literal implementation of the procedure (docs/metric.md, "How the counts are computed") for tiny volumes
 # ---------------------------------------------------------------------------------------------
 
 

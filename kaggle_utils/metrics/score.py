@@ -1,6 +1,6 @@
 """The competition score of one volume and of a dataset, reproducing the official scorer.
 
-Per volume (see ``/work/shared/METRIC.md``)::
+Per volume (see ``docs/metric.md``)::
 
     score = clip(0.30 * TopoScore + 0.35 * SurfaceDice@2 + 0.35 * VOI_score, 0, 1)
 
