@@ -16,7 +16,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -25,6 +25,9 @@ __all__ = [
     "IGNORE_LABEL",
     "LABEL_VALUES",
     "DataError",
+    "MissingCodecError",
+    "CODEC_INSTALL_HINT",
+    "tiff_codec_problem",
     "VolumeRecord",
     "DatasetIndex",
     "read_volume",
@@ -52,6 +55,22 @@ class DataError(ValueError):
     """Bad competition data. The message names the file (or CSV) and what is wrong with it."""
 
 
+class MissingCodecError(DataError):
+    """A TIFF uses a compression this Python cannot decode (or encode): a setup problem, not bad data.
+
+    The competition's TIFFs are LZW-compressed, which tifffile only decodes with the
+    ``imagecodecs`` package (Kaggle's image does not have it). The message names the file, the
+    compression and what to install (:data:`CODEC_INSTALL_HINT`).
+    """
+
+
+#: What to do when ``imagecodecs`` is missing (the text of :class:`MissingCodecError`).
+CODEC_INSTALL_HINT = (
+    "pip install imagecodecs (offline on Kaggle: add an imagecodecs wheel built for this Python to the "
+    "wheel dataset and run pip install --no-index --find-links /kaggle/input/kaggle-utils-wheels imagecodecs)"
+)
+
+
 # ----------------------------------------------------------------------------------------------
 # Volumes
 # ----------------------------------------------------------------------------------------------
@@ -64,16 +83,85 @@ def _check_is_file(path: Path) -> None:
         raise DataError(f"{path}: is a directory, expected a TIFF file")
 
 
+def _tifffile_has_imagecodecs() -> bool:
+    """Whether tifffile runs with the real ``imagecodecs`` (not its pure-Python fallback)."""
+    import tifffile
+
+    module = getattr(getattr(tifffile, "tifffile", None), "imagecodecs", None)
+    if module is not None:  # tifffile falls back to its own ``_imagecodecs`` when the import fails
+        return not getattr(module, "__name__", "").rsplit(".", 1)[-1].startswith("_")
+    try:
+        import imagecodecs  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _compression_name(code: int) -> str:
+    import tifffile
+
+    try:
+        return tifffile.COMPRESSION(code).name
+    except ValueError:
+        return f"compression {code}"
+
+
+def _codec_message(what: str, code: int, action: str = "decode") -> str:
+    name = _compression_name(code)
+    if not _tifffile_has_imagecodecs():
+        return (f"{what}: {name}-compressed TIFF; tifffile cannot {action} {name} without the 'imagecodecs' "
+                f"package, which is not installed: {CODEC_INSTALL_HINT}")
+    try:
+        import imagecodecs
+
+        version = f" {imagecodecs.__version__}"
+    except Exception:  # pragma: no cover - imagecodecs importable but broken
+        version = ""
+    return (f"{what}: {name}-compressed TIFF; the installed imagecodecs{version} cannot {action} {name}: "
+            "pip install -U imagecodecs")
+
+
+def tiff_codec_problem(tif: Any, what: str | os.PathLike = "TIFF") -> str | None:
+    """Say whether every page of an open TIFF can be decoded here, without decoding any pixels.
+
+    Compares each page's compression tag with the codecs tifffile can resolve in this environment
+    (``tifffile.TIFF.DECOMPRESSORS``, which knows whether ``imagecodecs`` is installed), so a
+    missing codec is never mistaken for a corrupt file.
+
+    Args:
+        tif: an open ``tifffile.TiffFile``.
+        what: the file name to put in the message.
+
+    Returns:
+        ``None`` when all pages are decodable, else one line naming the file, the compression and
+        the package to install (:data:`CODEC_INSTALL_HINT`).
+    """
+    import tifffile
+
+    codes = sorted({int(getattr(page, "compression", 1)) for page in tif.pages})
+    for code in codes:
+        try:
+            decodable = code in tifffile.TIFF.DECOMPRESSORS
+        except Exception:  # an unexpected tifffile internals change: let the real read decide
+            decodable = True
+        if not decodable:
+            return _codec_message(str(what), code)
+    return None
+
+
 def read_volume(path: str | os.PathLike) -> np.ndarray:
     """Read one competition volume (image or label) from a multi-page TIFF.
 
     Args:
-        path: ``.tif`` file (LZW-compressed TIFFs need ``imagecodecs``).
+        path: ``.tif`` file (LZW-compressed TIFFs need ``imagecodecs``; uncompressed, zlib and
+            packbits TIFFs do not).
 
     Returns:
         ``uint8 (Z, Y, X)`` array.
 
     Raises:
+        MissingCodecError: the file's compression needs a codec that is not installed (LZW without
+            ``imagecodecs``); the message says what to install.
         DataError: missing file, directory, truncated/corrupt TIFF, not 3D, not uint8.
     """
     import tifffile
@@ -85,7 +173,12 @@ def read_volume(path: str | os.PathLike) -> np.ndarray:
     try:
         with tifffile.TiffFile(path) as tif:
             n_pages = len(tif.pages)
+            problem = tiff_codec_problem(tif, path)
+            if problem is not None:
+                raise MissingCodecError(problem)
             volume = tif.asarray()
+    except MissingCodecError:
+        raise
     except Exception as exc:  # tifffile raises many types for broken files
         raise DataError(
             f"{path}: cannot read TIFF, file truncated or corrupt ({type(exc).__name__}: {exc})"
@@ -160,7 +253,12 @@ def write_volume(path: str | os.PathLike, volume: np.ndarray, compression: str |
     Args:
         path: destination ``.tif``.
         volume: ``uint8 (Z, Y, X)`` array.
-        compression: tifffile compression (``"lzw"`` as the competition files, or ``None``).
+        compression: tifffile compression: ``"lzw"`` as the competition files (needs
+            ``imagecodecs``), ``"zlib"`` (Python's zlib, no extra package) or ``None``.
+
+    Raises:
+        MissingCodecError: ``compression`` needs a codec that is not installed.
+        DataError: not 3D or not ``uint8``.
     """
     import tifffile
 
@@ -169,6 +267,16 @@ def write_volume(path: str | os.PathLike, volume: np.ndarray, compression: str |
         raise DataError(f"{path}: refusing to write a {volume.ndim}D array, expected (z, y, x)")
     if volume.dtype != np.uint8:
         raise DataError(f"{path}: refusing to write dtype {volume.dtype}, expected uint8")
+    if compression is not None:
+        try:
+            name = str(compression).upper()
+            code = int(tifffile.COMPRESSION["ADOBE_DEFLATE" if name == "ZLIB" else name])
+            encodable = code in tifffile.TIFF.COMPRESSORS
+        except Exception:  # a name or value tifffile maps itself: let imwrite decide
+            code, encodable = -1, True
+        if not encodable:
+            raise MissingCodecError(_codec_message(str(path), code, "encode")
+                                    + "; or write with compression='zlib' (no extra package)")
     with atomic_path(path) as tmp:
         tifffile.imwrite(tmp, volume, compression=compression, photometric="minisblack")
     return Path(path)

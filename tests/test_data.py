@@ -303,3 +303,65 @@ def test_write_probs_round_trip(tmp_path):
     np.testing.assert_allclose(back, prob, atol=1e-3)
     meta = json.loads((tmp_path / "oof" / "17.json").read_text())
     assert meta == {"id": "17", "scroll_id": "34117", "fold": 2, "shape": [2, 3, 4], "dtype": "float16", "epoch": 5}
+
+
+# ---------------------------------------------------------------- codecs (Kaggle's image has no imagecodecs)
+
+
+def test_lzw_without_imagecodecs_names_file_and_package(tmp_path, no_imagecodecs):
+    from kaggle_utils.data import MissingCodecError
+
+    vol = _label((4, 6, 8))
+    tifffile.imwrite(tmp_path / "a.tif", vol, compression=None, photometric="minisblack")
+    path = tmp_path / "lzw.tif"
+    path.write_bytes(_LZW_BYTES)  # a competition-style LZW volume, made while imagecodecs was there
+    with pytest.raises(MissingCodecError) as info:
+        read_volume(path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: LZW-compressed TIFF")
+    assert "'imagecodecs' package, which is not installed" in msg and "pip install imagecodecs" in msg
+    assert "corrupt" not in msg and "\n" not in msg
+    assert isinstance(info.value, DataError)  # the CLI prints it as one line
+    # uncompressed and zlib files still read without imagecodecs
+    np.testing.assert_array_equal(read_volume(tmp_path / "a.tif"), vol)
+    write_volume(tmp_path / "z.tif", vol, compression="zlib")
+    np.testing.assert_array_equal(read_volume(tmp_path / "z.tif"), vol)
+
+
+def test_corrupt_file_is_not_reported_as_missing_codec(tmp_path, no_imagecodecs):
+    from kaggle_utils.data import MissingCodecError
+
+    path = write_volume(tmp_path / "t.tif", _label((20, 32, 32)) * 50, compression="zlib")
+    data = bytearray(path.read_bytes())
+    with tifffile.TiffFile(path) as tif:  # garble the first strip's compressed bytes
+        offset = tif.pages[0].dataoffsets[0]
+    data[offset:offset + 64] = b"\xff" * 64
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"t\.tif: cannot read TIFF, file truncated or corrupt") as info:
+        read_volume(path)
+    assert not isinstance(info.value, MissingCodecError)
+
+
+def test_writing_lzw_without_imagecodecs_is_a_clear_error(tmp_path, no_imagecodecs):
+    from kaggle_utils.data import MissingCodecError
+
+    with pytest.raises(MissingCodecError, match=r"w\.tif: LZW-compressed TIFF; tifffile cannot encode LZW"):
+        write_volume(tmp_path / "w.tif", _label(), compression="lzw")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_check_data_cli_missing_codec(dataset, capsys, no_imagecodecs):
+    assert cli.main(["check-data", str(dataset)]) == 1
+    out = capsys.readouterr().out
+    assert "LZW-compressed TIFF" in out and "pip install imagecodecs" in out and "corrupt" not in out
+
+
+def _lzw_bytes() -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, _label((4, 6, 8)), compression="lzw", photometric="minisblack")
+    return buf.getvalue()
+
+
+_LZW_BYTES = _lzw_bytes()  # at import time, while imagecodecs is still available

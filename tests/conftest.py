@@ -1,0 +1,37 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture
+def no_imagecodecs(monkeypatch):
+    """Make tifffile behave as on Kaggle's image, where ``imagecodecs`` is not installed.
+
+    tifffile does ``import imagecodecs`` once at import time and, when that fails, uses its
+    pure-Python ``tifffile._imagecodecs`` (zlib, lzma, packbits decode, ..., no LZW); codec lookups
+    go through the lazily built ``TIFF.DECOMPRESSORS``/``COMPRESSORS`` maps. This swaps in the
+    fallback module, resets those maps and blocks ``import imagecodecs``, then checks that LZW
+    really cannot be encoded or decoded any more.
+    """
+    import tifffile
+    from tifffile import _imagecodecs
+
+    tf = tifffile.tifffile
+    monkeypatch.setitem(sys.modules, "imagecodecs", None)  # `import imagecodecs` raises ImportError
+    monkeypatch.setattr(tf, "imagecodecs", _imagecodecs)
+    monkeypatch.setattr(tifffile.TIFF, "DECOMPRESSORS", tf.CompressionCodec(encode=False))
+    monkeypatch.setattr(tifffile.TIFF, "COMPRESSORS", tf.CompressionCodec(encode=True))
+    for name in ("PREDICTORS", "UNPREDICTORS"):
+        if hasattr(tf, "PredictorCodec"):
+            monkeypatch.setattr(tifffile.TIFF, name, tf.PredictorCodec(encode=name == "PREDICTORS"))
+    # self-check: the simulation is real
+    assert int(tifffile.COMPRESSION.LZW) not in tifffile.TIFF.DECOMPRESSORS
+    with pytest.raises(KeyError, match="imagecodecs"):
+        tifffile.imwrite(io.BytesIO(), np.zeros((2, 2, 2), np.uint8), compression="lzw")
+    yield
