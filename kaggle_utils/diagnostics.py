@@ -19,11 +19,15 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
 from .data import IGNORE_LABEL, DataError, load_index, read_label, read_volume
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 __all__ = [
     "TYPICAL_SURFACE_SHARE",
@@ -37,6 +41,7 @@ __all__ = [
     "plot_prob_histogram",
     "load_predictions",
     "diagnose",
+    "diagnose_figure",
     "fold_table",
 ]
 
@@ -168,16 +173,20 @@ def collapse_verdict(
 # ----------------------------------------------------------------------------------------------
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
+# Figures are built with the object-oriented API (``matplotlib.figure.Figure``), never through
+# pyplot and never with ``matplotlib.use``: switching the backend inside a running Jupyter kernel
+# silences every later ``plt.show()``. A bare ``Figure`` saves PNGs headless (Agg canvas) and
+# shows in a notebook with ``display(fig)``; it is not kept alive by pyplot, so nothing leaks.
 
 
-def _save(fig, out: str | os.PathLike | None):
+def _figure(figsize: tuple[float, float]) -> "Figure":
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize)
+
+
+def _save(fig: "Figure", out: str | os.PathLike | None) -> "Figure":
+    """Write ``fig`` as PNG to ``out`` atomically (when given); return ``fig``."""
     if out is not None:
         from .data import atomic_path
 
@@ -186,13 +195,25 @@ def _save(fig, out: str | os.PathLike | None):
     return fig
 
 
-def plot_fg_histogram(pred_fg: Sequence[float], label_fg: Sequence[float] | None = None, out=None, ax=None,
-                      verdict: CollapseVerdict | None = None):
-    """Histogram of per-volume predicted foreground % beside the labelled surface % (collapse at a glance)."""
-    plt = _plt()
+def plot_fg_histogram(pred_fg: Sequence[float], label_fg: Sequence[float] | None = None,
+                      out: str | os.PathLike | None = None, ax: "Axes | None" = None,
+                      verdict: CollapseVerdict | None = None) -> "Figure":
+    """Histogram of per-volume predicted foreground % beside the labelled surface % (collapse at a glance).
+
+    Args:
+        pred_fg: predicted foreground share per volume (0-1).
+        label_fg: labelled surface share of the same volumes; ``None``: the typical range is shaded.
+        out: also write the figure as PNG here.
+        ax: draw into these axes (of another figure) instead of a new figure.
+        verdict: the verdict shown in the title; default :func:`collapse_verdict` of the shares.
+
+    Returns:
+        The figure (``display(fig)`` in a notebook).
+    """
     fig = None
     if ax is None:
-        fig, ax = plt.subplots(figsize=(6.4, 3.6))
+        fig = _figure((6.4, 3.6))
+        ax = fig.subplots()
     p = 100 * np.asarray(pred_fg, dtype=float)
     bins = np.linspace(0, 100, 51)
     ax.hist(p, bins=bins, alpha=0.7, color="tab:red", label=f"predicted fg (n={p.size})")
@@ -211,9 +232,22 @@ def plot_fg_histogram(pred_fg: Sequence[float], label_fg: Sequence[float] | None
 
 
 def plot_montage(image: np.ndarray, label: np.ndarray | None = None, prob: np.ndarray | None = None,
-                 pred: np.ndarray | None = None, slices: Sequence[int] | None = None, out=None, title: str = ""):
-    """Rows of z-slices: image, label (0 black, 1 white, 2 grey), probability, binary prediction."""
-    plt = _plt()
+                 pred: np.ndarray | None = None, slices: Sequence[int] | None = None,
+                 out: str | os.PathLike | None = None, title: str = "") -> "Figure":
+    """Rows of z-slices: image, label (0 black, 1 white, 2 grey), probability, binary prediction.
+
+    Args:
+        image: ``(Z, Y, X)`` volume (any dtype).
+        label: ``uint8 (Z, Y, X)`` labels {0, 1, 2}.
+        prob: ``float (Z, Y, X)`` probabilities in [0, 1].
+        pred: ``(Z, Y, X)`` binary prediction (non-zero = surface).
+        slices: z indices (rows); default the quarter, half and three-quarter planes.
+        out: also write the figure as PNG here.
+        title: figure title.
+
+    Returns:
+        The figure.
+    """
     z = image.shape[0]
     slices = list(slices) if slices is not None else [z // 4, z // 2, (3 * z) // 4]
     panels = [("image", image, "gray", None)]
@@ -223,7 +257,8 @@ def plot_montage(image: np.ndarray, label: np.ndarray | None = None, prob: np.nd
         panels.append(("probability", prob, "magma", (0, 1)))
     if pred is not None:
         panels.append(("prediction", (np.asarray(pred) != 0).astype(float), "gray", (0, 1)))
-    fig, axes = plt.subplots(len(slices), len(panels), figsize=(2.6 * len(panels), 2.6 * len(slices)), squeeze=False)
+    fig = _figure((2.6 * len(panels), 2.6 * len(slices)))
+    axes = fig.subplots(len(slices), len(panels), squeeze=False)
     for r, zi in enumerate(slices):
         for c, (name, vol, cmap, lim) in enumerate(panels):
             ax = axes[r][c]
@@ -259,11 +294,11 @@ def _flatten(row: dict, prefix: str = "") -> dict:
     return flat
 
 
-def plot_training_log(metrics_jsonl: str | os.PathLike, out=None):
-    """Loss-part curves (left) and validation metrics (right) from a run's ``metrics.jsonl``."""
-    plt = _plt()
+def plot_training_log(metrics_jsonl: str | os.PathLike, out: str | os.PathLike | None = None) -> "Figure":
+    """Loss-part curves (left) and validation metrics (right) from a run's ``metrics.jsonl``; returns the figure."""
     rows = [_flatten(r) for r in _read_jsonl(metrics_jsonl)]
-    fig, (ax_l, ax_v) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig = _figure((11, 3.8))
+    ax_l, ax_v = fig.subplots(1, 2)
     keys = sorted({k for r in rows for k in r} - {"epoch"})
     x_of = lambda r, i: r.get("epoch", i)  # noqa: E731
     for k in keys:
@@ -279,12 +314,13 @@ def plot_training_log(metrics_jsonl: str | os.PathLike, out=None):
     return _save(fig, out)
 
 
-def plot_prob_histogram(probs: Iterable[np.ndarray], out=None, ax=None):
-    """Histogram (log counts) of predicted probabilities pooled over volumes."""
-    plt = _plt()
+def plot_prob_histogram(probs: Iterable[np.ndarray], out: str | os.PathLike | None = None,
+                        ax: "Axes | None" = None) -> "Figure":
+    """Histogram (log counts) of probabilities (``float (Z, Y, X)`` each) pooled over volumes; returns the figure."""
     fig = None
     if ax is None:
-        fig, ax = plt.subplots(figsize=(6.4, 3.6))
+        fig = _figure((6.4, 3.6))
+        ax = fig.subplots()
     bins = np.linspace(0, 1, 51)
     counts = np.zeros(50)
     for p in probs:
@@ -361,7 +397,9 @@ def _to_prob(vol: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
     return None, vol != 0
 
 
-def diagnose(pred_source, data_dir=None, out_png=None, ids: Sequence[str] | None = None):
+def diagnose(pred_source: str | os.PathLike, data_dir: str | os.PathLike | None = None,
+             out_png: str | os.PathLike | None = None,
+             ids: Sequence[str] | None = None) -> tuple[CollapseVerdict, list[dict]]:
     """Per-volume foreground shares of stored predictions, a collapse verdict and a report PNG.
 
     Args:
@@ -372,7 +410,25 @@ def diagnose(pred_source, data_dir=None, out_png=None, ids: Sequence[str] | None
 
     Returns:
         ``(verdict, rows)`` with one dict per volume: id, fg (share), label_fg, prob_std.
+        :func:`diagnose_figure` returns the report figure as well.
     """
+    verdict, rows, _fig = _diagnose(pred_source, data_dir, out_png, ids, figure=out_png is not None)
+    return verdict, rows
+
+
+def diagnose_figure(pred_source: str | os.PathLike, data_dir: str | os.PathLike | None = None,
+                    out_png: str | os.PathLike | None = None,
+                    ids: Sequence[str] | None = None) -> tuple[CollapseVerdict, list[dict], "Figure"]:
+    """:func:`diagnose` that also returns the report figure (to ``display`` in a notebook).
+
+    Returns:
+        ``(verdict, rows, figure)``; the figure is also written to ``out_png`` when given.
+    """
+    verdict, rows, fig = _diagnose(pred_source, data_dir, out_png, ids, figure=True)
+    return verdict, rows, fig  # type: ignore[return-value]  # figure=True always builds it
+
+
+def _diagnose(pred_source, data_dir, out_png, ids, figure: bool) -> tuple[CollapseVerdict, list[dict], "Figure | None"]:
     labels = {}
     images = {}
     if data_dir is not None:
@@ -406,30 +462,29 @@ def diagnose(pred_source, data_dir=None, out_png=None, ids: Sequence[str] | None
     prob_std = [r["prob_std"] for r in rows] if all(r["prob_std"] is not None for r in rows) else None
     verdict = collapse_verdict([r["fg"] for r in rows], [r["label_fg"] for r in rows] if with_labels else None,
                                prob_std=prob_std)
-    if out_png is not None:
-        plt = _plt()
-        fig = plt.figure(figsize=(13, 8))
-        gs = fig.add_gridspec(2, 4)
-        plot_fg_histogram([r["fg"] for r in rows], [r["label_fg"] for r in rows] if with_labels else None,
-                          ax=fig.add_subplot(gs[0, :2]), verdict=verdict)
-        if probs_for_hist:
-            plot_prob_histogram(probs_for_hist, ax=fig.add_subplot(gs[0, 2:]))
-        vid, prob, binary, label = first
-        zi = binary.shape[0] // 2
-        panels = []
-        if vid in images:
-            panels.append(("image", read_volume(images[vid])[zi], "gray"))
-        if label is not None:
-            panels.append(("label", np.where(label[zi] == 2, 0.5, label[zi] == 1), "gray"))
-        if prob is not None:
-            panels.append(("probability", prob[zi], "magma"))
-        panels.append(("prediction", binary[zi].astype(float), "gray"))
-        for c, (name, img, cmap) in enumerate(panels[:4]):
-            ax = fig.add_subplot(gs[1, c])
-            ax.imshow(img, cmap=cmap)
-            ax.set_title(f"{vid} z={zi}: {name}", fontsize=9)
-            ax.set_xticks([]), ax.set_yticks([])
-        fig.suptitle(str(verdict), fontsize=9)
-        _save(fig, out_png)
-        plt.close(fig)
-    return verdict, rows
+    if not figure:
+        return verdict, rows, None
+    fig = _figure((13, 8))
+    gs = fig.add_gridspec(2, 4)
+    plot_fg_histogram([r["fg"] for r in rows], [r["label_fg"] for r in rows] if with_labels else None,
+                      ax=fig.add_subplot(gs[0, :2]), verdict=verdict)
+    if probs_for_hist:
+        plot_prob_histogram(probs_for_hist, ax=fig.add_subplot(gs[0, 2:]))
+    vid, prob, binary, label = first
+    zi = binary.shape[0] // 2
+    panels = []
+    if vid in images:
+        panels.append(("image", read_volume(images[vid])[zi], "gray"))
+    if label is not None:
+        panels.append(("label", np.where(label[zi] == 2, 0.5, label[zi] == 1), "gray"))
+    if prob is not None:
+        panels.append(("probability", prob[zi], "magma"))
+    panels.append(("prediction", binary[zi].astype(float), "gray"))
+    for c, (name, img, cmap) in enumerate(panels[:4]):
+        ax = fig.add_subplot(gs[1, c])
+        ax.imshow(img, cmap=cmap)
+        ax.set_title(f"{vid} z={zi}: {name}", fontsize=9)
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.suptitle(str(verdict), fontsize=9)
+    _save(fig, out_png)
+    return verdict, rows, fig

@@ -744,10 +744,7 @@ def plot_threshold_curves(result: TuneResult, out_png: str | os.PathLike, max_sc
     first-stage grid (plain threshold, other fields at ``base``). A vertical line marks the best
     threshold.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # keep the backend: switching it would silence a notebook's plt.show()
 
     from .data import atomic_path
 

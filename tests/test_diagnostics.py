@@ -101,6 +101,49 @@ def test_figures_are_written(tmp_path):
     assert (tmp_path / "t.png").stat().st_size > 5000
 
 
+BACKEND_SCRIPT = """
+import json, sys
+import numpy as np
+import matplotlib
+from matplotlib.figure import Figure
+from kaggle_utils import diagnostics as d
+before = matplotlib.get_backend()
+lbl = np.zeros((8, 8, 8), np.uint8); lbl[3:5] = 1; lbl[:, :2] = 2
+figs = [d.plot_fg_histogram([0.2, 0.3], [0.1, 0.2]), d.plot_montage(lbl * 90, lbl),
+        d.plot_prob_histogram([lbl / 2.0]), d.plot_training_log(sys.argv[1]),
+        d.diagnose_figure(sys.argv[2], sys.argv[3])[2]]
+print(json.dumps([before, matplotlib.get_backend(), [isinstance(f, Figure) for f in figs]]))
+"""
+
+
+def test_plotting_does_not_change_the_backend_and_returns_figures(tmp_path):
+    # a notebook kernel runs the inline backend; switching it (matplotlib.use) silences plt.show()
+    import os
+    import subprocess
+    import sys
+
+    data = _dataset(tmp_path / "data")
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    for i in range(4):
+        np.save(preds / f"{i}.npy", np.where(_label(seed=i) == 1, 0.9, 0.05).astype(np.float16))
+    log = tmp_path / "metrics.jsonl"
+    log.write_text(json.dumps({"epoch": 1, "train_loss": 0.5, "val_score": 0.3}) + "\n")
+    env = dict(os.environ, MPLBACKEND="svg")  # any backend that is not Agg
+    out = subprocess.run([sys.executable, "-c", BACKEND_SCRIPT, str(log), str(preds), str(data)],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, after, are_figures = json.loads(out.stdout.strip().splitlines()[-1])
+    assert before.lower() == "svg" and after == before
+    assert are_figures == [True] * 5
+
+
+def test_no_module_switches_the_matplotlib_backend():
+    root = Path(__file__).resolve().parents[1] / "kaggle_utils"
+    offenders = [str(p) for p in root.rglob("*.py") if "matplotlib.use(" in p.read_text()]
+    assert offenders == []
+
+
 def _dataset(root: Path, n=4) -> Path:
     (root / "train_images").mkdir(parents=True)
     (root / "train_labels").mkdir()
