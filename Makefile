@@ -2,6 +2,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= demo
+# Python of Kaggle's image, the wheel set's target (make wheels KAGGLE_PYTHON=3.11 for an older image)
+KAGGLE_PYTHON ?= 3.12
 
 .PHONY: demo test report wheels clean
 
@@ -21,7 +23,7 @@ report: $(VENV)/.installed
 	bash scripts/report.sh $(PY)
 
 wheels: $(VENV)/.installed
-	bash scripts/build_wheels.sh $(PY)
+	$(PY) scripts/build_wheels.py --python-version $(KAGGLE_PYTHON)
 
 clean:
 	rm -rf $(DEMO_DIR) build dist *.egg-info

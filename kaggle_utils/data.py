@@ -66,8 +66,8 @@ class MissingCodecError(DataError):
 
 #: What to do when ``imagecodecs`` is missing (the text of :class:`MissingCodecError`).
 CODEC_INSTALL_HINT = (
-    "pip install imagecodecs (offline on Kaggle: add an imagecodecs wheel built for this Python to the "
-    "wheel dataset and run pip install --no-index --find-links /kaggle/input/kaggle-utils-wheels imagecodecs)"
+    "pip install imagecodecs (offline on Kaggle: attach the kaggle-utils-wheels dataset built for this Python "
+    "and run pip install --no-index --no-deps /kaggle/input/kaggle-utils-wheels/*.whl)"
 )
 
 
