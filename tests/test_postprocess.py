@@ -222,3 +222,262 @@ def test_load_postprocess_accepts_section_and_names_bad_key(tmp_path):
     bad.write_text("hysteresis_low: 0.3\n")
     with pytest.raises(ConfigError, match="bad.yaml"):
         load_postprocess(bad)
+
+
+# ---------------------------------------------------------------------------------- winners' steps
+
+from kaggle_utils.metrics import score_volume  # noqa: E402
+from kaggle_utils.postprocess import (  # noqa: E402
+    binary_opening,
+    directional_closing,
+    patch_sheet_holes,
+    plug_holes,
+    plug_lut,
+    prune_z_specks,
+    ridge_filter,
+    sheet_postprocess,
+    skeleton_rethicken,
+    split_merged_sheets,
+    tunnel_count,
+)
+
+
+def _n_components(mask, connectivity=26):
+    import cc3d
+
+    return int(cc3d.connected_components(np.asarray(mask, bool), connectivity=connectivity, return_N=True)[1])
+
+
+def _plane(shape=(20, 40, 40), z=8, thick=2, lo=3, hi=37):
+    mask = np.zeros(shape, dtype=bool)
+    mask[z:z + thick, lo:hi, lo:hi] = True
+    return mask
+
+
+def _tilted(shape=(30, 40, 40), slope=0.4, thick=2):
+    mask = np.zeros(shape, dtype=bool)
+    yy, xx = np.mgrid[0:shape[1], 0:shape[2]]
+    zc = (5 + slope * yy).astype(int)
+    for d in range(thick):
+        mask[zc + d, yy, xx] = True
+    return mask
+
+
+def test_new_options_are_off_by_default_and_validated():
+    cfg = PostprocessConfig()
+    assert not (cfg.sheets or cfg.hole_plug or cfg.z_prune)
+    assert cfg.closing_z == cfg.closing_xy == cfg.opening_radius == 0
+    assert cfg.ridge_sigma == 0 and cfg.skeleton_radius == 0 and cfg.split_levels == ()
+    with pytest.raises(ValueError, match="closing_z"):
+        PostprocessConfig(closing_z=-1)
+    with pytest.raises(ValueError, match="split_levels"):
+        PostprocessConfig(split_levels=(0.7, 0.5))
+    with pytest.raises(ValueError, match="skeleton_threshold"):
+        PostprocessConfig(skeleton_threshold=1.5)
+
+
+def test_tunnel_count_known_shapes():
+    assert tunnel_count(_plane()) == 0
+    holed = _plane()
+    holed[:, 15:20, 15:20] = False
+    assert tunnel_count(holed) == 1
+    ring = np.zeros((5, 9, 9), bool)
+    ring[2, 2:7, 2:7] = True
+    ring[2, 3:6, 3:6] = False
+    assert tunnel_count(ring) == 1
+    assert tunnel_count(np.zeros((4, 4, 4), bool)) == 0
+
+
+def test_sheet_hole_is_patched_exactly():
+    full = _plane()
+    holed = full.copy()
+    holed[:, 15:22, 15:20] = False          # 35-pixel hole through a 2-voxel sheet
+    out = patch_sheet_holes(holed, max_hole=100)
+    np.testing.assert_array_equal(out, full)
+    assert patch_sheet_holes(holed, max_hole=34).sum() == holed.sum()  # hole too large: untouched
+    res = sheet_postprocess(holed, closing=0, max_hole=100)
+    np.testing.assert_array_equal(res, full)
+    assert tunnel_count(res) == 0
+
+
+def test_tilted_sheet_hole_follows_the_slope():
+    full = _tilted()
+    holed = full.copy()
+    holed[:, 15:22, 15:21] = False
+    out = patch_sheet_holes(holed, max_hole=100)
+    assert (out >= holed).all()
+    assert tunnel_count(out) == 0 and tunnel_count(holed) == 1
+    # every patched voxel is within one voxel (along z) of the true sheet
+    near = full | np.roll(full, 1, axis=0) | np.roll(full, -1, axis=0)
+    assert (out & ~near).sum() == 0
+    assert (out[:, 15:22, 15:21].any(axis=0)).all()
+
+
+def test_hole_open_to_the_outside_is_not_patched():
+    notch = _plane()
+    notch[:, 3:10, 15:20] = False           # a notch cut from the sheet's edge
+    np.testing.assert_array_equal(patch_sheet_holes(notch, 1000), notch)
+
+
+def test_parallel_sheets_two_voxels_apart_are_not_merged():
+    two = np.zeros((24, 30, 30), bool)
+    two[10, 3:27, 3:27] = True
+    two[13, 3:27, 3:27] = True              # gap of 2 voxels (z = 11, 12)
+    two[10, 10:13, 10:13] = False           # a hole in the lower sheet
+    assert _n_components(binary_closing(two, 3)) == 1  # a global closing merges them
+    out = sheet_postprocess(two, closing=3, max_hole=100)
+    assert _n_components(out) == 2
+    assert out[10, 10:13, 10:13].all()       # the hole is still patched
+    assert (out >= two).all()
+    # separation is one voxel: no voxel of one sheet is a 26-neighbour of the other
+    out2 = sheet_postprocess(two, closing=3, max_hole=100, plug=True)
+    assert _n_components(out2) == 2
+
+
+def test_sheet_safety_check_keeps_unpatched_when_tunnels_rise():
+    # a U-shaped sheet seen from above: its projection has an enclosed hole, but the sheet has
+    # none; "patching" it would add a bridge at the interpolated height and create a tunnel
+    u = np.zeros((30, 30, 30), bool)
+    u[3:27, 5:25, 5] = True
+    u[3:27, 5:25, 24] = True
+    u[3, 5:25, 5:25] = True
+    u[3:27, 5, 5:25] = True
+    u[3:27, 24, 5:25] = True                 # a box open at z = 26 (projection along z: a ring)
+    before = tunnel_count(u)
+    out = sheet_postprocess(u, closing=0, max_hole=10_000)
+    assert tunnel_count(out) <= before
+
+
+def test_plug_lut_known_entries_and_plugging():
+    lut = plug_lut()
+    assert lut.shape == (256,) and lut[0] == 0 and lut[255] == 0
+    assert lut[0b00000110] == 0b00000001     # face-diagonal pair: one voxel connects them
+    assert lut[0b01111110] == 0b00000001     # six voxels around an empty diagonal: a loop, plugged
+    assert bin(int(lut[0b10000001])).count("1") == 2  # corner-diagonal pair: two voxels
+    assert lut[0b00000011] == 0 and lut[0b00001111] == 0
+    m = np.zeros((6, 6, 6), bool)
+    m[2, 2, 2] = m[3, 3, 3] = True            # touching at a corner only: two 6-components
+    out = plug_holes(m)
+    assert _n_components(out, 6) == 1 and out.sum() == 4
+    flat = _plane((8, 12, 12), z=3, thick=1, lo=2, hi=10)
+    np.testing.assert_array_equal(plug_holes(flat), flat)   # a clean sheet is unchanged
+
+
+def test_z_prune_removes_one_slice_speck_keeps_sheets():
+    m = _plane((20, 20, 20), z=5, thick=2, lo=2, hi=18)
+    m[12, 8, 8] = True                        # isolated one-slice speck
+    m[15, 3:8, 3:8] = True                    # one-slice flat patch: pruned too (by design)
+    out = prune_z_specks(m)
+    assert not out[12].any() and not out[15].any()
+    np.testing.assert_array_equal(out[:10], m[:10])
+    col = np.zeros((10, 5, 5), bool)
+    col[2:4, 2, 2] = True                     # two-slice speck survives
+    np.testing.assert_array_equal(prune_z_specks(col), col)
+
+
+def test_directional_closings_and_opening():
+    m = np.zeros((12, 12, 12), bool)
+    m[2:5, 4:8, 4:8] = True
+    m[6:9, 4:8, 4:8] = True                   # gap at z = 5
+    zc = directional_closing(m, 1, "z")
+    assert zc[5, 4:8, 4:8].all() and (zc >= m).all() and zc.sum() == m.sum() + 16
+    np.testing.assert_array_equal(directional_closing(m, 2, "xy"), m)  # no in-plane gap
+    g = np.zeros((6, 12, 12), bool)
+    g[3, 2:5, 2:10] = True
+    g[3, 6:9, 2:10] = True                    # in-plane gap at y = 5
+    xy = directional_closing(g, 1, "xy")
+    assert xy[3, 5, 3:9].all() and not xy[2].any() and not xy[4].any()
+    np.testing.assert_array_equal(directional_closing(g, 2, "z"), g)
+    with pytest.raises(ValueError, match="plane"):
+        directional_closing(g, 1, "q")
+    blob = np.zeros((12, 12, 12), bool)
+    blob[2:9, 2:9, 2:9] = True
+    blob[10, 10, 10] = True                   # a speck
+    op = binary_opening(blob, 1)
+    assert not op[10, 10, 10] and op[3:8, 3:8, 3:8].all() and (op <= blob).all()
+
+
+def test_ridge_filter_keeps_sheet_drops_blob():
+    from scipy import ndimage
+
+    truth = np.zeros((32, 32, 48), bool)
+    truth[15:17, 4:28, 4:24] = True           # a 2-voxel sheet
+    blob = np.zeros_like(truth)
+    blob[12:17, 12:17, 32:37] = True          # a 5^3 blob (debris)
+    prob = ndimage.gaussian_filter((truth | blob).astype(np.float32), 1.0)
+    mask = prob > 0.3
+    out = ridge_filter(mask, prob, sigma=1.0, ratio=2.0)
+    assert out[15:17, 8:24, 8:20].all()      # the sheet's inside survives
+    assert mask[..., 30:].sum() > 100 and out[..., 30:].sum() == 0  # the blob is gone
+    assert out[..., :28].sum() >= 0.95 * mask[..., :28].sum()
+    assert (out <= mask).all()
+
+
+def test_skeleton_rethicken_only_adds_and_bridges_gaps():
+    thick = np.zeros((9, 30, 30), bool)
+    thick[4, 5:25, 10] = True                 # a 1-voxel line in one slice
+    out = skeleton_rethicken(thick, 1.5)
+    assert (out >= thick).all() and out[3:6, 5:25, 9:12].sum() > thick.sum()
+    broken = thick.copy()
+    broken[4, 14:16, 10] = False              # gap in the line ...
+    low = thick.copy()                        # ... present at a lower threshold
+    bridged = skeleton_rethicken(broken, 1.5, source=low)
+    assert _n_components(broken) == 2 and _n_components(bridged) == 1
+
+
+def test_split_merged_sheets_cuts_the_bridge():
+    from scipy import ndimage
+
+    two = np.zeros((24, 24, 24), bool)
+    two[8:10, 2:22, 2:22] = True
+    two[14:16, 2:22, 2:22] = True
+    prob = ndimage.gaussian_filter(two.astype(np.float32), 1.0) * 0.9
+    prob[10:14, 10:13, 10:13] = 0.45          # a weak bridge merges the two sheets at 0.4
+    mask = prob > 0.4
+    assert _n_components(mask) == 1
+    out = split_merged_sheets(prob, mask, levels=(0.5, 0.6), min_size=100)
+    assert _n_components(out) == 2
+    assert (out <= mask).all() and out[8:10, 4:20, 4:20].all() and out[14:16, 4:20, 4:20].all()
+    np.testing.assert_array_equal(split_merged_sheets(prob, mask, levels=()), mask)
+
+
+def test_each_new_step_runs_in_the_pipeline():
+    rng = np.random.default_rng(1)
+    from scipy import ndimage
+
+    prob = ndimage.gaussian_filter(rng.random((24, 24, 24)).astype(np.float32), 2.0)
+    prob = (prob - prob.min()) / (prob.max() - prob.min())
+    for kw in (dict(sheets=True), dict(hole_plug=True), dict(z_prune=True), dict(closing_z=1), dict(closing_xy=1),
+               dict(opening_radius=1), dict(ridge_sigma=1.0), dict(skeleton_radius=1.5),
+               dict(skeleton_radius=1.5, skeleton_threshold=0.4), dict(split_levels=(0.6, 0.7), split_min_size=10),
+               dict(sheets=True, hole_plug=True, border=3)):
+        out = postprocess(prob, PostprocessConfig(threshold=0.5, **kw))
+        assert out.dtype == np.uint8 and out.shape == prob.shape, kw
+        if kw.get("border"):
+            assert out[:3].sum() == 0 and out[:, :, -3:].sum() == 0
+
+
+def test_ignore_region_never_matters_for_the_score():
+    # ground truth: a sheet whose hole region is labelled 2 (ignore), and a label-2 slab with a speck
+    gt = np.zeros((20, 40, 40), np.uint8)
+    gt[8:10, 3:37, 3:37] = 1
+    gt[:, 15:22, 15:20] = 2
+    gt[14:18] = 2
+    prob = np.where(gt == 1, 0.9, 0.05).astype(np.float32)
+    prob[:, 15:22, 15:20] = 0.05             # the prediction has a hole exactly there
+    prob[16, 30, 30] = 0.9                   # a one-slice speck inside the ignore slab
+    plain = score_volume(postprocess(prob, PostprocessConfig()), gt)
+    patched = postprocess(prob, PostprocessConfig(sheets=True, sheet_closing=0, sheet_max_hole=100))
+    pruned = postprocess(prob, PostprocessConfig(z_prune=True))
+    assert patched[8:10, 15:22, 15:20].all() and not pruned[16, 30, 30]  # the steps did act ...
+    for out in (patched, pruned):
+        assert score_volume(out, gt).score == pytest.approx(plain.score, abs=1e-12)  # ... unseen
+
+
+def test_yaml_round_trip_new_fields(tmp_path):
+    cfg = PostprocessConfig(sheets=True, sheet_closing=2, sheet_max_hole=500, hole_plug=True, z_prune=True,
+                            closing_z=2, closing_xy=1, opening_radius=1, ridge_sigma=1.5, skeleton_radius=1.5,
+                            skeleton_threshold=0.3, split_levels=(0.5, 0.6))
+    path = tmp_path / "pp.yaml"
+    save_postprocess(cfg, path)
+    assert load_postprocess(path) == cfg
