@@ -15,8 +15,11 @@ Pipeline:
 2. :func:`load_labels` reads the matching ``train_labels/{id}.tif``.
 3. :func:`tune` searches a :class:`SearchSpace`: a grid over the threshold (and, optionally, the
    hysteresis low threshold, with the threshold as the high one), then coordinate descent over
-   dust size, closing radius, pinhole filling, cavity filling, border zeroing and the threshold
-   again (``method="random"``: random search instead). Every (candidate, volume) pair is one task
+   dust size, closing radius, pinhole filling, cavity filling, border zeroing, the winners' steps
+   (per-sheet patching, 2x2x2 plug, z-pruning, directional closings, opening, ridge filter,
+   skeleton re-thickening, multi-level split: each searched only when its list in the space
+   has two or more values; :data:`WINNERS_SPACE` switches them all on) and the threshold again
+   (``method="random"``: random search instead). Every (candidate, volume) pair is one task
    in a process pool; the volumes reach the workers once (fork: shared memory; spawn: pickled once
    per worker by the pool initializer), never once per candidate.
 4. :class:`TuneResult` holds the best config, every evaluated candidate with its mean score and
@@ -58,6 +61,7 @@ __all__ = [
     "load_probs",
     "load_labels",
     "load_search_space",
+    "WINNERS_SPACE",
     "tune",
     "plot_threshold_curves",
 ]
@@ -66,7 +70,14 @@ log = logging.getLogger(__name__)
 
 PARTS = ("score", "topo_score", "surface_dice", "voi_score")
 #: parameters visited by coordinate descent, in this order (the threshold last: it interacts with all)
-COORDINATES = ("min_component_size", "closing_radius", "fill_holes", "max_cavity_size", "border", "threshold")
+#: parameters visited by coordinate descent, in this order (the threshold last: it interacts with all)
+BASIC_COORDINATES = ("min_component_size", "closing_radius", "fill_holes", "max_cavity_size", "border")
+#: the winners' post-processing steps (``postprocess.py``); searched only where the space lists
+#: two or more values, so the default space searches exactly what it did before they existed
+WINNER_COORDINATES = ("sheets", "sheet_closing", "sheet_max_hole", "hole_plug", "z_prune", "closing_z", "closing_xy",
+                      "opening_radius", "ridge_sigma", "skeleton_radius", "skeleton_threshold", "split_levels")
+COORDINATES = BASIC_COORDINATES + WINNER_COORDINATES + ("threshold",)
+_FLOAT_KEYS = ("threshold", "hysteresis_low", "ridge_sigma", "skeleton_radius")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,6 +205,11 @@ class SearchSpace:
         fill_holes: pinhole filling on/off.
         max_cavity_size: largest enclosed cavity filled (0 = off).
         border: voxels zeroed on each face (0 = off).
+        sheets, sheet_closing, sheet_max_hole, hole_plug, z_prune, closing_z, closing_xy,
+        opening_radius, ridge_sigma, skeleton_radius, skeleton_threshold, split_levels: values of
+            the :class:`PostprocessConfig` fields of the same names (the winners' steps). Empty
+            (the default) leaves a field at its ``base`` value and adds no candidate;
+            :data:`WINNERS_SPACE` is a space that tries each of them.
         base: starting values of the fields not yet searched.
         method: ``"coordinate"`` (coordinate descent, repeated up to ``rounds`` times until
             nothing changes) or ``"random"`` (``n_random`` random combinations around the
@@ -209,6 +225,18 @@ class SearchSpace:
     fill_holes: list[bool] = field(default_factory=lambda: [False, True])
     max_cavity_size: list[int] = field(default_factory=lambda: [0, 100, 1000])
     border: list[int] = field(default_factory=lambda: [0, 3])
+    sheets: list[bool] = field(default_factory=list)
+    sheet_closing: list[int] = field(default_factory=list)
+    sheet_max_hole: list[int] = field(default_factory=list)
+    hole_plug: list[bool] = field(default_factory=list)
+    z_prune: list[bool] = field(default_factory=list)
+    closing_z: list[int] = field(default_factory=list)
+    closing_xy: list[int] = field(default_factory=list)
+    opening_radius: list[int] = field(default_factory=list)
+    ridge_sigma: list[float] = field(default_factory=list)
+    skeleton_radius: list[float] = field(default_factory=list)
+    skeleton_threshold: list[float | None] = field(default_factory=list)
+    split_levels: list[tuple[float, ...]] = field(default_factory=list)
     base: PostprocessConfig = field(default_factory=PostprocessConfig)
     method: Literal["coordinate", "random"] = "coordinate"
     rounds: int = 2
@@ -221,10 +249,18 @@ class SearchSpace:
             bad = [v for v in getattr(self, name) if not 0.0 <= v <= 1.0]
             if bad:
                 raise ValueError(f"search space: {name} values must be in [0, 1], got {bad}")
-        for name in ("min_component_size", "closing_radius", "max_cavity_size", "border"):
+        for name in ("min_component_size", "closing_radius", "max_cavity_size", "border", "sheet_closing",
+                     "sheet_max_hole", "closing_z", "closing_xy", "opening_radius", "ridge_sigma", "skeleton_radius"):
             bad = [v for v in getattr(self, name) if v < 0]
             if bad:
                 raise ValueError(f"search space: {name} values must be >= 0, got {bad}")
+        bad = [v for v in self.skeleton_threshold if v is not None and not 0.0 <= v <= 1.0]
+        if bad:
+            raise ValueError(f"search space: skeleton_threshold values must be in [0, 1] or null, got {bad}")
+        self.split_levels = [tuple(float(x) for x in v) for v in self.split_levels]
+        for v in self.split_levels:
+            if list(v) != sorted(v) or any(not 0 < x < 1 for x in v):
+                raise ValueError(f"search space: each split_levels entry must be increasing values in (0, 1), got {list(v)}")
         if self.rounds < 1 or self.n_random < 1:
             raise ValueError("search space: rounds and n_random must be >= 1")
 
@@ -250,7 +286,7 @@ def _expand_ranges(data: dict, where: str) -> dict:
             if step <= 0:
                 raise ConfigError(f"{where}{key}: range step must be > 0, got {step}")
             vals = _frange(start, stop, step)
-            if key not in ("threshold", "hysteresis_low"):
+            if key not in _FLOAT_KEYS:
                 vals = [int(round(v)) for v in vals]
             out[key] = vals
     return out
@@ -273,6 +309,24 @@ def load_search_space(path: str | os.PathLike | None = None, data: dict | None =
         return from_dict(SearchSpace, _expand_ranges(raw, f"{prefix}." if prefix else ""), prefix)
     except ConfigError as exc:
         raise ConfigError(f"{where}{exc}") from None
+
+
+#: A search space that tries each of the winners' post-processing steps (``load_search_space(data=
+#: WINNERS_SPACE)``, or the same keys in a ``--space`` YAML): the basic grid and coordinates as in
+#: the default space, and each new step off/on with the sizes the winners used around it.
+WINNERS_SPACE: dict[str, Any] = {
+    "sheets": [False, True],
+    "sheet_closing": [1, 3],
+    "sheet_max_hole": [256, 4096],
+    "hole_plug": [False, True],
+    "z_prune": [False, True],
+    "closing_z": [0, 1, 2],
+    "closing_xy": [0, 1],
+    "opening_radius": [0, 1],
+    "ridge_sigma": [0.0, 1.0, 1.5],
+    "skeleton_radius": [0.0, 1.5],
+    "split_levels": [[], [0.6, 0.7, 0.8]],
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -486,6 +540,20 @@ def _describe(cfg: PostprocessConfig) -> str:
             parts.append(f"{short} {getattr(cfg, name)}")
     if cfg.fill_holes:
         parts.append("holes")
+    if cfg.sheets:
+        parts.append(f"sheets (close {cfg.sheet_closing}, holes <= {cfg.sheet_max_hole})")
+    for name, short in (("closing_z", "close-z"), ("closing_xy", "close-xy"), ("opening_radius", "open"),
+                        ("ridge_sigma", "ridge"), ("skeleton_radius", "skeleton")):
+        if getattr(cfg, name):
+            parts.append(f"{short} {getattr(cfg, name):g}")
+    if cfg.skeleton_radius and cfg.skeleton_threshold is not None:
+        parts.append(f"skeleton thr {cfg.skeleton_threshold:g}")
+    if cfg.hole_plug:
+        parts.append("plug")
+    if cfg.z_prune:
+        parts.append("z-prune")
+    if cfg.split_levels:
+        parts.append("split " + "/".join(f"{v:g}" for v in cfg.split_levels))
     return ", ".join(parts)
 
 
@@ -625,7 +693,11 @@ def _random_search(run: _Runner, space: SearchSpace, best: PostprocessConfig, be
     lows: list[float | None] = [None] + list(space.hysteresis_low)
     cfgs = []
     for _ in range(space.n_random):
-        kw = {name: rng.choice(_values(space, name, best)) for name in COORDINATES if name != "threshold"}
+        kw = {name: rng.choice(_values(space, name, best)) for name in BASIC_COORDINATES}
+        for name in WINNER_COORDINATES:  # only where searched: the default space draws as before
+            vals = _values(space, name, best)
+            if len(vals) > 1:
+                kw[name] = rng.choice(vals)
         c = dataclasses.replace(best, **kw)
         t = rng.choice(space.threshold)
         low = rng.choice([x for x in lows if x is None or x < t])

@@ -199,3 +199,56 @@ def test_cli_tune(volumes, tmp_path, capsys):
     space.write_text("thresholds: [0.4]\n")
     assert main(["tune", "--probs", str(tmp_path / "run"), "--data-dir", str(tmp_path), "--space", str(space),
                  "--out", str(out)]) == 2
+
+
+def test_default_space_does_not_search_the_winners_steps(volumes):
+    from kaggle_utils.tune import WINNER_COORDINATES
+
+    probs, labels = volumes
+    res = tune(probs[:2], labels[:2], load_search_space(data=dict(SMALL_SPACE, threshold=[0.4])), progress=False)
+    default = PostprocessConfig()
+    for c in res.candidates:
+        for name in WINNER_COORDINATES:
+            assert getattr(c.cfg, name) == getattr(default, name), name
+    rnd = tune(probs[:2], labels[:2], load_search_space(data=dict(SMALL_SPACE, threshold=[0.4], method="random",
+                                                                  n_random=4)), progress=False)
+    assert all(getattr(c.cfg, n) == getattr(default, n) for c in rnd.candidates for n in WINNER_COORDINATES)
+
+
+def test_winners_steps_are_searched_and_chosen_when_they_help(volumes, tmp_path):
+    from kaggle_utils.tune import WINNERS_SPACE
+
+    probs, labels = volumes
+    # no dust removal on offer: only z-pruning (or opening) can remove the one-voxel specks
+    space = load_search_space(data=dict(threshold=[0.4], min_component_size=[0], closing_radius=[0],
+                                        fill_holes=[False], max_cavity_size=[0], border=[0], z_prune=[False, True],
+                                        hole_plug=[False, True], rounds=1))
+    res = tune(probs, labels, space, progress=False)
+    tried = {(c.cfg.z_prune, c.cfg.hole_plug) for c in res.candidates}
+    assert {(False, False), (True, False)} <= tried
+    off = next(c.score for c in res.candidates if not c.cfg.z_prune and not c.cfg.hole_plug)
+    on = next(c.score for c in res.candidates if c.cfg.z_prune and not c.cfg.hole_plug)
+    assert res.best_score == pytest.approx(max(c.score for c in res.candidates))
+    assert res.best.z_prune == (on > off)
+    out = tmp_path / "best.yaml"
+    save_postprocess(res.best, out)
+    assert load_postprocess(out) == res.best
+    # the ready-made space loads and lists every step
+    full = load_search_space(data=WINNERS_SPACE)
+    assert full.sheets == [False, True] and full.split_levels == [(), (0.6, 0.7, 0.8)]
+    assert "sheets" in json.dumps(WINNERS_SPACE)
+
+
+def test_winners_space_yaml_ranges_and_errors(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("ridge_sigma: {start: 0.5, stop: 1.5, step: 0.5}\nclosing_z: {start: 0, stop: 2, step: 1}\n"
+                    "split_levels: [[], [0.6, 0.7]]\nskeleton_threshold: [null, 0.3]\n")
+    space = load_search_space(path)
+    assert space.ridge_sigma == [0.5, 1.0, 1.5] and space.closing_z == [0, 1, 2]
+    assert space.split_levels == [(), (0.6, 0.7)] and space.skeleton_threshold == [None, 0.3]
+    path.write_text("split_levels: [[0.7, 0.6]]\n")
+    with pytest.raises((ConfigError, ValueError), match="split_levels"):
+        load_search_space(path)
+    path.write_text("opening_radius: [-1]\n")
+    with pytest.raises((ConfigError, ValueError), match="opening_radius"):
+        load_search_space(path)
