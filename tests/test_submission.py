@@ -133,6 +133,66 @@ def test_writer_is_atomic(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["submission.zip"]
 
 
+def _pil_pages(data: bytes) -> np.ndarray:
+    """Read a TIFF as the competition's scorer does: PIL, page by page."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    pages = []
+    for i in range(img.n_frames):
+        img.seek(i)
+        pages.append(np.array(img))
+    return np.stack(pages)
+
+
+@pytest.mark.parametrize("codecs", ["imagecodecs", "without imagecodecs"])
+def test_submission_tiffs_read_back_identically_with_pil(tmp_path, request, codecs):
+    if codecs == "without imagecodecs":
+        request.getfixturevalue("no_imagecodecs")
+    rng = np.random.default_rng(7)
+    masks = {"odd": (rng.random((7, 13, 22)) > 0.5).astype(np.uint8),
+             "one": (rng.random((1, 5, 3)) > 0.5).astype(np.uint8)}
+    out = write_submission(masks.items(), tmp_path / "submission.zip")
+    with zipfile.ZipFile(out) as zf:
+        for vid, m in masks.items():
+            assert zf.getinfo(f"{vid}.tif").compress_type == zipfile.ZIP_DEFLATED
+            got = _pil_pages(zf.read(f"{vid}.tif"))
+            assert got.dtype == np.uint8 and got.shape == m.shape
+            np.testing.assert_array_equal(got, m)
+
+
+def test_no_imagecodecs_for_real_in_a_fresh_interpreter(tmp_path):
+    """tifffile imported with `import imagecodecs` failing, as on Kaggle: submission TIFFs are written
+    and PIL reads them back; an LZW image gives the one-line codec message."""
+    import subprocess
+
+    lzw = tmp_path / "lzw.tif"
+    write_volume(lzw, np.ones((3, 4, 5), np.uint8))
+    code = f"""
+import io, sys, zipfile
+sys.modules["imagecodecs"] = None
+import numpy as np
+from PIL import Image
+from kaggle_utils.data import DataError, read_volume
+from kaggle_utils.submission import write_submission
+m = (np.random.default_rng(0).random((5, 9, 11)) > 0.5).astype(np.uint8)
+write_submission([("v", m)], {str(tmp_path / "s.zip")!r})
+img = Image.open(io.BytesIO(zipfile.ZipFile({str(tmp_path / "s.zip")!r}).read("v.tif")))
+pages = []
+for i in range(img.n_frames):
+    img.seek(i)
+    pages.append(np.array(img))
+assert np.array_equal(np.stack(pages), m)
+try:
+    read_volume({str(lzw)!r})
+except DataError as exc:
+    print(exc)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith(f"{lzw}: LZW-compressed TIFF; tifffile cannot decode LZW without the 'imagecodecs'")
+
+
 # ---------------------------------------------------------------------------------- validator
 
 
@@ -357,6 +417,117 @@ def test_predict_dataset_keeps_tta_when_budget_allows(tmp_path, data_dir, fake_i
                              inference_cfg={"tta": "rot90"}, device="cpu", progress=False)
     assert [c["tta"] for c in fake_inference] == ["rot90"] * 3
     assert report.notes == [] and [v["tta_passes"] for v in report.volumes] == [4, 4, 4]
+
+
+class RecordingNet(PointwiseNet):
+    """PointwiseNet that records the spatial shape of every volume it is run on."""
+
+    def __init__(self, seen: list):
+        super().__init__()
+        self.seen = seen
+
+    def forward(self, x):
+        self.seen.append(tuple(x.shape[2:]))
+        return super().forward(x)
+
+
+def test_zip_failure_keeps_staged_masks_and_rerun_reuses_them(tmp_path, data_dir, fake_inference):
+    import kaggle_utils.submission as sub
+
+    out = tmp_path / "submission.zip"
+    parts = sub.staging_dir(out)
+    assert parts == tmp_path / "submission.zip.parts"
+    cfg = PostprocessConfig(threshold=0.5)
+
+    def broken_zip(items, out_zip, **kw):
+        raise OSError(28, "No space left on device")
+
+    seen: list = []
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(SubmissionError) as info:
+        mp.setattr(sub, "write_submission", broken_zip)
+        predict_dataset(models=[RecordingNet(seen)], data_dir=data_dir, out_zip=out, postprocess_cfg=cfg,
+                        device="cpu", progress=False)
+    msg = str(info.value)
+    assert "building the zip failed (OSError" in msg and "No space left" in msg
+    assert f"the 3 predicted mask(s) are kept in {parts}" in msg
+    assert sorted(seen) == sorted(SHAPES.values()) and not out.exists()
+    expected = {vid: _expected_mask(tifffile.imread(data_dir / "test_images" / f"{vid}.tif"), "zscore", cfg)
+                for vid in SHAPES}
+    assert sorted(p.name for p in parts.glob("*.tif")) == sorted(f"{v}.tif" for v in SHAPES)
+    for vid, mask in expected.items():
+        np.testing.assert_array_equal(tifffile.imread(parts / f"{vid}.tif"), mask)
+
+    # the zip writer works again; the rerun must not run the model at all
+    seen2: list = []
+    report = predict_dataset(models=[RecordingNet(seen2)], data_dir=data_dir, out_zip=out, postprocess_cfg=cfg,
+                             device="cpu", progress=False)
+    assert seen2 == [] and report.reused == list(SHAPES) and report.errors == {}
+    assert any(n.startswith(f"reusing 3 staged mask(s) of an earlier run from {parts}") for n in report.notes)
+    assert validate_submission(out, data_dir) == []
+    with zipfile.ZipFile(out) as zf:
+        for vid, mask in expected.items():
+            np.testing.assert_array_equal(tifffile.imread(io.BytesIO(zf.read(f"{vid}.tif"))), mask)
+    assert not parts.exists(), "staging folder removed after a zip that validated"
+
+
+def test_rerun_predicts_only_missing_or_broken_staged_masks(tmp_path, data_dir, fake_inference):
+    import kaggle_utils.submission as sub
+
+    out = tmp_path / "s.zip"
+    parts = sub.staging_dir(out)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sub, "validate_submission", lambda *a: ["a1.tif: simulated problem"])
+        with pytest.raises(SubmissionError, match=r"written but invalid .*a1.tif: simulated problem; the 3 predicted"):
+            predict_dataset(models=[RecordingNet([])], data_dir=data_dir, out_zip=out, device="cpu", progress=False)
+    (parts / "a1.tif").unlink()                           # interrupted before a1 was staged
+    (parts / "b2.tif").write_bytes(b"II*\x00garbage")      # a damaged file
+    tifffile.imwrite(parts / "zz.tif", np.zeros((2, 2, 2), np.uint8))  # not a test id: ignored
+    seen: list = []
+    report = predict_dataset(models=[RecordingNet(seen)], data_dir=data_dir, out_zip=out, device="cpu",
+                             progress=False)
+    assert sorted(seen) == sorted([SHAPES["a1"], SHAPES["b2"]]) and report.reused == ["c3"]
+    assert [v["id"] for v in report.volumes] == ["c3", "a1", "b2"] and report.n_volumes == 3
+    assert validate_submission(out, data_dir) == [] and not parts.exists()
+
+
+def test_staged_masks_of_other_settings_are_not_reused(tmp_path, data_dir, fake_inference):
+    import kaggle_utils.submission as sub
+
+    out = tmp_path / "s.zip"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sub, "write_submission", lambda *a, **k: (_ for _ in ()).throw(OSError("boom")))
+        with pytest.raises(SubmissionError, match="kept in"):
+            predict_dataset(models=[RecordingNet([])], data_dir=data_dir, out_zip=out, device="cpu", progress=False)
+    seen: list = []
+    report = predict_dataset(models=[RecordingNet(seen)], data_dir=data_dir, out_zip=out, device="cpu",
+                             progress=False, postprocess_cfg=PostprocessConfig(threshold=0.9))
+    assert sorted(seen) == sorted(SHAPES.values()) and report.reused == []
+
+
+def test_predict_stops_on_missing_codec_instead_of_submitting_empty(tmp_path, data_dir, fake_inference,
+                                                                   no_imagecodecs):
+    from kaggle_utils.data import DataError, MissingCodecError
+
+    out = tmp_path / "s.zip"
+    with pytest.raises(MissingCodecError) as info:
+        predict_dataset(models=[PointwiseNet()], data_dir=data_dir, out_zip=out, device="cpu", progress=False)
+    assert isinstance(info.value, DataError)
+    assert str(info.value).startswith(f"{data_dir / 'test_images' / 'a1.tif'}: LZW-compressed TIFF")
+    assert "pip install imagecodecs" in str(info.value) and not out.exists()
+
+
+def test_predict_without_imagecodecs_on_zlib_images(tmp_path, fake_inference, no_imagecodecs):
+    """The KeyError path: a run without imagecodecs used to end in KeyError writing LZW masks."""
+    data_dir = tmp_path / "d"
+    (data_dir / "test_images").mkdir(parents=True)
+    (data_dir / "test.csv").write_text("id,scroll_id\na1,1\n")
+    write_volume(data_dir / "test_images" / "a1.tif", np.arange(9 * 10 * 11, dtype=np.uint8).reshape(9, 10, 11),
+                 compression="zlib")
+    out = tmp_path / "s.zip"
+    report = predict_dataset(models=[PointwiseNet()], data_dir=data_dir, out_zip=out, device="cpu", progress=False)
+    assert report.errors == {} and validate_submission(out, data_dir) == []
+    with zipfile.ZipFile(out) as zf:
+        assert _pil_pages(zf.read("a1.tif")).shape == (9, 10, 11)
 
 
 def _tiny_unet():
