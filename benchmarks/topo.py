@@ -2,21 +2,27 @@
 
 Cases: undulating 2-voxel-thick sheets (pred = GT shifted by one voxel in z + 0.05 % noise),
 the same with holes punched into the prediction's sheets (forces the dimension-1 reductions),
-random blobs (many tunnels: worst case for dimension 1), all foreground, empty.
-Prints seconds per call (numba already compiled) and the process peak RSS.
+a model-like prediction (GT shifted, dilated in places, blobs near the sheets, torn discs: see
+:func:`model_like`), all foreground, empty, random blobs (many tunnels: worst case for dimension 1).
+Prints the minimum seconds over ``--repeat`` calls (numba already compiled) and the process peak RSS.
 
-Run: ``PYTHONPATH=. .venv/bin/python benchmarks/topo.py [--size 320]``
+Run: ``PYTHONPATH=. .venv/bin/python benchmarks/topo.py [--size 320] [--repeat 3] [--cases model]``.
+``--module path/to/topo.py`` times another copy of the module (e.g. ``git show HEAD~1:...`` saved to
+/tmp) in the same session, for before/after comparisons. ``--score`` also times ``score_volume`` on
+the model-like pair (3-voxel ignore border).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import resource
 import time
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
-from kaggle_utils.metrics.topo import topo_counts
+from kaggle_utils.metrics import topo as topo_module
 
 
 def sheets(size: int, n_sheets: int = 5, seed: int = 0) -> np.ndarray:
@@ -37,6 +43,56 @@ def blobs(size: int, seed: int = 0, frac: float = 0.5) -> np.ndarray:
     rng = np.random.default_rng(seed)
     f = ndimage.gaussian_filter(rng.standard_normal((size,) * 3).astype(np.float32), 3)
     return f > np.quantile(f, 1 - frac)
+
+
+def model_like(gt: np.ndarray, seed: int = 0, n_blobs: int = 200, n_tears: int = 40) -> np.ndarray:
+    """A prediction that fails the way segmentation models do, deterministic in ``seed``.
+
+    ``gt`` shifted by one voxel in z; dilated by one voxel where a smooth random field is high
+    (about a third of the volume); ``n_blobs`` balls of radius 3-8 centred within 4 voxels of a sheet;
+    ``n_tears`` discs (radius 3-10, 4 voxels thick in z) removed through the sheets.
+
+    Args:
+        gt: ``bool (Z, Y, X)`` ground-truth surface.
+
+    Returns:
+        ``bool (Z, Y, X)`` prediction.
+    """
+    rng = np.random.default_rng(seed)
+    shape = gt.shape
+    pred = np.roll(gt, 1, axis=0)
+    field = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), 8)
+    pred |= ndimage.binary_dilation(pred) & (field > np.quantile(field, 0.67))
+    zz, yy, xx = np.nonzero(gt)
+    for _ in range(n_blobs):
+        i = rng.integers(len(zz))
+        c = np.array([zz[i], yy[i], xx[i]]) + rng.integers(-4, 5, size=3)
+        r = rng.uniform(3, 8)
+        lo = np.maximum(c - int(np.ceil(r)), 0)
+        hi = np.minimum(c + int(np.ceil(r)) + 1, shape)
+        g = np.ogrid[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        d2 = sum((g[a] - c[a]) ** 2 for a in range(3))
+        pred[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] |= d2 <= r * r
+    for _ in range(n_tears):
+        i = rng.integers(len(zz))
+        c = np.array([zz[i], yy[i], xx[i]])
+        r = rng.uniform(3, 10)
+        lo = np.maximum(c - [2, int(r), int(r)], 0)
+        hi = np.minimum(c + [2, int(r) + 1, int(r) + 1], shape)
+        g = np.ogrid[lo[1]:hi[1], lo[2]:hi[2]]
+        disc = (g[0] - c[1]) ** 2 + (g[1] - c[2]) ** 2 <= r * r
+        pred[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] &= ~disc[None]
+    return pred
+
+
+def load_topo(path: str | None):
+    """The topo module to time: this package's, or a copy of ``topo.py`` at ``path``."""
+    if path is None:
+        return topo_module
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def peak_rss_mb() -> float:
@@ -65,8 +121,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=320)
     ap.add_argument("--skip-blobs", action="store_true")
+    ap.add_argument("--repeat", type=int, default=1, help="calls per case; the minimum is reported")
+    ap.add_argument("--cases", nargs="*", default=None, help="substrings of the case names to run")
+    ap.add_argument("--module", default=None, help="path of another topo.py to time instead")
+    ap.add_argument("--score", action="store_true", help="also time score_volume on the model-like pair")
     args = ap.parse_args()
     n = args.size
+    topo_counts = load_topo(args.module).topo_counts
     rng = np.random.default_rng(1)
     gt = sheets(n)
     pred = np.roll(gt, 1, axis=0) | (rng.random(gt.shape) < 0.0005)
@@ -78,9 +139,11 @@ def main() -> None:
     for _ in range(20):
         cy, cx = rng.integers(10, n - 10, size=2)
         gt_holed[:, cy - 3:cy + 3, cx - 3:cx + 3] = False
+    gt8 = sheets(n, n_sheets=8, seed=2)
     cases = [
         ("sheets, shift 1 + 0.05% noise", pred, gt),
         ("sheets with holes in pred and GT", holed, gt_holed),
+        ("model-like pred vs 8 sheets", model_like(gt8, seed=3), gt8),
         ("all foreground vs sheets", np.ones_like(gt), gt),
         ("empty vs sheets", np.zeros_like(gt), gt),
     ]
@@ -88,18 +151,39 @@ def main() -> None:
         b = blobs(n)
         bp = b ^ (rng.random(b.shape) < 0.01)
         cases.append(("random blobs 50% + 1% flips", bp, b))
+    if args.cases:
+        cases = [c for c in cases if any(w in c[0] for w in args.cases)]
     warm = blobs(24)  # compile / load the numba cache for every kernel
     topo_counts(warm, warm ^ (rng.random(warm.shape) < 0.05))
     print(f"inputs built, peak RSS {peak_rss_mb():.0f} MB")
     print(f"| case ({n}^3) | wall s | CPU s | peak RSS growth MB | counts {{k: (m,p,g)}} |")
     print("|---|---|---|---|---|")
     for name, p, g in cases:
-        base = reset_peak()
-        t, c0 = time.perf_counter(), time.process_time()
-        c = topo_counts(p, g)
-        dt, dc = time.perf_counter() - t, time.process_time() - c0
-        grow = _status_mb("VmHWM") - base
-        print(f"| {name} | {dt:.2f} | {dc:.2f} | {grow:.0f} | {c} |", flush=True)
+        best = (float("inf"), 0.0)
+        for _ in range(max(args.repeat, 1)):
+            base = reset_peak()
+            t, c0 = time.perf_counter(), time.process_time()
+            c = topo_counts(p, g)
+            best = min(best, (time.perf_counter() - t, time.process_time() - c0))
+            grow = _status_mb("VmHWM") - base
+        print(f"| {name} | {best[0]:.2f} | {best[1]:.2f} | {grow:.0f} | {c} |", flush=True)
+    if args.score:
+        from kaggle_utils.metrics import score_volume
+
+        labels = gt8.astype(np.uint8)
+        for ax in range(3):
+            idx = [slice(None)] * 3
+            idx[ax] = np.r_[0:3, n - 3:n]
+            labels[tuple(idx)] = 2
+        mp = model_like(gt8, seed=3).astype(np.uint8)
+        score_volume(mp[:32, :32, :32], labels[:32, :32, :32])
+        best = (float("inf"), 0.0)
+        for _ in range(max(args.repeat, 1)):
+            t, c0 = time.perf_counter(), time.process_time()
+            res = score_volume(mp, labels)
+            best = min(best, (time.perf_counter() - t, time.process_time() - c0))
+        print(f"score_volume model-like: wall {best[0]:.2f} s, CPU {best[1]:.2f} s, "
+              f"score {res.score:.4f}, counts {res.topo_counts}", flush=True)
     print(f"process peak RSS {peak_rss_mb():.0f} MB")
 
 

@@ -354,7 +354,7 @@ def test_closed_forms_match_machinery(seed):
     cube = topo._cube_values(bg, X, Y, Z)
     keys = np.zeros(cube.shape[0], np.uint8)
     cleared = np.zeros(3 * fg.size, np.uint8)
-    assert topo._dim2_pass(bg, cube, cube, X, Y, Z, 0, keys, keys, keys, cleared) == n2
+    assert topo._dim2_pass(bg, cube, cube, X, Y, Z, topo.Dim2Mode.INPUT, keys, keys, keys, cleared) == n2
     for clear in (cleared, np.zeros_like(cleared)):
         cols = topo._k0_columns(bg, clear, X, Y, Z)
         lows = topo._reduce(cols, bg, X, Y, Z, cols.shape[0])

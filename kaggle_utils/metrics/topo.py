@@ -31,6 +31,7 @@ Every filtration order is "value ascending, then id ascending".
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from enum import IntEnum
 from typing import Sequence
 
 import cc3d
@@ -161,13 +162,31 @@ def _closed_form(fg: np.ndarray) -> tuple[int, int, int, int]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Dimension 0: matches by union-find over vertices
+# Shared kernel helpers: modes, growth, union-find, cell geometry, max-heap
 # ----------------------------------------------------------------------------------------------
+
+
+class Dim2Mode(IntEnum):
+    """What one dual union-find pass (:func:`_dim2_pass`) computes besides the clearing."""
+
+    INPUT = 0  # input image: key the comparison-younger cube of every pair; return the pair count
+    COMPARE = 1  # comparison image: return the pairs whose younger cube is keyed in both inputs
+    CLEAR = 2  # clearing only (mark the 2-cells that cause a union); return 0
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _ensure(arr, need):
+    """``arr`` if it holds ``need`` items, else a copy grown to ``max(2 * len, need)`` (same dtype)."""
+    if need <= arr.shape[0]:
+        return arr
+    out = np.empty(max(2 * arr.shape[0], need), dtype=arr.dtype)
+    out[: arr.shape[0]] = arr
+    return out
 
 
 @njit(cache=True, nogil=True)
 def _uf_find(parent, i):
-    """Root of i, with path halving."""
+    """Root of ``i`` in the forest ``parent`` (int32 (N,)), with path halving."""
     while parent[i] != i:
         parent[i] = parent[parent[i]]
         i = parent[i]
@@ -175,100 +194,18 @@ def _uf_find(parent, i):
 
 
 @njit(cache=True, nogil=True)
-def _dim0_matches(flags, X, Y, Z):
-    """m0 for one octant.
-
-    ``flags`` uint8 (N,) per vertex: bit0 = pred foreground, bit1 = GT foreground. Value-0 comparison
-    edges (both ends in pred|GT foreground) are merged first; then value-1 edges in ascending id;
-    a union of two sets that both contain pred and GT foreground is a match.
-    """
-    n = X * Y * Z
-    parent = np.arange(n, dtype=np.int32)
-    size = np.ones(n, dtype=np.int32)
-    fl = flags.copy()
-    strides = (Y * Z, Z, 1)
-    sizes = (X, Y, Z)
-    # phase 1: value-0 edges
-    for v in range(n):
-        if fl[v] == 0:
-            continue
-        c = (v // (Y * Z), (v // Z) % Y, v % Z)
-        for t in range(3):
-            if c[t] + 1 >= sizes[t]:
-                continue
-            w = v + strides[t]
-            if flags[w] == 0:
-                continue
-            a = _uf_find(parent, v)
-            b = _uf_find(parent, w)
-            if a != b:
-                if size[a] < size[b]:
-                    a, b = b, a
-                parent[b] = a
-                size[a] += size[b]
-                fl[a] |= fl[b]
-    m = 0
-    # phase 2: value-1 edges in ascending id
-    for v in range(n):
-        x = v // (Y * Z)
-        y = (v // Z) % Y
-        z = v % Z
-        for t in range(3):
-            if t == 0:
-                ok = x + 1 < X
-            elif t == 1:
-                ok = y + 1 < Y
-            else:
-                ok = z + 1 < Z
-            if not ok:
-                continue
-            w = v + strides[t]
-            if flags[v] != 0 and flags[w] != 0:
-                continue
-            a = _uf_find(parent, v)
-            b = _uf_find(parent, w)
-            if a == b:
-                continue
-            if fl[a] == 3 and fl[b] == 3:
-                m += 1
-            if size[a] < size[b]:
-                a, b = b, a
-            parent[b] = a
-            size[a] += size[b]
-            fl[a] |= fl[b]
-    return m
-
-
-# ----------------------------------------------------------------------------------------------
-# Dimension 2: dual union-find over cubes (+ infinity node), 2-cells in reverse filtration order
-# ----------------------------------------------------------------------------------------------
-
-
-@njit(cache=True, nogil=True)
-def _cube_values(bg, X, Y, Z):
-    """uint8 value per cube (1 if any corner is background) plus a trailing 2 for the infinity node."""
-    nc = (X - 1) * (Y - 1) * (Z - 1)
-    out = np.empty(nc + 1, dtype=np.uint8)
-    i = 0
-    for x in range(X - 1):
-        for y in range(Y - 1):
-            for z in range(Z - 1):
-                v = (x * Y + y) * Z + z
-                val = 0
-                for dx in range(2):
-                    for dy in range(2):
-                        for dz in range(2):
-                            if bg[v + dx * Y * Z + dy * Z + dz]:
-                                val = 1
-                out[i] = val
-                i += 1
-    out[nc] = 2
-    return out
+def _union_size(parent, size, a, b):
+    """Link two distinct roots, the smaller set under the larger (ties: ``b`` under ``a``); new root."""
+    if size[a] < size[b]:
+        a, b = b, a
+    parent[b] = a
+    size[a] += size[b]
+    return a
 
 
 @njit(cache=True, nogil=True)
 def _union_rank(parent, rank, a, b):
-    """Link two distinct roots by rank; returns the new root."""
+    """Link two distinct roots by rank (ties: ``b`` under ``a``); returns the new root."""
     if rank[a] < rank[b]:
         parent[a] = b
         return b
@@ -278,140 +215,40 @@ def _union_rank(parent, rank, a, b):
     return a
 
 
-@njit(cache=True, nogil=True)
-def _dim2_pass(bg, cube_k, cube_c, X, Y, Z, mode, key_a, key_g, key_out, cleared):
-    """Dual union-find of one image over cubes + infinity, 2-cells in reverse filtration order.
-
-    mode 0: input image (bg, cube_k from that image, cube_c from the comparison image): marks
-    ``key_out[y_C] = 1`` for every pair and returns the number of pairs.
-    mode 1: comparison image (cube_k == cube_c): returns the number of comparison pairs whose
-    younger cube is keyed in both ``key_a`` and ``key_g``.
-    mode 2: clearing only (returns 0).
-    Every 2-cell that causes a union is marked in ``cleared`` (uint8 over face ids).
-    The set maxima (value, id) under both images are only needed at value-0 2-cells (no pair can
-    arise at a value-1 2-cell), so they are folded into the roots after the value-1 sweep.
-    """
-    nc = (X - 1) * (Y - 1) * (Z - 1)
-    parent = np.arange(nc + 1, dtype=np.int32)
-    rank = np.zeros(nc + 1, dtype=np.uint8)
-    YZ = Y * Z
-    Y1Z1 = (Y - 1) * (Z - 1)
-    Z1 = Z - 1
-    zeros = np.empty(1024, dtype=np.int64)  # value-0 2-cells, met in descending id
-    nz = 0
-    for x in range(X - 1, -1, -1):
-        for y in range(Y - 1, -1, -1):
-            for z in range(Z - 1, -1, -1):
-                v = (x * Y + y) * Z + z
-                cxyz = (x * (Y - 1) + y) * Z1 + z
-                inx = x < X - 1
-                iny = y < Y - 1
-                inz = z < Z - 1
-                for t in range(2, -1, -1):
-                    if t == 0:
-                        if not (iny and inz):
-                            continue
-                        s1 = Z
-                        s2 = 1
-                        c1 = cxyz - Y1Z1 if x >= 1 else nc
-                        c2 = cxyz if inx else nc
-                    elif t == 1:
-                        if not (inx and inz):
-                            continue
-                        s1 = YZ
-                        s2 = 1
-                        c1 = cxyz - Z1 if y >= 1 else nc
-                        c2 = cxyz if iny else nc
-                    else:
-                        if not (inx and iny):
-                            continue
-                        s1 = YZ
-                        s2 = Z
-                        c1 = cxyz - 1 if z >= 1 else nc
-                        c2 = cxyz if inz else nc
-                    if bg[v] | bg[v + s1] | bg[v + s2] | bg[v + s1 + s2]:
-                        a = _uf_find(parent, c1)
-                        b = _uf_find(parent, c2)
-                        if a != b:
-                            cleared[3 * v + t] = 1
-                            _union_rank(parent, rank, a, b)
-                    else:
-                        if nz == zeros.shape[0]:
-                            grown = np.empty(2 * nz, dtype=np.int64)
-                            grown[:nz] = zeros
-                            zeros = grown
-                        zeros[nz] = 3 * v + t
-                        nz += 1
-    if mode == 2:
-        for i in range(nz):
-            f = zeros[i]
-            c1, c2 = _dual_neighbours(f, X, Y, Z, nc)
-            a = _uf_find(parent, c1)
-            b = _uf_find(parent, c2)
-            if a != b:
-                cleared[f] = 1
-                _union_rank(parent, rank, a, b)
-        return 0
-    M = np.int64(nc + 1)
-    maxk = np.empty(nc + 1, dtype=np.int64)
-    maxc = np.empty(nc + 1, dtype=np.int64)
-    for c in range(nc + 1):
-        maxk[c] = cube_k[c] * M + c
-        maxc[c] = cube_c[c] * M + c
-    for c in range(nc + 1):
-        r = _uf_find(parent, c)
-        if r != c:
-            maxk[r] = max(maxk[r], maxk[c])
-            maxc[r] = max(maxc[r], maxc[c])
-    count = 0
-    for i in range(nz):
-        f = zeros[i]
-        c1, c2 = _dual_neighbours(f, X, Y, Z, nc)
-        a = _uf_find(parent, c1)
-        b = _uf_find(parent, c2)
-        if a == b:
-            continue
-        cleared[f] = 1
-        yk = min(maxk[a], maxk[b])
-        yc = min(maxc[a], maxc[b])
-        r = _union_rank(parent, rank, a, b)
-        maxk[r] = max(maxk[a], maxk[b])
-        maxc[r] = max(maxc[a], maxc[b])
-        if yk // M != 0:  # both sets reach a value-1 cube (or infinity): a finite pair
-            ycube = yc % M
-            if mode == 0:
-                key_out[ycube] = 1
-                count += 1
-            elif key_a[ycube] and key_g[ycube]:
-                count += 1
-    return count
-
-
-@njit(cache=True, nogil=True)
-def _dual_neighbours(f, X, Y, Z, nc):
-    """The two cubes on either side of 2-cell f along its normal axis (``nc`` = infinity)."""
-    v = f // 3
-    t = f % 3
-    x = v // (Y * Z)
-    y = (v // Z) % Y
-    z = v % Z
-    cxyz = (x * (Y - 1) + y) * (Z - 1) + z
-    if t == 0:
-        return (cxyz - (Y - 1) * (Z - 1) if x >= 1 else nc), (cxyz if x < X - 1 else nc)
-    if t == 1:
-        return (cxyz - (Z - 1) if y >= 1 else nc), (cxyz if y < Y - 1 else nc)
-    return (cxyz - 1 if z >= 1 else nc), (cxyz if z < Z - 1 else nc)
+@njit(cache=True, nogil=True, inline="always")
+def _coords(v, Y, Z):
+    """``(x, y, z)`` of vertex ``v = (x*Y + y)*Z + z``."""
+    return v // (Y * Z), (v // Z) % Y, v % Z
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _face_strides(t, Y, Z):
-    """Strides from corner ``v`` of 2-cell ``3*v + t`` to its other corners ``v+s1, v+s2, v+s1+s2``
-    (t=0 spans (y,z), t=1 spans (x,z), t=2 spans (x,y))."""
+def _axis_stride(t, Y, Z):
+    """Vertex stride along array axis ``t``."""
     if t == 0:
-        return Z, 1
+        return Y * Z
     if t == 1:
-        return Y * Z, 1
-    return Y * Z, Z
+        return Z
+    return 1
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _edge_exists(x, y, z, t, X, Y, Z):
+    """Whether edge ``(x, y, z, t)`` (from the vertex along axis t) ends inside the grid."""
+    if t == 0:
+        return x + 1 < X
+    if t == 1:
+        return y + 1 < Y
+    return z + 1 < Z
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _face_axes(t, Y, Z):
+    """``(a, b, sa, sb)``: the axes a < b spanned by a 2-cell of normal axis t, their strides (sa > sb)."""
+    if t == 0:
+        return 1, 2, Z, 1
+    if t == 1:
+        return 0, 2, Y * Z, 1
+    return 0, 1, Y * Z, Z
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -428,208 +265,55 @@ def _face_exists(x, y, z, t, X, Y, Z):
 def _face_value(bg, f, Y, Z):
     """Value of 2-cell ``f = 3*v + t`` in a binary (inverted) image: the max of its 4 corners."""
     v = f // 3
-    s1, s2 = _face_strides(f % 3, Y, Z)
-    return bg[v] | bg[v + s1] | bg[v + s2] | bg[v + s1 + s2]
+    _, _, sa, sb = _face_axes(f % 3, Y, Z)
+    return bg[v] | bg[v + sa] | bg[v + sb] | bg[v + sa + sb]
 
 
 @njit(cache=True, nogil=True, inline="always")
 def _edge_value(bg, e, Y, Z):
     """Value of edge ``e = 3*w + axis`` in a binary (inverted) image: the max of its 2 ends."""
     w = e // 3
-    ax = e % 3
-    st = Y * Z if ax == 0 else (Z if ax == 1 else 1)
-    return bg[w] | bg[w + st]
+    return bg[w] | bg[w + _axis_stride(e % 3, Y, Z)]
 
 
-@njit(cache=True, nogil=True)
-def _k0_columns(bg, cleared, X, Y, Z):
-    """Value-0 face ids (all 4 corners foreground) not cleared, ascending id."""
-    n = X * Y * Z
-    YZ = Y * Z
-    out = np.empty(1024, dtype=np.int64)
-    k = 0
-    for v in range(n):
-        if bg[v]:
-            continue
-        x = v // YZ
-        y = (v // Z) % Y
-        z = v % Z
-        for t in range(3):
-            if not _face_exists(x, y, z, t, X, Y, Z):
-                continue
-            f = 3 * v + t
-            if cleared[f] or _face_value(bg, f, Y, Z):
-                continue
-            if k == out.shape[0]:
-                grown = np.empty(2 * k, dtype=np.int64)
-                grown[:k] = out
-                out = grown
-            out[k] = f
-            k += 1
-    return out[:k].copy()
+@njit(cache=True, nogil=True, inline="always")
+def _face_boundary(f, bg, Y, Z):
+    """The 4 boundary edges of 2-cell ``f`` in ascending id and their values in ``bg``.
 
-
-@njit(cache=True, nogil=True)
-def _k0_births(bg, k0_lows, X, Y, Z):
-    """Birth edges of the (value 0, value 1) pairs of one input image.
-
-    They are the value-0 edges that are positive (do not merge two components when the value-0
-    edges are added in ascending id) and are not the low of a value-0 column. Returns uint8 over
-    edge ids and their number.
+    Returns ``(e0, e1, e2, e3, w0, w1, w2, w3)``: ``e0 = v->v+sa``, ``e1 = v->v+sb``,
+    ``e2 = v+sb->v+sa+sb``, ``e3 = v+sa->v+sa+sb`` (ids ascend since sa > sb).
     """
-    n = X * Y * Z
-    YZ = Y * Z
-    is_low = np.zeros(3 * n, dtype=np.uint8)
-    for i in range(k0_lows.shape[0]):
-        if k0_lows[i] >= 0:
-            is_low[k0_lows[i]] = 1
-    out = np.zeros(3 * n, dtype=np.uint8)
-    parent = np.arange(n, dtype=np.int32)
-    size = np.ones(n, dtype=np.int32)
-    cnt = 0
-    strides = (YZ, Z, 1)
-    for v in range(n):
-        if bg[v]:
-            continue
-        c = (v // YZ, (v // Z) % Y, v % Z)
-        lim = (X, Y, Z)
-        for t in range(3):
-            if c[t] + 1 >= lim[t]:
-                continue
-            w = v + strides[t]
-            if bg[w]:
-                continue
-            a = _uf_find(parent, v)
-            b = _uf_find(parent, w)
-            if a != b:
-                if size[a] < size[b]:
-                    a, b = b, a
-                parent[b] = a
-                size[a] += size[b]
-            elif not is_low[3 * v + t]:
-                out[3 * v + t] = 1
-                cnt += 1
-    return out, cnt
-
-
-# ----------------------------------------------------------------------------------------------
-# Dimension 1: column reductions of the 2-cell/edge boundary matrix
-# ----------------------------------------------------------------------------------------------
-
-
-@njit(cache=True, nogil=True)
-def _column_order(bg, cleared, X, Y, Z):
-    """Face ids not cleared, in filtration order: value-0 faces ascending id, then value-1 faces."""
-    n = X * Y * Z
-    YZ = Y * Z
-    cnt = 0
-    vals = np.empty(3 * n, dtype=np.int8)
-    for f in range(3 * n):
-        vals[f] = -1
-    for v in range(n):
-        x = v // YZ
-        y = (v // Z) % Y
-        z = v % Z
-        for t in range(3):
-            if not _face_exists(x, y, z, t, X, Y, Z):
-                continue
-            f = 3 * v + t
-            if cleared[f]:
-                continue
-            vals[f] = _face_value(bg, f, Y, Z)
-            cnt += 1
-    out = np.empty(cnt, dtype=np.int64)
-    i = 0
-    for pv in range(2):
-        for f in range(3 * n):
-            if vals[f] == pv:
-                out[i] = f
-                i += 1
-    return out
-
-
-@njit(cache=True, nogil=True)
-def _boundary_keys(f, bg, Y, Z, E, buf):
-    """Row keys (value*E + edge id) of the 4 edges of face f, sorted descending into buf[0:4]."""
     v = f // 3
-    t = f % 3
-    YZ = Y * Z
-    if t == 0:
-        a = 1
-        b = 2
-        sa = Z
-        sb = 1
-    elif t == 1:
-        a = 0
-        b = 2
-        sa = YZ
-        sb = 1
-    else:
-        a = 0
-        b = 1
-        sa = YZ
-        sb = Z
-    va = v + sa
-    vb = v + sb
-    vab = v + sa + sb
-    e0 = 3 * v + a  # v -> v+sa
-    e1 = 3 * v + b  # v -> v+sb
-    e2 = 3 * va + b  # v+sa -> v+sa+sb
-    e3 = 3 * vb + a  # v+sb -> v+sa+sb
-    buf[0] = (bg[v] | bg[va]) * E + e0
-    buf[1] = (bg[v] | bg[vb]) * E + e1
-    buf[2] = (bg[va] | bg[vab]) * E + e2
-    buf[3] = (bg[vb] | bg[vab]) * E + e3
-    # insertion sort, descending
-    for i in range(1, 4):
-        k = buf[i]
-        j = i - 1
-        while j >= 0 and buf[j] < k:
-            buf[j + 1] = buf[j]
-            j -= 1
-        buf[j + 1] = k
-
-
-@njit(cache=True, nogil=True)
-def _max_edge(f, bg, Y, Z):
-    """Edge id of the largest row (value, id) in the boundary of face f, and its value."""
-    v = f // 3
-    t = f % 3
-    if t == 0:
-        a = 1
-        b = 2
-        sa = Z
-        sb = 1
-    elif t == 1:
-        a = 0
-        b = 2
-        sa = Y * Z
-        sb = 1
-    else:
-        a = 0
-        b = 1
-        sa = Y * Z
-        sb = Z
-    # ids: 3v+a < 3v+b < 3(v+sb)+a < 3(v+sa)+b (sa > sb); pick the largest among the highest value
+    a, b, sa, sb = _face_axes(f % 3, Y, Z)
     va = v + sa
     vb = v + sb
     vab = va + sb
-    if bg[va] | bg[vab]:
-        return 3 * va + b, 1
-    if bg[vb] | bg[vab]:
-        return 3 * vb + a, 1
-    if bg[v] | bg[vb]:
-        return 3 * v + b, 1
-    if bg[v] | bg[va]:
-        return 3 * v + a, 1
-    return 3 * va + b, 0
+    return (3 * v + a, 3 * v + b, 3 * vb + a, 3 * va + b,
+            bg[v] | bg[va], bg[v] | bg[vb], bg[vb] | bg[vab], bg[va] | bg[vab])
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _dual_pair(x, y, z, t, X, Y, Z, nc):
+    """The two cubes on either side of 2-cell ``(x, y, z, t)`` along its normal (``nc`` = infinity)."""
+    c = (x * (Y - 1) + y) * (Z - 1) + z
+    if t == 0:
+        return (c - (Y - 1) * (Z - 1) if x >= 1 else nc), (c if x < X - 1 else nc)
+    if t == 1:
+        return (c - (Z - 1) if y >= 1 else nc), (c if y < Y - 1 else nc)
+    return (c - 1 if z >= 1 else nc), (c if z < Z - 1 else nc)
+
+
+@njit(cache=True, nogil=True)
+def _dual_neighbours(f, X, Y, Z, nc):
+    """The two cubes on either side of 2-cell id ``f`` along its normal axis (``nc`` = infinity)."""
+    x, y, z = _coords(f // 3, Y, Z)
+    return _dual_pair(x, y, z, f % 3, X, Y, Z, nc)
 
 
 @njit(cache=True, nogil=True)
 def _heap_push(h, hl, key):
     """Push onto the max-heap h[0:hl] (capacity ensured by the caller); returns the new size."""
     i = hl
-    h[i] = key
     while i > 0:
         par = (i - 1) >> 1
         if h[par] >= key:
@@ -675,6 +359,335 @@ def _heap_pivot(h, hl):
     return np.int64(-1), hl
 
 
+# ----------------------------------------------------------------------------------------------
+# Dimension 0: matches by union-find over vertices
+# ----------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True)
+def _dim0_matches(flags, X, Y, Z):
+    """m0 for one octant.
+
+    ``flags`` uint8 (N,) per vertex: bit0 = pred foreground, bit1 = GT foreground. Value-0 comparison
+    edges (both ends in pred|GT foreground) are merged first; then value-1 edges in ascending id;
+    a union of two sets that both contain pred and GT foreground is a match.
+    """
+    n = X * Y * Z
+    parent = np.arange(n, dtype=np.int32)
+    size = np.ones(n, dtype=np.int32)
+    fl = flags.copy()
+    m = 0
+    for phase in range(2):
+        for v in range(n):
+            if phase == 0 and flags[v] == 0:
+                continue
+            x, y, z = _coords(v, Y, Z)
+            for t in range(3):
+                if not _edge_exists(x, y, z, t, X, Y, Z):
+                    continue
+                w = v + _axis_stride(t, Y, Z)
+                value0 = flags[v] != 0 and flags[w] != 0
+                if value0 != (phase == 0):
+                    continue
+                a = _uf_find(parent, v)
+                b = _uf_find(parent, w)
+                if a == b:
+                    continue
+                if phase == 1 and fl[a] == 3 and fl[b] == 3:
+                    m += 1
+                r = _union_size(parent, size, a, b)
+                fl[r] |= fl[a + b - r]
+    return m
+
+
+# ----------------------------------------------------------------------------------------------
+# Dimension 2: dual union-find over cubes (+ infinity node), 2-cells in reverse filtration order
+# ----------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True)
+def _cube_values(bg, X, Y, Z):
+    """uint8 value per cube (1 if any corner is background) plus a trailing 2 for the infinity node."""
+    nc = (X - 1) * (Y - 1) * (Z - 1)
+    out = np.empty(nc + 1, dtype=np.uint8)
+    i = 0
+    for x in range(X - 1):
+        for y in range(Y - 1):
+            for z in range(Z - 1):
+                v = (x * Y + y) * Z + z
+                val = 0
+                for dx in range(2):
+                    for dy in range(2):
+                        for dz in range(2):
+                            if bg[v + dx * Y * Z + dy * Z + dz]:
+                                val = 1
+                out[i] = val
+                i += 1
+    out[nc] = 2
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _dim2_value1_sweep(bg, X, Y, Z, parent, rank, cleared):
+    """Unions of the value-1 2-cells in descending id; returns the value-0 2-cell ids, descending.
+
+    The value-1 2-cells come last in the filtration, so in reverse order they are met first.
+    Every 2-cell that causes a union is marked in ``cleared``.
+    """
+    nc = (X - 1) * (Y - 1) * (Z - 1)
+    zeros = np.empty(1024, dtype=np.int64)
+    nz = 0
+    for x in range(X - 1, -1, -1):
+        for y in range(Y - 1, -1, -1):
+            for z in range(Z - 1, -1, -1):
+                v = (x * Y + y) * Z + z
+                for t in range(2, -1, -1):
+                    if not _face_exists(x, y, z, t, X, Y, Z):
+                        continue
+                    _, _, sa, sb = _face_axes(t, Y, Z)
+                    if bg[v] | bg[v + sa] | bg[v + sb] | bg[v + sa + sb]:
+                        c1, c2 = _dual_pair(x, y, z, t, X, Y, Z, nc)
+                        a = _uf_find(parent, c1)
+                        b = _uf_find(parent, c2)
+                        if a != b:
+                            cleared[3 * v + t] = 1
+                            _union_rank(parent, rank, a, b)
+                    else:
+                        zeros = _ensure(zeros, nz + 1)
+                        zeros[nz] = 3 * v + t
+                        nz += 1
+    return zeros[:nz]
+
+
+@njit(cache=True, nogil=True)
+def _dim2_pass(bg, cube_k, cube_c, X, Y, Z, mode, key_a, key_g, key_out, cleared):
+    """Dual union-find of one image over cubes + infinity, 2-cells in reverse filtration order.
+
+    ``mode`` (a :class:`Dim2Mode`): INPUT (bg, cube_k from that image, cube_c from the comparison
+    image) marks ``key_out[y_C] = 1`` for every pair and returns the number of pairs; COMPARE
+    (comparison image, cube_k == cube_c) returns the number of comparison pairs whose younger
+    cube is keyed in both ``key_a`` and ``key_g``; CLEAR only clears (returns 0).
+    Every 2-cell that causes a union is marked in ``cleared`` (uint8 over face ids).
+    The set maxima (value, id) under both images are only needed at value-0 2-cells (no pair can
+    arise at a value-1 2-cell), so they are folded into the roots after the value-1 sweep.
+    """
+    nc = (X - 1) * (Y - 1) * (Z - 1)
+    parent = np.arange(nc + 1, dtype=np.int32)
+    rank = np.zeros(nc + 1, dtype=np.uint8)
+    zeros = _dim2_value1_sweep(bg, X, Y, Z, parent, rank, cleared)
+    M = np.int64(nc + 1)
+    maxk = np.empty(nc + 1 if mode != Dim2Mode.CLEAR else 0, dtype=np.int64)
+    maxc = np.empty_like(maxk)
+    if mode != Dim2Mode.CLEAR:
+        for c in range(nc + 1):
+            maxk[c] = cube_k[c] * M + c
+            maxc[c] = cube_c[c] * M + c
+        for c in range(nc + 1):
+            r = _uf_find(parent, c)
+            if r != c:
+                maxk[r] = max(maxk[r], maxk[c])
+                maxc[r] = max(maxc[r], maxc[c])
+    count = 0
+    for i in range(zeros.shape[0]):
+        f = zeros[i]
+        c1, c2 = _dual_neighbours(f, X, Y, Z, nc)
+        a = _uf_find(parent, c1)
+        b = _uf_find(parent, c2)
+        if a == b:
+            continue
+        cleared[f] = 1
+        r = _union_rank(parent, rank, a, b)
+        if mode == Dim2Mode.CLEAR:
+            continue
+        yk = min(maxk[a], maxk[b])
+        yc = min(maxc[a], maxc[b])
+        maxk[r] = max(maxk[a], maxk[b])
+        maxc[r] = max(maxc[a], maxc[b])
+        if yk // M != 0:  # both sets reach a value-1 cube (or infinity): a finite pair
+            ycube = yc % M
+            if mode == Dim2Mode.INPUT:
+                key_out[ycube] = 1
+                count += 1
+            elif key_a[ycube] and key_g[ycube]:
+                count += 1
+    return count
+
+
+# ----------------------------------------------------------------------------------------------
+# Dimension 1, input images: the foreground complex
+# ----------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True)
+def _k0_columns(bg, cleared, X, Y, Z):
+    """Value-0 face ids (all 4 corners foreground) not cleared, ascending id."""
+    n = X * Y * Z
+    out = np.empty(1024, dtype=np.int64)
+    k = 0
+    for v in range(n):
+        if bg[v]:
+            continue
+        x, y, z = _coords(v, Y, Z)
+        for t in range(3):
+            if not _face_exists(x, y, z, t, X, Y, Z):
+                continue
+            f = 3 * v + t
+            if cleared[f] or _face_value(bg, f, Y, Z):
+                continue
+            out = _ensure(out, k + 1)
+            out[k] = f
+            k += 1
+    return out[:k].copy()
+
+
+@njit(cache=True, nogil=True)
+def _k0_births(bg, k0_lows, X, Y, Z):
+    """Birth edges of the (value 0, value 1) pairs of one input image.
+
+    They are the value-0 edges that are positive (do not merge two components when the value-0
+    edges are added in ascending id) and are not the low of a value-0 column. Returns uint8 over
+    edge ids and their number.
+    """
+    n = X * Y * Z
+    is_low = np.zeros(3 * n, dtype=np.uint8)
+    for i in range(k0_lows.shape[0]):
+        if k0_lows[i] >= 0:
+            is_low[k0_lows[i]] = 1
+    out = np.zeros(3 * n, dtype=np.uint8)
+    parent = np.arange(n, dtype=np.int32)
+    size = np.ones(n, dtype=np.int32)
+    cnt = 0
+    for v in range(n):
+        if bg[v]:
+            continue
+        x, y, z = _coords(v, Y, Z)
+        for t in range(3):
+            if not _edge_exists(x, y, z, t, X, Y, Z):
+                continue
+            w = v + _axis_stride(t, Y, Z)
+            if bg[w]:
+                continue
+            a = _uf_find(parent, v)
+            b = _uf_find(parent, w)
+            if a != b:
+                _union_size(parent, size, a, b)
+            elif not is_low[3 * v + t]:
+                out[3 * v + t] = 1
+                cnt += 1
+    return out, cnt
+
+
+# ----------------------------------------------------------------------------------------------
+# Dimension 1: column reductions of the 2-cell/edge boundary matrix
+# ----------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True)
+def _column_order(bg, cleared, X, Y, Z):
+    """Face ids not cleared, in filtration order: value-0 faces ascending id, then value-1 faces."""
+    n = X * Y * Z
+    cnt = 0
+    vals = np.full(3 * n, -1, dtype=np.int8)
+    for v in range(n):
+        x, y, z = _coords(v, Y, Z)
+        for t in range(3):
+            if not _face_exists(x, y, z, t, X, Y, Z):
+                continue
+            f = 3 * v + t
+            if cleared[f]:
+                continue
+            vals[f] = _face_value(bg, f, Y, Z)
+            cnt += 1
+    out = np.empty(cnt, dtype=np.int64)
+    i = 0
+    for pv in range(2):
+        for f in range(3 * n):
+            if vals[f] == pv:
+                out[i] = f
+                i += 1
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _boundary_keys(f, bg, Y, Z, E, buf):
+    """Row keys (value*E + edge id) of the 4 edges of face f, sorted descending into buf[0:4]."""
+    e0, e1, e2, e3, w0, w1, w2, w3 = _face_boundary(f, bg, Y, Z)
+    buf[0] = w0 * E + e0
+    buf[1] = w1 * E + e1
+    buf[2] = w2 * E + e2
+    buf[3] = w3 * E + e3
+    # insertion sort, descending
+    for i in range(1, 4):
+        k = buf[i]
+        j = i - 1
+        while j >= 0 and buf[j] < k:
+            buf[j + 1] = buf[j]
+            j -= 1
+        buf[j + 1] = k
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _max_edge(f, bg, Y, Z):
+    """Edge id of the largest row (value, id) in the boundary of face f, and its value."""
+    e0, e1, e2, e3, w0, w1, w2, w3 = _face_boundary(f, bg, Y, Z)
+    if w3:
+        return e3, 1
+    if w2:
+        return e2, 1
+    if w1:
+        return e1, 1
+    if w0:
+        return e0, 1
+    return e3, 0
+
+
+@njit(cache=True, nogil=True)
+def _reduce_column(i, e, cols, bg, Y, Z, E, owner, slot, start, length, pool, heap, b4, other):
+    """Reduce column ``i`` whose maximum edge ``e`` is owned by an earlier column.
+
+    Adds the cached reduced column (or raw boundary, for emergent owners) of each owner of the
+    current pivot onto a max-heap with lazy Z/2 cancellation. Returns ``(pivot key or -1, heap,
+    heap length)``; the heap holds the reduced column when the pivot is >= 0.
+    """
+    _boundary_keys(cols[i], bg, Y, Z, E, b4)
+    hl = 0
+    for q in range(4):
+        hl = _heap_push(heap, hl, b4[q])
+    pivot = b4[0]
+    while True:
+        j = owner[e]
+        if slot[j] < 0:
+            _boundary_keys(cols[j], bg, Y, Z, E, other)
+            ol, src, off = 4, other, 0
+        else:
+            ol, src, off = length[slot[j]], pool, start[slot[j]]
+        heap = _ensure(heap, hl + ol)
+        for q in range(ol):
+            hl = _heap_push(heap, hl, src[off + q])
+        pivot, hl = _heap_pivot(heap, hl)
+        if pivot < 0:
+            return pivot, heap, hl
+        e = pivot - E if pivot >= E else pivot
+        if owner[e] < 0:
+            return pivot, heap, hl
+
+
+@njit(cache=True, nogil=True)
+def _drain_heap(heap, hl, pool, pool_len):
+    """Pop the heap into ``pool[pool_len:]`` (descending, cancelled pairs dropped); returns
+    ``(pool, number written)``, the pool grown if needed."""
+    pool = _ensure(pool, pool_len + hl)
+    wl = 0
+    while hl > 0:
+        top, hl = _heap_pop(heap, hl)
+        if hl > 0 and heap[0] == top:
+            top, hl = _heap_pop(heap, hl)
+            continue
+        pool[pool_len + wl] = top
+        wl += 1
+    return pool, wl
+
+
 @njit(cache=True, nogil=True)
 def _reduce(cols, bg, X, Y, Z, stop, target=-1):
     """Left-to-right Z/2 reduction; returns the low edge id of every column (-1: reduced to zero).
@@ -683,15 +696,16 @@ def _reduce(cols, bg, X, Y, Z, stop, target=-1):
     ``stop`` columns are reduced (later lows are -1). With ``target >= 0`` the reduction also stops
     once ``target`` columns of value 1 have reduced to a value-0 low (all finite pairs found).
     A column whose own maximum edge is free takes it at once ("emergent pair"); the others are
-    reduced on a max-heap with lazy Z/2 cancellation, adding the cached reduced columns of earlier
-    non-emergent columns (or the raw boundary of emergent ones, which equals their reduced column).
+    reduced on a max-heap with lazy Z/2 cancellation (:func:`_reduce_column`), adding the cached
+    reduced columns of earlier non-emergent columns (or the raw boundary of emergent ones, which
+    equals their reduced column).
     """
-    n = X * Y * Z
-    E = np.int64(3 * n)
+    E = np.int64(3 * X * Y * Z)
     ncols = cols.shape[0]
     lows = np.full(ncols, -1, dtype=np.int32)
-    owner = np.full(3 * n, -1, dtype=np.int32)
-    # reduced columns of the non-emergent columns: slot[i] -> pool[start[s]:start[s]+length[s]]
+    owner = np.full(E, -1, dtype=np.int32)
+    # reduced columns of the non-emergent columns: column i's (descending keys, cancelled pairs
+    # dropped) is pool[start[slot[i]] : start[slot[i]] + length[slot[i]]]; slot[i] = -1: emergent
     slot = np.full(ncols, -1, dtype=np.int32)
     start = np.empty(256, dtype=np.int64)
     length = np.empty(256, dtype=np.int32)
@@ -708,36 +722,11 @@ def _reduce(cols, bg, X, Y, Z, stop, target=-1):
             owner[e] = i
             lows[i] = e
             continue
-        _boundary_keys(cols[i], bg, Y, Z, E, b4)
-        hl = 0
-        for q in range(4):
-            hl = _heap_push(heap, hl, b4[q])
-        pivot = b4[0]
-        while True:
-            j = owner[e]
-            if slot[j] < 0:
-                _boundary_keys(cols[j], bg, Y, Z, E, other)
-                ol = 4
-                src = other
-                off = 0
-            else:
-                ol = length[slot[j]]
-                src = pool
-                off = start[slot[j]]
-            if hl + ol > heap.shape[0]:
-                grown = np.empty(2 * (hl + ol), dtype=np.int64)
-                grown[:hl] = heap[:hl]
-                heap = grown
-            for q in range(ol):
-                hl = _heap_push(heap, hl, src[off + q])
-            pivot, hl = _heap_pivot(heap, hl)
-            if pivot < 0:
-                break
-            e = pivot - E if pivot >= E else pivot
-            if owner[e] < 0:
-                break
+        pivot, heap, hl = _reduce_column(i, e, cols, bg, Y, Z, E, owner, slot, start, length, pool,
+                                         heap, b4, other)
         if pivot < 0:
             continue
+        e = pivot - E if pivot >= E else pivot
         owner[e] = i
         lows[i] = e
         if target >= 0 and pivot < E:  # value-0 low; emergent columns never get one
@@ -745,26 +734,9 @@ def _reduce(cols, bg, X, Y, Z, stop, target=-1):
                 found += 1
                 if found == target:
                     return lows
-        # cache the reduced column (descending keys, cancelled pairs dropped)
-        if pool_len + hl > pool.shape[0]:
-            newp = np.empty(2 * (pool_len + hl), dtype=np.int64)
-            newp[:pool_len] = pool[:pool_len]
-            pool = newp
-        wl = 0
-        while hl > 0:
-            top, hl = _heap_pop(heap, hl)
-            if hl > 0 and heap[0] == top:
-                top, hl = _heap_pop(heap, hl)
-                continue
-            pool[pool_len + wl] = top
-            wl += 1
-        if n_slots == start.shape[0]:
-            grown_s = np.empty(2 * n_slots, dtype=np.int64)
-            grown_s[:n_slots] = start
-            start = grown_s
-            grown_l = np.empty(2 * n_slots, dtype=np.int32)
-            grown_l[:n_slots] = length
-            length = grown_l
+        pool, wl = _drain_heap(heap, hl, pool, pool_len)
+        start = _ensure(start, n_slots + 1)
+        length = _ensure(length, n_slots + 1)
         slot[i] = n_slots
         start[n_slots] = pool_len
         length[n_slots] = wl
@@ -853,10 +825,10 @@ def topo_counts_octant(pred: np.ndarray, gt: np.ndarray) -> Counts:
                 # foreground-complex columns when the foreground holds many solid cubes
                 if need2 or solid > _CLEAR_MIN_CUBES:
                     cube_k = _cube_values(bg, X, Y, Z) if need2 else cube_c
-                    _dim2_pass(bg, cube_k, cube_c, X, Y, Z, 0 if need2 else 2, key_a, key_g, keys,
-                               cleared[key])
+                    mode = Dim2Mode.INPUT if need2 else Dim2Mode.CLEAR
+                    _dim2_pass(bg, cube_k, cube_c, X, Y, Z, mode, key_a, key_g, keys, cleared[key])
                     del cube_k
-            mode = 1 if need2 else 2
+            mode = Dim2Mode.COMPARE if need2 else Dim2Mode.CLEAR
             m2 = int(_dim2_pass(bg_c, cube_c, cube_c, X, Y, Z, mode, key_a, key_g, key_g, cleared["c"]))
             del cube_c
         if need1:
