@@ -173,9 +173,12 @@ def _args_predict(p: argparse.ArgumentParser) -> None:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
+    import logging
+
     from .config import ConfigError, from_dict, load_yaml
     from .data import find_data_root
     from .inference import InferenceConfig
+    from .models import CheckpointError
     from .postprocess import load_postprocess
     from .submission import SubmissionError, predict_dataset
 
@@ -189,6 +192,11 @@ def _run_predict(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             raise ConfigError(f"{args.config}: {exc}") from None
     pp_cfg = load_postprocess(args.postprocess) if args.postprocess is not None else None
+    # info lines (e.g. staged masks of an interrupted run reused) on stderr; warnings come via `warnings`
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(lambda record: record.levelno < logging.WARNING)
+    logging.getLogger("kaggle_utils.submission").addHandler(handler)
+    logging.getLogger("kaggle_utils.submission").setLevel(logging.INFO)
     try:
         report = predict_dataset(
             [str(c) for c in args.checkpoint], find_data_root(args.data_dir), args.out,
@@ -199,10 +207,35 @@ def _run_predict(args: argparse.Namespace) -> int:
     except SubmissionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        logging.getLogger("kaggle_utils.submission").removeHandler(handler)
     if args.json:
         print(json.dumps(report.to_json(), indent=1))
     else:
         print(report)
+    return 0
+
+
+def _args_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", type=Path, help="training checkpoint, e.g. RUN_DIR/best.pt")
+    p.add_argument("--out", type=Path, default=Path("model.pt"), help="inference file to write (default model.pt)")
+    p.add_argument("--fp16", action="store_true", help="store float16 weights (about half the size)")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .models import CheckpointError, export_checkpoint
+
+    try:
+        out = export_checkpoint(args.checkpoint, args.out, fp16=args.fp16)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    mb = 1024 * 1024
+    print(f"wrote {out} ({out.stat().st_size / mb:.1f} MiB, {'float16' if args.fp16 else 'float32'} weights) "
+          f"from {args.checkpoint} ({args.checkpoint.stat().st_size / mb:.1f} MiB)")
     return 0
 
 
@@ -344,6 +377,8 @@ COMMANDS: list[_Command] = [
     ("predict", "inference + post-processing on every test id -> validated submission.zip", _args_predict, _run_predict),
     ("validate-submission", "check a submission.zip against test.csv and the test images", _args_validate_submission,
      _run_validate_submission),
+    ("export", "write the small inference file of a checkpoint (weights, model/inference/postprocess config)",
+     _args_export, _run_export),
     ("train", "train one fold (or all with --fold -1) from a YAML config; --resume continues", _args_train, _run_train),
     ("tune", "search post-processing on out-of-fold probabilities -> best-postprocess.yaml", _args_tune, _run_tune),
 ]

@@ -8,6 +8,11 @@ Checkpoints are written with :func:`save_checkpoint` (atomic: a killed write nev
 file) and read with :func:`load_checkpoint`, which uses ``torch.load(weights_only=True)``: everything
 stored must be tensors, numbers, strings, ``None`` and lists/tuples/dicts of those. The config goes
 in as plain dicts (``config.to_dict``), RNG states as tensors or lists.
+
+:func:`export_checkpoint` (``python -m kaggle_utils export``) turns a training checkpoint into a small
+inference file (:data:`EXPORT_FORMAT`): the weights (EMA when present, optionally float16), the model
+config, the ``inference`` and ``postprocess`` sections and the intensity normalization; no optimizer,
+scheduler, scaler, RNG or history. :func:`load_checkpoint` reads both kinds.
 """
 
 from __future__ import annotations
@@ -28,8 +33,12 @@ __all__ = [
     "build_model",
     "model_divisor",
     "validate_patch_size",
+    "CheckpointError",
+    "EXPORT_FORMAT",
+    "EXPORT_VERSION",
     "save_checkpoint",
     "load_checkpoint",
+    "export_checkpoint",
     "unwrap_model",
 ]
 
@@ -51,6 +60,16 @@ KNOWN_ENCODERS = (
     "vgg11",
     "tu-resnet18",
 )
+
+
+#: ``format`` marker of an exported inference file (:func:`export_checkpoint`).
+EXPORT_FORMAT = "kaggle_utils.inference_model"
+#: Newest ``format_version`` of exported files this code reads and writes.
+EXPORT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used. The message names the file and the problem."""
 
 
 @dataclass
@@ -206,34 +225,118 @@ def save_checkpoint(path: str | os.PathLike, **state: Any) -> Path:
     return Path(path)
 
 
+def _torch_load(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    """``torch.load(weights_only=True)`` of a kaggle_utils checkpoint, or a one-line :class:`CheckpointError`."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated file, not a torch file, pickled objects outside the allowlist
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{path}: cannot load checkpoint, truncated or not a torch file "
+                              f"({type(exc).__name__}: {first})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise CheckpointError(f"{path}: not a kaggle_utils checkpoint (no 'model' entry)")
+    if ckpt.get("format") == EXPORT_FORMAT and int(ckpt.get("format_version") or 0) > EXPORT_VERSION:
+        raise CheckpointError(
+            f"{path}: exported with format version {ckpt['format_version']}, this kaggle_utils reads up to "
+            f"{EXPORT_VERSION}: install the kaggle_utils version that exported it"
+        )
+    return ckpt
+
+
+def _model_config_dict(path: Path, ckpt: dict) -> dict:
+    model_dict = ckpt.get("model_config") or (ckpt.get("config") or {}).get("model")
+    if model_dict is None:
+        raise CheckpointError(f"{path}: checkpoint has no model_config; cannot rebuild the network")
+    return dict(model_dict)
+
+
 def load_checkpoint(
     path: str | os.PathLike, map_location: str | torch.device = "cpu", use_ema: bool = True
 ) -> tuple[nn.Module, dict, dict]:
-    """Rebuild the model stored in a checkpoint of :func:`save_checkpoint`.
+    """Rebuild the model stored in a checkpoint of :func:`save_checkpoint` or :func:`export_checkpoint`.
 
     The checkpoint needs ``model`` (a state dict) and ``model_config`` (a :class:`ModelConfig` as a
     dict) or ``config["model"]``. When it also holds ``ema`` weights and ``use_ema`` is true, those
-    are loaded (they are what validation scored).
+    are loaded (they are what validation scored). Float16 weights of an ``export --fp16`` file are
+    cast to float32.
 
     Returns:
-        ``(model in eval mode on map_location, config dict (the full training config when stored),
+        ``(model in eval mode on map_location, config dict (the full training config when stored;
+        the model, inference, postprocess and sampler.normalization sections of an exported file),
         the whole checkpoint dict)``.
+
+    Raises:
+        CheckpointError: file missing, unreadable, not a kaggle_utils checkpoint, without a model
+            config, of a newer export format, or weights that do not fit the model config.
     """
     from .config import from_dict
 
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: checkpoint not found")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ValueError(f"{path}: not a kaggle_utils checkpoint (no 'model' entry)")
+    ckpt = _torch_load(path, map_location)
     cfg_dict = ckpt.get("config") or {}
-    model_dict = ckpt.get("model_config") or cfg_dict.get("model")
-    if model_dict is None:
-        raise ValueError(f"{path}: checkpoint has no model_config; cannot rebuild the network")
-    model_dict = dict(model_dict, weights_path=None, encoder_weights=None)
+    model_dict = dict(_model_config_dict(path, ckpt), weights_path=None, encoder_weights=None)
     model = build_model(from_dict(ModelConfig, model_dict, "model"))
     state = ckpt["ema"] if use_ema and isinstance(ckpt.get("ema"), dict) else ckpt["model"]
-    model.load_state_dict(state)
+    state = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() and v.dtype != torch.float32 else v
+             for k, v in state.items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{path}: weights do not fit {model_dict.get('arch')}/{model_dict.get('encoder')} "
+                              f"({first})") from None
     model.to(map_location).eval()
     return model, cfg_dict, ckpt
+
+
+def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, fp16: bool = False) -> Path:
+    """Write the small inference file of a checkpoint: what ``predict`` needs and nothing else.
+
+    Keeps the weights (the EMA weights when the checkpoint has them, else the model's; floating
+    tensors cast to float16 with ``fp16``, integer buffers unchanged), ``model_config``, the
+    ``config`` sections ``model``, ``inference``, ``postprocess`` and ``sampler.normalization`` (the
+    intensity normalization inference must repeat), ``fold`` (for ``predict --save-probs`` sidecars)
+    and ``format``/``format_version``/``weights``/``dtype`` markers. Drops optimizer, scaler,
+    scheduler, RNG states, metrics and history. The file loads with ``torch.load(weights_only=True)``
+    through :func:`load_checkpoint` and ``predict``.
+
+    Args:
+        src: a checkpoint of :func:`save_checkpoint` (``RUN_DIR/best.pt``) or an exported file.
+        dst: the file to write (atomically), e.g. ``model.pt``.
+        fp16: store float16 weights (about half the size; predictions within ~1e-3 in probability).
+
+    Returns:
+        ``Path(dst)``.
+
+    Raises:
+        CheckpointError: ``src`` is not a usable checkpoint or ``dst`` is the same file.
+    """
+    src, dst = Path(src), Path(dst)
+    ckpt = _torch_load(src)
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise CheckpointError(f"{dst}: refusing to overwrite the source checkpoint; choose another --out")
+    model_dict = _model_config_dict(src, ckpt)
+    use_ema = isinstance(ckpt.get("ema"), dict)
+    state = ckpt["ema"] if use_ema else ckpt["model"]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise CheckpointError(f"{src}: the {'ema' if use_ema else 'model'} entry is not a state dict of tensors")
+    if fp16:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    state = {k.removeprefix("module."): v.detach().clone().contiguous() for k, v in state.items()}
+    cfg = ckpt.get("config") or {}
+    normalization = (cfg.get("sampler") or {}).get("normalization") or "zscore"
+    config = {"model": model_dict, "sampler": {"normalization": normalization}}
+    for section in ("inference", "postprocess"):
+        if isinstance(cfg.get(section), dict):
+            config[section] = dict(cfg[section])
+    fold = ckpt.get("fold")
+    if fold is None:
+        fold = (cfg.get("train") or {}).get("fold")
+    weights_kind = "ema" if use_ema else ("model" if ckpt.get("format") != EXPORT_FORMAT else ckpt.get("weights", "model"))
+    return save_checkpoint(
+        dst, format=EXPORT_FORMAT, format_version=EXPORT_VERSION, model=state, model_config=model_dict,
+        config=config, fold=fold, weights=weights_kind,
+        dtype="float16" if any(v.dtype == torch.float16 for v in state.values()) else "float32",
+    )
