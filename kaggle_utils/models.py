@@ -173,7 +173,8 @@ def build_model(cfg: ModelConfig | None = None) -> nn.Module:
         :func:`model_divisor`.
     """
     cfg = cfg or ModelConfig()
-    with warnings.catch_warnings():
+    # its first import draws from torch's RNG: fork it, so a process's first model is initialized as every later one
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         warnings.simplefilter("ignore", FutureWarning)  # smp-3d imports torch.jit.script users
         import segmentation_models_pytorch_3d as smp
 
