@@ -305,7 +305,8 @@ class PredictReport:
         out_zip: the written submission.
         n_volumes: test ids processed.
         seconds: wall time of the whole run.
-        volumes: one dict per id: ``id, shape, seconds, fg_fraction, tta_passes, error``.
+        volumes: one dict per id: ``id, shape, seconds, fg_fraction, tta_passes, error, reused``
+            (reused ids come first, with ``shape``, ``fg_fraction`` and ``tta_passes`` ``None``).
         errors: ``{id: message}`` of volumes that failed and were submitted empty.
         tta: the TTA setting at the end of the run (after any reductions).
         notes: human-readable notes (TTA dropped for time, staged volumes reused, ...).
@@ -508,11 +509,16 @@ def predict_dataset(
 
     Per volume: ``read_volume`` → ``normalize_intensity(mode=<checkpoint's sampler.normalization>)``
     → ``inference.sliding_window_predict`` (``float32 (Z, Y, X)`` probabilities) →
-    ``postprocess.postprocess`` (``uint8`` 0/1) → zip entry. The next volume is read and normalized
-    in a background thread while the current one is predicted.
+    ``postprocess.postprocess`` (``uint8`` 0/1) → staged ``<out_zip>.parts/{id}.tif``
+    (:func:`staging_dir`). The next volume is read and normalized in a background thread while the
+    current one is predicted. Then the staged masks are zipped (:func:`write_submission`) and the zip
+    validated; the staging folder is removed only after that. A rerun with the same ``out_zip``
+    reuses every valid staged mask made with the same weights and settings (``report.reused``, an
+    INFO log line and a note) and predicts only the rest.
 
     Args:
-        checkpoints: checkpoint files (one = single model, several = ensemble); their configs give
+        checkpoints: checkpoint files, full or exported (``models.export_checkpoint``; one = single
+            model, several = ensemble); their configs give
             the normalization and, unless overridden, the ``inference`` and ``postprocess`` sections
             (taken from the first checkpoint).
         data_dir: competition-layout folder with ``test.csv`` and ``test_images/``.
@@ -539,9 +545,13 @@ def predict_dataset(
         about; the run goes on.
 
     Raises:
-        SubmissionError: the written zip fails :func:`validate_submission`, or neither/both of
-            ``checkpoints`` and ``models`` are given, or ensemble normalizations differ.
+        SubmissionError: building the zip failed or the zip fails :func:`validate_submission` (the
+            message says where the staged masks are kept), or neither/both of ``checkpoints`` and
+            ``models`` are given, or ensemble normalizations differ.
+        MissingCodecError: a test image needs a codec that is not installed (LZW without
+            ``imagecodecs``): raised at once instead of submitting every volume empty.
         DataError: ``data_dir`` is not a readable competition folder.
+        CheckpointError: a checkpoint file is missing, unreadable or not a kaggle_utils checkpoint.
     """
     from tqdm.auto import tqdm
 
