@@ -19,12 +19,12 @@ The set (pins chosen for numpy 2.0 and Python 3.12; ``--no-deps`` because smp-3d
 dynamic-network-architectures pins timm<1.0.23, both of which fight the image's timm):
     pure:   kaggle_utils, segmentation-models-pytorch-3d, timm-3d, pretrainedmodels, efficientnet-pytorch
             (the last two are source archives on PyPI: built into py3-none-any wheels here), munch,
-            dynamic-network-architectures
+            dynamic-network-architectures, six
     binary: connected-components-3d, edt, imagecodecs (downloaded for the target with ``pip download
             --only-binary=:all: --python-version X.Y --implementation cp --abi cpXY --platform ...``)
 
 Everything else the package and these wheels import (torch, torchvision, numpy, scipy, scikit-image,
-tifffile, numba, PyYAML, tqdm, matplotlib, pillow, six, huggingface-hub, safetensors, timm, einops) is
+tifffile, numba, PyYAML, tqdm, matplotlib, pillow, huggingface-hub, safetensors, timm, einops) is
 in the image (``/work/shared/KAGGLE_IMAGE.md``, the Colab base it is built on).
 
 The check that fails the build: every wheel must install on the target, tested with
@@ -62,6 +62,8 @@ PURE = {
     "efficientnet-pytorch": "0.7.1",
     "munch": "4.0.0",
     "dynamic-network-architectures": "0.4.4",
+    # pretrainedmodels (imported by smp-3d) imports six; not on the image's list, tiny, same version as Colab's.
+    "six": "1.17.0",
 }
 #: Compiled projects: wheels for the target are downloaded, never built. These versions have CPython
 #: 3.11 and 3.12 manylinux x86_64 wheels and run with numpy 2.0 (imagecodecs >= 2026.10 needs numpy >= 2.1).

@@ -8,8 +8,9 @@ Two stand-ins for the image:
   (one ``.pth`` line), minus everything Kaggle's image lacks (:data:`NOT_IN_IMAGE`: imagecodecs, cc3d, edt,
   smp-3d and its pins, munch, monai, kaggle_utils ...); the wheel set is built for this Python.
 * ``KU_IMAGE_PYTHON=/path/to/python``: a Python whose environment already holds the image's packages (torch,
-  numpy 2.0, timm, ipykernel ...); the venv is made with ``--system-site-packages`` and the wheel set is
-  built for that Python's version (cp312 for Kaggle's current image).
+  numpy 2.0, timm, ipykernel ...); the venv is made with ``--system-site-packages`` (plus that environment's
+  site-packages when it is itself a venv) and the wheel set is built for that Python's version (cp312 for
+  Kaggle's current image).
 
 Offline: proxies point at 127.0.0.1:9, ``PIP_NO_INDEX=1`` and no pip configuration. Read-only: the input tree
 is ``chmod -R a-w`` and, because root ignores that, its listing, mtimes and hashes are compared after the run.
@@ -68,6 +69,19 @@ def make_image_standin(venv: Path, site_src: Path, links: Path) -> None:
         (links / entry).symlink_to(site_src / entry)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     (Path(_venv_purelib(venv)) / "kaggle_image_standin.pth").write_text(f"{links}\n")
+
+
+def make_image_venv(venv: Path, image_python: str) -> None:
+    """A venv of ``image_python`` that sees that interpreter's whole environment: ``--system-site-packages``
+    for a system Python, plus its site-packages added by a ``.pth`` (``site.addsitedir``, so its own ``.pth``
+    files work) for when ``image_python`` is itself a venv, whose packages ``--system-site-packages`` would miss."""
+    sites = json.loads(subprocess.run(
+        [image_python, "-c", "import json, site, sysconfig; print(json.dumps([*site.getsitepackages(), "
+                             "sysconfig.get_paths()['purelib']]))"],
+        capture_output=True, text=True, check=True, timeout=120).stdout)
+    subprocess.run([image_python, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
+    lines = [f"import site; site.addsitedir({d!r})" for d in dict.fromkeys(sites) if Path(d).is_dir()]
+    (Path(_venv_purelib(venv)) / "kaggle_image.pth").write_text("\n".join(lines) + "\n")
 
 
 def _venv_purelib(venv: Path) -> str:
@@ -133,7 +147,7 @@ def test_submit_notebook_rehearses_a_kaggle_run(tmp_path, monkeypatch):
             pytest.skip(f"KU_IMAGE_PYTHON={image_python}: cannot import torch and ipykernel there: "
                         f"{probe.stderr.strip().splitlines()[-1:]}")
         target = probe.stdout.strip()
-        subprocess.run([image_python, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
+        make_image_venv(venv, image_python)
     else:
         target = "%d.%d" % sys.version_info[:2]
         make_image_standin(venv, Path(sysconfig.get_paths()["purelib"]), tmp_path / "image-site")
@@ -211,9 +225,12 @@ def test_submit_notebook_rehearses_a_kaggle_run(tmp_path, monkeypatch):
     res = _py(venv, "import kaggle_utils, imagecodecs, cc3d, edt, segmentation_models_pytorch_3d as smp\n"
                     "from kaggle_utils.train import load_train_config\n"
                     "assert load_train_config('kaggle-t4').model.encoder == 'resnet34'\n"
-                    "print(kaggle_utils.__file__); print(smp.__file__)", cwd=work)
+                    "import sys, numpy, torch\n"
+                    "print(kaggle_utils.__file__); print(smp.__file__)\n"
+                    "print('Python %d.%d.%d' % sys.version_info[:3], 'torch', torch.__version__, 'numpy', "
+                    "numpy.__version__, file=sys.stderr)", cwd=work)
     assert res.returncode == 0, res.stderr
     for line in res.stdout.split():
         assert line.startswith(str(venv)), res.stdout
-    print(f"rehearsal ({'KU_IMAGE_PYTHON=' + image_python if image_python else 'stand-in'}, Python {target}): "
+    print(f"rehearsal ({'KU_IMAGE_PYTHON=' + image_python if image_python else 'stand-in'}, {res.stderr.strip()}): "
           f"wheel set {build_s:.1f} s, notebook {notebook_s:.1f} s, total {time.perf_counter() - t_start:.1f} s")

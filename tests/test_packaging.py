@@ -186,8 +186,8 @@ def test_default_target_is_kaggles_image():
 
 
 EXPECTED_SET = {"kaggle-utils", "segmentation-models-pytorch-3d", "timm-3d", "pretrainedmodels",
-                "efficientnet-pytorch", "munch", "dynamic-network-architectures", "connected-components-3d", "edt",
-                "imagecodecs"}
+                "efficientnet-pytorch", "munch", "dynamic-network-architectures", "six", "connected-components-3d",
+                "edt", "imagecodecs"}
 
 _PROBE_312 = """
 import io, sys
