@@ -626,8 +626,10 @@ def predict_dataset(
             t0 = time.perf_counter()
             row = {"id": rec.id, "shape": None, "seconds": None, "fg_fraction": 0.0,
                    "tta_passes": _n_tta(kwargs.get("tta")), "error": None, "reused": False}
-            if isinstance(err, MissingCodecError):
-                raise err  # a setup problem that would empty every volume: stop with its message
+            if isinstance(err, MissingCodecError):  # a setup problem that would empty every volume
+                if not staged:
+                    shutil.rmtree(parts, ignore_errors=True)
+                raise err
             try:
                 if err is not None:
                     raise err

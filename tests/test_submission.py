@@ -514,6 +514,7 @@ def test_predict_stops_on_missing_codec_instead_of_submitting_empty(tmp_path, da
     assert isinstance(info.value, DataError)
     assert str(info.value).startswith(f"{data_dir / 'test_images' / 'a1.tif'}: LZW-compressed TIFF")
     assert "pip install imagecodecs" in str(info.value) and not out.exists()
+    assert list(tmp_path.iterdir()) == [data_dir], "no zip and no staging folder left behind"
 
 
 def test_predict_without_imagecodecs_on_zlib_images(tmp_path, fake_inference, no_imagecodecs):
