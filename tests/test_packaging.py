@@ -141,22 +141,25 @@ def test_wheel_check_accepts_good_set_and_names_each_wrong_wheel(tmp_path):
     assert any("pip cannot install" in p and "oldpkg-1.0-cp311" in p for p in problems), problems
     assert bw.check_wheel_set(wrong_py, bw.Target("3.11")) != []  # binpkg is cp312-only
 
-    # The same file for the right Python, a wrong platform, a numpy pin that excludes the image's, a duplicate,
-    # a Requires-Python the target fails.
-    for tag, requires, requires_python, expect in [
-        ("cp312-cp312-macosx_11_0_arm64", (), None, "does not install on CPython 3.12"),
-        ("py3-none-any", ("numpy>=2.1",), None, "requires numpy>=2.1, Kaggle's image has numpy 2.0.2"),
-        ("py3-none-any", ("numpy<2; python_version < '3.12'",), None, None),  # marker does not apply on 3.12
-        ("py3-none-any", (), ">=3.13", "pip cannot install"),
-    ]:
-        folder = tmp_path / f"case-{len(list(tmp_path.iterdir()))}"
-        shutil.copytree(good, folder)
-        make_fake_wheel(folder, "extra", "2.0", tag, requires, requires_python)
-        problems = bw.check_wheel_set(folder, t312)
-        if expect is None:
-            assert problems == [], problems
-        else:
-            assert any(expect in p for p in problems), (tag, problems)
+    # In one set: a wrong platform, a numpy pin that excludes the image's, a marker that does not apply on 3.12,
+    # a Requires-Python the target fails. Each bad wheel is named; the good ones are not.
+    mixed = tmp_path / "mixed"
+    shutil.copytree(good, mixed)
+    make_fake_wheel(mixed, "macpkg", "2.0", "cp312-cp312-macosx_11_0_arm64")
+    make_fake_wheel(mixed, "newnumpy", "2.0", "py3-none-any", requires=("numpy>=2.1",))
+    make_fake_wheel(mixed, "oldmarker", "2.0", "py3-none-any", requires=("numpy<2; python_version < '3.12'",))
+    make_fake_wheel(mixed, "py313", "2.0", "py3-none-any", requires_python=">=3.13")
+    problems = bw.check_wheel_set(mixed, t312)
+    text = "\n".join(problems)
+    assert "macpkg-2.0-cp312-cp312-macosx_11_0_arm64.whl: tag" in text and "does not install on CPython 3.12" in text
+    assert "newnumpy-2.0-py3-none-any.whl: requires numpy>=2.1, Kaggle's image has numpy 2.0.2" in text
+    assert "pip cannot install" in text
+    assert "oldmarker" not in text and "purepkg" not in text and "abipkg" not in text, text
+    py313 = tmp_path / "py313"
+    shutil.copytree(good, py313)
+    make_fake_wheel(py313, "py313", "2.0", "py3-none-any", requires_python=">=3.13")
+    problems = bw.check_wheel_set(py313, t312)
+    assert len(problems) == 1 and "pip cannot install" in problems[0] and "py313" in problems[0], problems
     dup = tmp_path / "dup"
     shutil.copytree(good, dup)
     make_fake_wheel(dup, "purepkg", "1.1", "py3-none-any")
