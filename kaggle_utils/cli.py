@@ -277,7 +277,6 @@ def _args_train(p: argparse.ArgumentParser) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    import logging
     import os
 
     from .data import find_data_root
@@ -285,19 +284,16 @@ def _run_train(args: argparse.Namespace) -> int:
 
     overrides = {"train.epochs": args.epochs} if args.epochs is not None else None
     cfg = load_train_config(args.config, overrides)
-    if int(os.environ.get("RANK", "0")) == 0:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logging.getLogger("kaggle_utils").addHandler(handler)
-        logging.getLogger("kaggle_utils").setLevel(logging.INFO)
+    # train() shows its log lines on stdout itself (rank 0 only), as in a notebook: no handler here
     kwargs = dict(resume=args.resume, time_limit=args.time_limit, device=args.device, progress=not args.no_progress)
     data_dir = find_data_root(args.data_dir)
     if args.fold == -1:
         results = train_folds(cfg, data_dir, args.out, **kwargs)
     else:
         results = [train(cfg, data_dir, args.out, fold=args.fold, **kwargs)]
-    for r in results:
-        print(r)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: once, not once per process
+        for r in results:
+            print(r)
     return 0
 
 

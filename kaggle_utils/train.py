@@ -22,6 +22,17 @@
 
 Under ``torchrun --nproc_per_node N`` the same call uses DistributedDataParallel (NCCL on GPUs,
 gloo on CPU): every rank draws its own patches, rank 0 validates, logs and writes checkpoints.
+:func:`train_torchrun` launches ``python -m torch.distributed.run ... -m kaggle_utils train`` from a
+notebook (both T4s) and streams its output there.
+
+The run's log lines (device, fold start and end, one line per epoch with the loss parts, the
+validation score and the collapse verdict, the stop reason) go to ``train.log`` and, with
+``verbose`` (the default), to stdout, unless the ``kaggle_utils`` logger already writes to the
+console: the same lines in a notebook as on the CLI, never twice.
+
+A Kaggle session ends after 12 h: :func:`stage_resume` copies the ``fold{k}`` run folders of an
+earlier session (attached as a read-only input) into the output folder, and ``train(...,
+resume=True)`` continues them exactly.
 """
 
 from __future__ import annotations
@@ -35,6 +46,9 @@ import logging
 import math
 import os
 import random
+import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,8 +59,9 @@ import torch
 from torch import nn
 
 from .config import ConfigError, from_dict, to_dict
-from .data import (IGNORE_LABEL, atomic_path, load_index, normalize_intensity, read_label, read_volume, split_fold,
-                   write_probs)
+from .data import (IGNORE_LABEL, DataError, atomic_path, load_index, normalize_intensity, read_label, read_volume,
+                   split_fold, write_probs)
+from .environment import warn_slow_conv3d_amp
 from .inference import InferenceConfig
 from .losses import LossConfig, build_loss
 from .models import ModelConfig, build_model, model_divisor, save_checkpoint, validate_patch_size
@@ -66,6 +81,10 @@ __all__ = [
     "validate_volumes",
     "train",
     "train_folds",
+    "device_name",
+    "stage_resume",
+    "torchrun_command",
+    "train_torchrun",
 ]
 
 logger = logging.getLogger(__name__)
@@ -550,6 +569,38 @@ class TrainResult:
     def last_checkpoint(self) -> Path:
         return self.run_dir / "last.pt"
 
+    def save(self) -> Path:
+        """Write ``run_dir/result.json`` (everything but ``history``, which is ``metrics.jsonl``), atomically."""
+        data = {"fold": self.fold, "epochs_completed": self.epochs_completed, "best_epoch": self.best_epoch,
+                "best_score": self.best_score, "stopped": self.stopped,
+                "oof_dir": None if self.oof_dir is None else str(Path(self.oof_dir).resolve())}
+        path = Path(self.run_dir) / "result.json"
+        with atomic_path(path) as tmp:
+            Path(tmp).write_text(json.dumps(data, indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike) -> "TrainResult":
+        """The result of a finished run from its folder (``result.json`` + ``metrics.jsonl``).
+
+        Raises:
+            DataError: ``result.json`` is missing (the run did not finish) or unreadable.
+        """
+        run_dir = Path(run_dir)
+        path = run_dir / "result.json"
+        try:
+            data = json.loads(path.read_text())
+            history = []
+            if (run_dir / "metrics.jsonl").is_file():
+                history = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+            return cls(run_dir, int(data["fold"]), int(data["epochs_completed"]), data["best_epoch"],
+                       data["best_score"], str(data["stopped"]), history,
+                       Path(data["oof_dir"]) if data.get("oof_dir") else None)
+        except FileNotFoundError:
+            raise DataError(f"{path}: missing; the run in {run_dir} did not finish (see its train.log)") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"{path}: unreadable ({exc})") from None
+
     @property
     def best_checkpoint(self) -> Path:
         return self.run_dir / "best.pt"
@@ -585,6 +636,30 @@ def _epoch_line(row: dict, epochs: int, part_names: list[str]) -> str:
     return line
 
 
+def device_name(device: torch.device) -> str:
+    """``cuda:0 (Tesla T4)``, ``cpu``...: the device and, for a GPU, its model."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    return str(device)
+
+
+_CONSOLE_STREAMS = ("stdout", "stderr", "__stdout__", "__stderr__")
+
+
+def _shows_on_console(log: logging.Logger) -> bool:
+    """Whether a record of ``log`` already reaches a handler writing to stdout/stderr."""
+    streams = [getattr(sys, name, None) for name in _CONSOLE_STREAMS]
+    node: logging.Logger | None = log
+    while node is not None:
+        for h in node.handlers:
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) \
+                    and any(h.stream is st for st in streams if st is not None):
+                return True
+        node = node.parent if node.propagate else None
+    return False
+
+
 class _Dist:
     """Rank/world of a ``torchrun`` launch (or a single process)."""
 
@@ -594,6 +669,8 @@ class _Dist:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if device is not None:
             self.device = torch.device(device)
+            if self.device.type == "cuda" and self.device.index is None:  # "cuda": this rank's GPU
+                self.device = torch.device("cuda", local if self.world > 1 else torch.cuda.current_device())
         elif torch.cuda.is_available():
             self.device = torch.device("cuda", local if self.world > 1 else torch.cuda.current_device())
         else:
@@ -680,6 +757,7 @@ def train(
     device: str | torch.device | None = None,
     progress: bool = True,
     on_epoch_end: Callable[[dict], bool | None] | None = None,
+    verbose: bool = True,
 ) -> TrainResult:
     """Train one fold; the function behind ``python -m kaggle_utils train`` and the notebooks.
 
@@ -696,9 +774,12 @@ def train(
         progress: tqdm bars within epochs and validation.
         on_epoch_end: called with each epoch's metrics row after its checkpoint is written;
             returning ``True`` stops the run (``stopped="callback"``).
+        verbose: also show the log lines (device, fold start/end, epoch lines, stop reason) on
+            stdout, unless the ``kaggle_utils`` logger already writes to the console (the lines
+            always go to ``train.log``).
 
     Returns:
-        :class:`TrainResult`.
+        :class:`TrainResult` (also written to ``out_dir/result.json``, see :meth:`TrainResult.load`).
     """
     t_start = time.monotonic()
     run_dir = Path(out_dir)
@@ -706,17 +787,25 @@ def train(
     dev = dist_.device
     tc, vc = cfg.train, cfg.validation
     limit = time_limit if time_limit is not None else tc.time_limit_s
-    handler: logging.Handler | None = None
+    package_logger = logging.getLogger(__name__.rpartition(".")[0])  # "kaggle_utils": other modules' warnings too
+    handlers: list[logging.Handler] = []
     if dist_.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(run_dir / "train.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        logger.addHandler(handler)
+        handlers.append(handler)
+        if verbose and not _shows_on_console(logger):
+            console = logging.StreamHandler(sys.stdout)
+            console.setFormatter(logging.Formatter("%(message)s"))
+            handlers.append(console)
+        for h in handlers:
+            package_logger.addHandler(h)
         if logger.level == logging.NOTSET or logger.level > logging.INFO:
             logger.setLevel(logging.INFO)
     log = logger.info if dist_.main else (lambda *a, **k: None)
     warn = logger.warning if dist_.main else (lambda *a, **k: None)
     try:
+        log(f"fold {fold}: device {device_name(dev)}" + (f" (rank 0 of {dist_.world})" if dist_.world > 1 else ""))
         if dev.type == "cuda":
             torch.backends.cudnn.deterministic = tc.deterministic
             torch.backends.cudnn.benchmark = not tc.deterministic
@@ -733,6 +822,8 @@ def train(
         # model, loss, optimizer
         _seed_everything(tc.seed)
         model = build_model(cfg.model).to(dev)
+        if dist_.main:
+            warn_slow_conv3d_amp(dev, tc.amp != "none")
         loss_fn = build_loss(cfg.loss).to(dev)
         optimizer = _build_optimizer(model, cfg.optim)
         schedule = WarmupSchedule(optimizer, cfg.optim, steps_per_epoch, tc.epochs)
@@ -917,11 +1008,14 @@ def train(
         dist_.barrier()
         epochs_done = history[-1]["epoch"] if history else start_epoch
         log(f"fold {fold} finished ({stopped}) after {epochs_done} epoch(s); best {best_score} at epoch {best_epoch}")
-        return TrainResult(run_dir, fold, epochs_done, best_epoch, best_score, stopped, history, oof_dir)
+        result = TrainResult(run_dir, fold, epochs_done, best_epoch, best_score, stopped, history, oof_dir)
+        if dist_.main:
+            result.save()
+        return result
     finally:
-        if handler is not None:
-            logger.removeHandler(handler)
-            handler.close()
+        for h in handlers:
+            package_logger.removeHandler(h)
+            h.close()
         dist_.close()
 
 
@@ -938,6 +1032,169 @@ def train_folds(cfg: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os
     for k in folds:
         left = None if limit is None else max(0.0, limit - (time.monotonic() - t0))
         results.append(train(cfg, data_dir, Path(out_dir) / f"fold{k}", fold=k, time_limit=left, **kwargs))
+        if results[-1].stopped == "time_limit":
+            break
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Kaggle sessions: continue an earlier session's runs; both GPUs with torchrun
+# ----------------------------------------------------------------------------------------------
+
+
+def _checkpoint_epoch(path: Path) -> int:
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
+    except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is reported the same way
+        raise DataError(f"{path}: not a readable training checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+def _copy_run_folder(src: Path, dst: Path) -> None:
+    """Copy a run folder's files (contents only: the copies are writable even from a read-only input)."""
+    for path in sorted(src.rglob("*")):
+        target = dst / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        elif path.is_file() and not path.name.startswith("."):  # skip leftovers of interrupted atomic writes
+            with atomic_path(target) as tmp:
+                shutil.copyfile(path, tmp)
+
+
+def stage_resume(source: str | os.PathLike, out_dir: str | os.PathLike, folds: list[int]) -> list[Path]:
+    """Copy an earlier session's run folders into ``out_dir`` so that ``train(..., resume=True)`` continues them.
+
+    Kaggle inputs are read-only and a session lasts at most 12 h: attach the earlier session's
+    output as an input, then for each fold ``k`` this finds ``fold{k}/last.pt`` anywhere under
+    ``source`` and copies that whole run folder (``last.pt``, ``best.pt``, logs, metrics) to
+    ``out_dir/fold{k}``, where training resumes. Where several inputs hold the fold, the
+    checkpoint with the most epochs wins. A fold already in ``out_dir`` with at least as many
+    epochs is left as it is.
+
+    Args:
+        source: folder to search (e.g. ``/kaggle/input``), or one run folder holding ``last.pt``
+            directly (then ``folds`` must name one fold).
+        out_dir: the writable output folder of this session (``OUT_DIR``).
+        folds: fold numbers to look for.
+
+    Returns:
+        ``out_dir/fold{k}`` of every fold that now has a ``last.pt`` to resume from (folds
+        without a checkpoint under ``source`` are left out: they start fresh).
+
+    Raises:
+        DataError: ``source`` does not exist, or a checkpoint found is unreadable.
+    """
+    source, out_dir = Path(source), Path(out_dir)
+    if not source.is_dir():
+        raise DataError(f"{source}: no such folder to resume from")
+    if (source / "last.pt").is_file():
+        if len(folds) != 1:
+            raise DataError(f"{source}: holds one run (last.pt); name its fold (got folds {folds})")
+        candidates = {folds[0]: [source]}
+    else:
+        candidates = {k: [] for k in folds}
+        for ckpt in sorted(source.rglob("last.pt")):
+            name = ckpt.parent.name
+            if name.startswith("fold") and name[4:].isdigit() and int(name[4:]) in candidates:
+                candidates[int(name[4:])].append(ckpt.parent)
+    staged: list[Path] = []
+    for k in folds:
+        found = candidates.get(k, [])
+        dst = out_dir / f"fold{k}"
+        if not found:
+            logger.info(f"resume: no fold{k}/last.pt under {source}; fold {k} starts fresh")
+            continue
+        epochs = {d: _checkpoint_epoch(d / "last.pt") for d in found} if len(found) > 1 else {found[0]: None}
+        src = max(found, key=lambda d: (epochs[d] or 0))
+        if src.resolve() == dst.resolve():
+            staged.append(dst)
+            continue
+        src_epoch = epochs[src] if epochs[src] is not None else _checkpoint_epoch(src / "last.pt")
+        if (dst / "last.pt").is_file() and _checkpoint_epoch(dst / "last.pt") >= src_epoch:
+            logger.info(f"resume: {dst / 'last.pt'} is at least as far as {src / 'last.pt'} (epoch {src_epoch}); kept")
+        else:
+            _copy_run_folder(src, dst)
+            logger.info(f"resume: copied {src} (epoch {src_epoch}) to {dst}")
+        staged.append(dst)
+    return staged
+
+
+def torchrun_command(nproc: int, config: str | os.PathLike, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                     fold: int = 0, *, epochs: int | None = None, resume: bool = False,
+                     time_limit: float | None = None, device: str | None = None,
+                     python: str | None = None) -> list[str]:
+    """The command that trains one fold on ``nproc`` processes: ``python -m torch.distributed.run
+    --standalone --nproc_per_node N -m kaggle_utils train --config CFG --fold K --data-dir D --out RUN
+    --no-progress [--epochs E] [--resume] [--time-limit S] [--device DEV]``.
+
+    ``python -m torch.distributed.run`` is ``torchrun`` run by this interpreter (the notebook's).
+    ``device`` ``None`` gives each rank its own GPU (``LOCAL_RANK``); ``"cpu"`` trains on CPU (gloo).
+    """
+    if nproc < 1:
+        raise ValueError(f"nproc: must be >= 1, got {nproc}")
+    cmd = [python or sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "kaggle_utils", "train", "--config", str(config), "--fold", str(fold), "--data-dir", str(data_dir),
+           "--out", str(out_dir), "--no-progress"]
+    if epochs is not None:
+        cmd += ["--epochs", str(int(epochs))]
+    if resume:
+        cmd.append("--resume")
+    if time_limit is not None:
+        cmd += ["--time-limit", f"{float(time_limit):.0f}"]
+    if device is not None:
+        cmd += ["--device", str(device)]
+    return cmd
+
+
+def train_torchrun(nproc: int, config: str | os.PathLike, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                   folds: list[int] | None = None, *, epochs: int | None = None, resume: bool = False,
+                   time_limit: float | None = None, device: str | None = None,
+                   env: dict[str, str] | None = None) -> list[TrainResult]:
+    """Train folds with DistributedDataParallel on ``nproc`` processes (both T4s: ``nproc=2``) from a notebook.
+
+    Runs :func:`torchrun_command` once per fold, writing ``out_dir/fold{k}`` as :func:`train_folds`
+    does, with the processes' output streamed line by line to this process's stdout (the notebook).
+    A shared ``time_limit`` is split as in :func:`train_folds`.
+
+    Args:
+        nproc: processes (GPUs) per run.
+        config: training YAML path or shipped config name (read by the subprocesses).
+        data_dir: competition-layout folder.
+        out_dir: parent of the ``fold{k}`` run folders.
+        folds: folds to train; default every ``train.n_folds`` of the config.
+        epochs: override ``train.epochs``.
+        resume: continue each fold from its ``last.pt`` (see :func:`stage_resume`).
+        time_limit: seconds for all folds together.
+        device: ``None`` (one GPU per rank) or ``"cpu"`` (gloo, for tests).
+        env: extra environment variables for the subprocesses.
+
+    Returns:
+        One :class:`TrainResult` per finished fold (read back with :meth:`TrainResult.load`).
+
+    Raises:
+        RuntimeError: a launch exited with a non-zero status (its output is above).
+    """
+    if folds is None:
+        folds = list(range(load_train_config(config).train.n_folds))
+    run_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    t0 = time.monotonic()
+    results: list[TrainResult] = []
+    for k in folds:
+        left = None if time_limit is None else max(0.0, time_limit - (time.monotonic() - t0))
+        cmd = torchrun_command(nproc, config, data_dir, Path(out_dir) / f"fold{k}", k, epochs=epochs, resume=resume,
+                               time_limit=left, device=device)
+        print("$ " + " ".join(cmd), flush=True)
+        tail: list[str] = []
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                              env=run_env) as proc:
+            for line in proc.stdout or ():
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                tail = (tail + [line.rstrip()])[-1:] if line.strip() else tail
+            rc = proc.wait()
+        if rc != 0:
+            raise RuntimeError(f"torchrun for fold {k} exited with status {rc}"
+                               + (f"; last line: {tail[-1]}" if tail else "") + " (full output above)")
+        results.append(TrainResult.load(Path(out_dir) / f"fold{k}"))
         if results[-1].stopped == "time_limit":
             break
     return results

@@ -1,8 +1,12 @@
-"""Tests for kaggle_utils.train: one epoch via the CLI, exact resume, time limit, collapse stop,
-bad configs, shipped configs, label modes, the LR schedule and a 2-process gloo run (slow)."""
+"""Tests for kaggle_utils.train: one epoch via the CLI, exact resume (also from a read-only earlier
+session), time limit, collapse stop, log lines on stdout, bad configs, shipped configs, label modes,
+the LR schedule and 2-process gloo runs (slow: a script, and the CLI launched by train_torchrun)."""
 
+import hashlib
 import json
 import os
+import shutil
+import stat
 import subprocess
 import sys
 import warnings
@@ -17,10 +21,13 @@ from kaggle_utils.config import ConfigError, to_dict
 from kaggle_utils.train import (
     OptimConfig,
     TrainConfig,
+    TrainResult,
     WarmupSchedule,
     apply_label_mode,
     load_train_config,
+    stage_resume,
     train,
+    train_torchrun,
 )
 
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -57,7 +64,7 @@ def data_dir(tmp_path_factory):
     return generate_dataset(tmp_path_factory.mktemp("syn"), n_train=3, n_test=1, size=64, n_scrolls=3, seed=0)
 
 
-def test_one_epoch_via_cli_logs_every_loss_part(data_dir, tmp_path):
+def test_one_epoch_via_cli_logs_every_loss_part(data_dir, tmp_path, capsys):
     from kaggle_utils.cli import main
 
     cfg_path = tmp_path / "tiny.yaml"
@@ -68,6 +75,11 @@ def test_one_epoch_via_cli_logs_every_loss_part(data_dir, tmp_path):
     rc = main(["train", "--config", str(cfg_path), "--fold", "0", "--data-dir", str(data_dir), "--out", str(run),
                "--epochs", "1", "--no-progress"])
     assert rc == 0
+    out = capsys.readouterr().out
+    # the log lines on stdout too, each once: device, epoch line, end of the fold, the summary
+    assert out.count("epoch 1/1 loss") == 1 and "fold 0: device cpu" in out, out
+    assert out.count("fold 0 finished (completed)") == 1 and out.count("fold 0: completed after 1 epoch(s)") == 1
+    assert TrainResult.load(run).epochs_completed == 1
     log = (run / "train.log").read_text()
     line = [ln for ln in log.splitlines() if "epoch 1/1" in ln][0]
     for part in ("dice", "bce", "cldice", "lr", "val dice", "score", "fg"):
@@ -93,9 +105,13 @@ def _weights(path):
     return torch.load(path, weights_only=True)["model"]
 
 
-def test_resume_after_kill_equals_uninterrupted(data_dir, tmp_path):
+@pytest.fixture(scope="module")
+def fold1_runs(data_dir, tmp_path_factory):
+    """``(cfg, full result, full run dir, killed run dir)``: fold 1 trained for 2 epochs without a stop,
+    and the same run killed after epoch 1 (its folder as the kill left it)."""
+    root = tmp_path_factory.mktemp("fold1")
     cfg = tiny_cfg(validation={"write_oof": False})
-    full = train(cfg, data_dir, tmp_path / "full", fold=1, progress=False)
+    full = train(cfg, data_dir, root / "full", fold=1, progress=False)
     assert full.epochs_completed == 2
 
     class Killed(Exception):
@@ -106,11 +122,23 @@ def test_resume_after_kill_equals_uninterrupted(data_dir, tmp_path):
             raise Killed
 
     with pytest.raises(Killed):
-        train(cfg, data_dir, tmp_path / "resumed", fold=1, progress=False, on_epoch_end=kill_after_first)
-    assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["epoch"] == 1
+        train(cfg, data_dir, root / "killed", fold=1, progress=False, on_epoch_end=kill_after_first)
+    assert torch.load(root / "killed" / "last.pt", weights_only=True)["epoch"] == 1
+    return cfg, full, root / "full", root / "killed"
+
+
+def _max_weight_diff(path_a, path_b) -> float:
+    a, b = _weights(path_a), _weights(path_b)
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point())
+
+
+def test_resume_after_kill_equals_uninterrupted(data_dir, tmp_path, fold1_runs):
+    cfg, full, full_dir, killed = fold1_runs
+    shutil.copytree(killed, tmp_path / "resumed")
     resumed = train(cfg, data_dir, tmp_path / "resumed", fold=1, resume=True, progress=False)
     assert resumed.epochs_completed == 2 and len(resumed.history) == 2
-    a, b = _weights(tmp_path / "full" / "last.pt"), _weights(tmp_path / "resumed" / "last.pt")
+    a, b = _weights(full_dir / "last.pt"), _weights(tmp_path / "resumed" / "last.pt")
     assert a.keys() == b.keys()
     max_diff = max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point())
     assert max_diff <= 1e-6
@@ -121,13 +149,73 @@ def test_resume_after_kill_equals_uninterrupted(data_dir, tmp_path):
     assert vv == [1, 2]
 
 
-def test_time_limit_stops_cleanly(data_dir, tmp_path):
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def _set_tree_mode(root: Path, writable: bool) -> None:
+    for p in [root, *root.rglob("*")]:
+        mode = stat.S_IMODE(p.stat().st_mode)
+        w = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
+        p.chmod(mode | stat.S_IWUSR if writable else mode & ~w)
+
+
+@pytest.mark.slow
+def test_stage_resume_from_read_only_input_continues_exactly(data_dir, tmp_path, fold1_runs):
+    cfg, full, full_dir, killed = fold1_runs
+    # the earlier session's output attached read-only, beside an older copy (epoch 0) and another fold
+    inputs = tmp_path / "input"
+    shutil.copytree(killed, inputs / "session-2" / "runs" / "train" / "fold1")
+    older = inputs / "session-1" / "runs" / "fold1"
+    older.mkdir(parents=True)
+    ckpt = torch.load(killed / "last.pt", weights_only=True)
+    torch.save({**ckpt, "epoch": 0}, older / "last.pt")
+    (inputs / "other" / "fold10").mkdir(parents=True)
+    torch.save({"epoch": 9}, inputs / "other" / "fold10" / "last.pt")
+    before = _tree_digest(inputs)
+    _set_tree_mode(inputs, writable=False)
+    try:
+        out = tmp_path / "working" / "runs"
+        staged = stage_resume(inputs, out, [0, 1])
+        assert staged == [out / "fold1"]  # fold 0 has no checkpoint: it will start fresh
+        assert _tree_digest(out / "fold1") == _tree_digest(killed)  # the newest session's folder, whole
+        assert all(p.stat().st_mode & stat.S_IWUSR for p in (out / "fold1").rglob("*"))  # writable copies
+        resumed = train(cfg, data_dir, out / "fold1", fold=1, resume=True, progress=False)
+        assert resumed.epochs_completed == 2
+        assert _max_weight_diff(full_dir / "last.pt", out / "fold1" / "last.pt") <= 1e-6
+        assert _tree_digest(inputs) == before  # the input was only read
+        # staging again keeps the further trained copy; a run folder passed directly works too
+        assert stage_resume(inputs, out, [1]) == [out / "fold1"]
+        assert torch.load(out / "fold1" / "last.pt", weights_only=True)["epoch"] == 2
+        assert stage_resume(killed, tmp_path / "direct", [1]) == [tmp_path / "direct" / "fold1"]
+    finally:
+        _set_tree_mode(inputs, writable=True)
+    from kaggle_utils.data import DataError
+
+    with pytest.raises(DataError, match="no such folder"):
+        stage_resume(tmp_path / "missing", out, [0])
+    with pytest.raises(DataError, match="name its fold"):
+        stage_resume(killed, out, [0, 1])
+
+
+def test_time_limit_stops_cleanly(data_dir, tmp_path, capsys, monkeypatch):
+    import kaggle_utils.train as train_mod
+
+    calls = []
+    monkeypatch.setattr(train_mod, "warn_slow_conv3d_amp", lambda dev, amp: calls.append((str(dev), amp)))
     res = train(tiny_cfg(), data_dir, tmp_path / "run", fold=0, time_limit=0.0, progress=False)
     assert res.stopped == "time_limit" and res.epochs_completed == 0
     assert "time limit" in (tmp_path / "run" / "train.log").read_text()
+    out = capsys.readouterr().out  # a notebook sees the device and the stop reason
+    assert out.startswith("fold 0: device cpu\n") and "time limit" in out and "finished (time_limit)" in out
+    assert calls == [("cpu", False)]  # the torch 2.9 AMP check runs where the model meets its device
+    assert TrainResult.load(tmp_path / "run").stopped == "time_limit"
+    res = train(tiny_cfg(), data_dir, tmp_path / "quiet", fold=0, time_limit=0.0, progress=False, verbose=False)
+    assert capsys.readouterr().out == ""
 
 
-def test_collapse_guard_stops_run(data_dir, tmp_path):
+def test_collapse_guard_stops_run(data_dir, tmp_path, capsys):
     # threshold 1.0: nothing is ever predicted, so the guard must report an "empty" collapse
     cfg = tiny_cfg(validation={"on_collapse": "stop", "stop_kinds": ["empty"], "write_oof": False},
                    postprocess={"threshold": 1.0}, train={"epochs": 3})
@@ -136,6 +224,8 @@ def test_collapse_guard_stops_run(data_dir, tmp_path):
     assert res.history[0]["collapse"] == "empty"
     log = (tmp_path / "run" / "train.log").read_text()
     assert "collapse guard" in log and "on_collapse is 'stop'" in log
+    out = capsys.readouterr().out  # called as a function (the notebook), the same lines reach stdout, once
+    assert out.count("epoch 1/3 loss") == 1 and "[empty]" in out and out.count("on_collapse is 'stop'") == 1
 
 
 @pytest.mark.parametrize(
@@ -250,3 +340,25 @@ def test_train_result_summary_line(tmp_path):
 
     r = TrainResult(tmp_path, fold=2, epochs_completed=7, best_epoch=6, best_score=0.61234, stopped="early_stopping")
     assert str(r) == f"fold 2: early_stopping after 7 epoch(s), best 0.6123 at epoch 6; {tmp_path}"
+
+
+@pytest.mark.slow
+def test_train_torchrun_runs_the_cli_on_two_gloo_processes(data_dir, tmp_path, capsys):
+    # the notebook's GPUS=2 path: python -m torch.distributed.run --nproc_per_node 2 -m kaggle_utils train ...
+    data = json.loads(json.dumps(TINY))
+    data["validation"]["write_oof"] = False
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(data))
+    results = train_torchrun(2, cfg_path, data_dir, tmp_path / "runs", folds=[0], epochs=1, device="cpu",
+                             env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    out = capsys.readouterr().out
+    assert "-m torch.distributed.run --standalone --nproc_per_node 2 -m kaggle_utils train" in out
+    assert [(r.fold, r.epochs_completed, r.stopped) for r in results] == [(0, 1, "completed")]
+    assert results[0].run_dir == tmp_path / "runs" / "fold0" and len(results[0].history) == 1
+    # rank 0 alone logs and prints: each line once
+    assert out.count("epoch 1/1 loss") == 1 and "2 rank(s)" in out and "rank 0 of 2" in out
+    assert out.count("fold 0: completed after 1 epoch(s)") == 1
+    assert torch.load(tmp_path / "runs" / "fold0" / "last.pt", weights_only=True)["epoch"] == 1
+    with pytest.raises(RuntimeError, match="exited with status"):
+        train_torchrun(2, tmp_path / "missing.yaml", data_dir, tmp_path / "runs", folds=[0], device="cpu",
+                       env={"PYTHONPATH": str(REPO)})
