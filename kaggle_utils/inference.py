@@ -48,6 +48,11 @@ __all__ = [
     "gaussian_importance_map",
     "importance_map",
     "window_weight_sum",
+    "window_weight_sum_chunks",
+    "WindowPlan",
+    "make_window_plan",
+    "predict_volume",
+    "as_inference_config",
     "tta_transforms",
     "resolve_amp_dtype",
     "predict_windows",
@@ -286,6 +291,29 @@ def _shift_add(
     return out
 
 
+def window_weight_sum_chunks(
+    shape: Sequence[int], starts: Sequence[Sequence[int]], weights: torch.Tensor, chunk: int = 32
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """The normalizer of :func:`window_weight_sum` in slabs of ``chunk`` Z slices.
+
+    The (Y, X) shift-and-add is done once; each slab then costs one shift-and-add along Z into a
+    reused buffer, so a whole volume is normalized without a second full-size array.
+
+    Yields:
+        ``(z0, sums)``: ``sums`` is the ``(n, Y, X)`` normalizer of slices ``z0 .. z0 + n``
+        (``n <= chunk``), a view of a buffer that the next slab overwrites.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    part = weights
+    for axis in reversed(range(1, weights.ndim)):
+        part = _shift_add(part, shape[axis], starts[axis], axis)
+    buf = torch.empty((min(chunk, shape[0]), *part.shape[1:]), dtype=part.dtype, device=part.device)
+    for z0 in range(0, shape[0], chunk):
+        n = min(chunk, shape[0] - z0)
+        yield z0, _shift_add(part, n, starts[0], 0, offset=z0, out=buf[:n])
+
+
 def window_weight_sum(
     shape: Sequence[int], starts: Sequence[Sequence[int]], weights: torch.Tensor
 ) -> torch.Tensor:
@@ -302,24 +330,17 @@ def window_weight_sum(
     Returns:
         ``(Z, Y, X)`` tensor, same dtype and device as ``weights``.
     """
-    acc = weights
-    for axis in reversed(range(weights.ndim)):
-        acc = _shift_add(acc, shape[axis], starts[axis], axis)
-    return acc
+    (_, sums), = window_weight_sum_chunks(shape, starts, weights, chunk=max(int(shape[0]), 1))
+    return sums
 
 
 def _normalize_by_weight_sum(
     acc: torch.Tensor, starts: Sequence[Sequence[int]], weights: torch.Tensor, chunk: int = 32
 ) -> None:
-    """``acc /= window_weight_sum(acc.shape, starts, weights)`` in place, building the normalizer
-    ``chunk`` slices of Z at a time (no second full-size array)."""
-    part = weights
-    for axis in reversed(range(1, weights.ndim)):
-        part = _shift_add(part, acc.shape[axis], starts[axis], axis)
-    buf = torch.empty((min(chunk, acc.shape[0]), *acc.shape[1:]), dtype=acc.dtype, device=acc.device)
-    for z0 in range(0, acc.shape[0], chunk):
-        n = min(chunk, acc.shape[0] - z0)
-        acc[z0 : z0 + n] /= _shift_add(part, n, starts[0], 0, offset=z0, out=buf[:n])
+    """``acc /= window_weight_sum(acc.shape, starts, weights)`` in place, ``chunk`` Z slices at a
+    time (:func:`window_weight_sum_chunks`: no second full-size array)."""
+    for z0, sums in window_weight_sum_chunks(acc.shape, starts, weights, chunk):
+        acc[z0 : z0 + sums.shape[0]] /= sums
 
 
 # ----------------------------------------------------------------------------------------------
@@ -544,6 +565,116 @@ def _batches(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
         yield items[i : i + size]
 
 
+@dataclasses.dataclass(frozen=True)
+class WindowPlan:
+    """Everything the window loop needs for one volume, fixed before the first window runs.
+
+    Built by :func:`make_window_plan`; consumed by the steps of :func:`sliding_window_predict`.
+
+    Attributes:
+        models: the models (an ensemble when several), in eval mode on ``device``.
+        weights: one weight per model, summing to 1.
+        transforms: TTA passes (:func:`tta_transforms`), the identity first.
+        shape: input volume shape ``(Z, Y, X)``.
+        roi: window size ``(z, y, x)``.
+        pads: ``(before, after)`` padding per axis (:func:`pad_widths`).
+        starts: window starts per axis of the padded volume (:func:`window_starts`).
+        windows: slices of every window in the padded volume, C order (:func:`plan_windows`).
+        blend: ``"gaussian"`` or ``"constant"`` (:func:`importance_map`).
+        sigma_scale: Gaussian sigma as a fraction of the window.
+        activation: ``"sigmoid"``, ``None`` or a callable.
+        ensemble: ``"probs"`` or ``"logits"``.
+        amp_dtype: autocast dtype, or ``None`` (:func:`resolve_amp_dtype`).
+        channels_last: feed windows in ``channels_last_3d``.
+        device: where the models run.
+        padding_mode: ``torch.nn.functional.pad`` mode.
+    """
+
+    models: tuple[nn.Module, ...]
+    weights: tuple[float, ...]
+    transforms: tuple[TTATransform, ...]
+    shape: tuple[int, ...]
+    roi: tuple[int, ...]
+    pads: tuple[tuple[int, int], ...]
+    starts: tuple[tuple[int, ...], ...]
+    windows: tuple[tuple[slice, ...], ...]
+    blend: str = "gaussian"
+    sigma_scale: float = 0.125
+    activation: str | Callable | None = "sigmoid"
+    ensemble: str = "probs"
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    device: torch.device = torch.device("cpu")
+    padding_mode: str = "constant"
+
+    @property
+    def padded_shape(self) -> tuple[int, ...]:
+        """Shape of the padded volume the windows are cut from."""
+        return tuple(s + a + b for s, (a, b) in zip(self.shape, self.pads))
+
+    @property
+    def crop(self) -> tuple[slice, ...]:
+        """Slices of the padded volume that hold the input volume."""
+        return tuple(slice(a, a + s) for (a, _), s in zip(self.pads, self.shape))
+
+
+def _model_weights(n: int, weights: Sequence[float] | None) -> tuple[float, ...]:
+    if weights is None:
+        return (1.0 / n,) * n
+    if len(weights) != n or any(x < 0 for x in weights) or sum(weights) <= 0:
+        raise ValueError(f"weights must be {n} non-negative numbers with a positive sum, got {weights}")
+    return tuple(float(x) / float(sum(weights)) for x in weights)
+
+
+def make_window_plan(
+    models: nn.Module | Sequence[nn.Module],
+    shape: Sequence[int],
+    patch_size: int | Sequence[int],
+    *,
+    overlap: float = 0.5,
+    blend: str = "gaussian",
+    tta: str | Sequence[TTATransform] | None = None,
+    amp: bool | str = "auto",
+    device: torch.device | str | None = None,
+    activation: str | Callable | None = "sigmoid",
+    ensemble: str = "probs",
+    weights: Sequence[float] | None = None,
+    channels_last: bool = False,
+    sigma_scale: float = 0.125,
+    placement: str = "even",
+    pad_multiple: int = 32,
+    padding_mode: str = "constant",
+) -> WindowPlan:
+    """Check the settings and plan the windows of a ``shape`` volume (arguments as
+    :func:`sliding_window_predict`). Raises ``ValueError`` naming the bad setting."""
+    model_list = [models] if isinstance(models, nn.Module) else list(models)
+    if not model_list:
+        raise ValueError("sliding_window_predict: no models given")
+    w = _model_weights(len(model_list), weights)
+    if ensemble not in ENSEMBLES:
+        raise ValueError(f"ensemble must be one of {list(ENSEMBLES)}, got {ensemble!r}")
+    _check_overlap(overlap)
+    if len(shape) != 3:
+        raise ValueError(f"volume must be (Z, Y, X), got shape {tuple(shape)}")
+    roi = (int(patch_size),) * 3 if np.isscalar(patch_size) else tuple(int(p) for p in patch_size)  # type: ignore[arg-type]
+    if len(roi) != 3 or min(roi) < 1:
+        raise ValueError(f"patch_size must be an int or 3 positive ints, got {patch_size}")
+    transforms = tuple(tta_transforms(tta))
+    if any(t.rot90 % 2 for t in transforms) and roi[1] != roi[2]:
+        raise ValueError(f"90-degree TTA rotations need square (Y, X) windows, got patch_size {roi}")
+    dev = torch.device(device) if device is not None else _default_device()
+    shape = tuple(int(s) for s in shape)
+    pads = tuple(pad_widths(shape, roi, placement, pad_multiple))
+    padded = [s + a + b for s, (a, b) in zip(shape, pads)]
+    return WindowPlan(
+        models=tuple(model_list), weights=w, transforms=transforms, shape=shape, roi=roi, pads=pads,
+        starts=tuple(tuple(s) for s in _axis_starts(padded, roi, overlap, placement)),
+        windows=tuple(plan_windows(padded, roi, overlap, placement)), blend=blend, sigma_scale=sigma_scale,
+        activation=activation, ensemble=ensemble, amp_dtype=resolve_amp_dtype(amp, dev),
+        channels_last=channels_last, device=dev, padding_mode=padding_mode,
+    )
+
+
 def sliding_window_predict(
     models: nn.Module | Sequence[nn.Module],
     volume: np.ndarray | torch.Tensor,
@@ -568,17 +699,18 @@ def sliding_window_predict(
 ) -> np.ndarray:
     """Predict a whole volume window by window and blend the windows.
 
-    The volume is padded once (see :func:`pad_widths`) and moved to ``sw_device`` once; windows
-    are cut there and batched; predictions times the blending weights are summed in ``float32`` on
-    ``accumulate_device``, divided by the summed weights, cropped back and returned on the CPU.
-    Runs under :func:`torch.inference_mode`. The models are put in ``eval()`` mode and moved to
-    ``device`` (and to ``channels_last_3d`` when asked).
+    The steps: plan the windows (:func:`make_window_plan`), pad the volume once and keep it on
+    ``sw_device``; then per batch of windows: cut, predict with every model and TTA pass
+    (:func:`predict_windows`), add ``weight * prediction`` (``float32``) on ``accumulate_device``;
+    finally divide by the summed weights (:func:`window_weight_sum_chunks`), crop back and return
+    on the CPU. Runs under :func:`torch.inference_mode`; the models are put in ``eval()`` mode on
+    ``device`` (``channels_last_3d`` when asked). Settings usually come from an
+    :class:`InferenceConfig` through :func:`predict_volume`.
 
     Args:
         models: one model or a list (an ensemble), each mapping ``(B, 1, z, y, x)`` windows to
             ``(B, 1, z, y, x)`` logits.
-        volume: ``float32 (Z, Y, X)`` numpy array or tensor, already normalized (no intensity
-            scaling is done here).
+        volume: ``float32 (Z, Y, X)`` numpy array or tensor, already normalized.
         patch_size: window size, an int or ``(z, y, x)``.
         overlap: overlap fraction between neighbouring windows, in ``[0, 1)``.
         batch_size: windows per forward pass.
@@ -605,55 +737,30 @@ def sliding_window_predict(
     On CUDA out-of-memory the run is retried with half the batch, then with accumulation (and the
     padded volume) on the CPU, with a warning (:func:`run_with_oom_fallback`).
     """
-    model_list = [models] if isinstance(models, nn.Module) else list(models)
-    if not model_list:
-        raise ValueError("sliding_window_predict: no models given")
-    if weights is None:
-        w = [1.0 / len(model_list)] * len(model_list)
-    else:
-        if len(weights) != len(model_list) or any(x < 0 for x in weights) or sum(weights) <= 0:
-            raise ValueError(f"weights must be {len(model_list)} non-negative numbers with a positive sum, got {weights}")
-        w = [float(x) / float(sum(weights)) for x in weights]
-    if ensemble not in ENSEMBLES:
-        raise ValueError(f"ensemble must be one of {list(ENSEMBLES)}, got {ensemble!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    _check_overlap(overlap)
-    if volume.ndim != 3:
-        raise ValueError(f"volume must be (Z, Y, X), got shape {tuple(volume.shape)}")
-    roi = (int(patch_size),) * 3 if np.isscalar(patch_size) else tuple(int(p) for p in patch_size)  # type: ignore[arg-type]
-    if len(roi) != 3 or min(roi) < 1:
-        raise ValueError(f"patch_size must be an int or 3 positive ints, got {patch_size}")
-    transforms = tta_transforms(tta)
-    if any(t.rot90 % 2 for t in transforms) and roi[1] != roi[2]:
-        raise ValueError(f"90-degree TTA rotations need square (Y, X) windows, got patch_size {roi}")
-
-    dev = torch.device(device) if device is not None else _default_device()
-    sw_dev = torch.device(sw_device) if sw_device is not None else dev
-    acc_dev = torch.device(accumulate_device) if accumulate_device is not None else dev
-    amp_dtype = resolve_amp_dtype(amp, dev)
-    for m in model_list:
-        m.eval().to(dev)
-        if channels_last:
-            m.to(memory_format=torch.channels_last_3d)
-
+    plan = make_window_plan(
+        models, tuple(volume.shape), patch_size, overlap=overlap, blend=blend, tta=tta, amp=amp, device=device,
+        activation=activation, ensemble=ensemble, weights=weights, channels_last=channels_last,
+        sigma_scale=sigma_scale, placement=placement, pad_multiple=pad_multiple, padding_mode=padding_mode,
+    )
     vol = torch.as_tensor(volume)
     if not vol.is_floating_point():
         raise ValueError(f"volume must be float (already normalized), got {vol.dtype}")
-    shape = tuple(vol.shape)
-    pads = pad_widths(shape, roi, placement, pad_multiple)
-    starts = _axis_starts([s + a + b for s, (a, b) in zip(shape, pads)], roi, overlap, placement)
+    for m in plan.models:
+        m.eval().to(plan.device)
+        if channels_last:
+            m.to(memory_format=torch.channels_last_3d)
+    sw_dev = torch.device(sw_device) if sw_device is not None else plan.device
+    acc_dev = torch.device(accumulate_device) if accumulate_device is not None else plan.device
 
     def run(bs: int, acc_device: torch.device | str) -> np.ndarray:
         acc_device = torch.device(acc_device)
         # after falling back to CPU accumulation the volume is kept there too
         vol_device = sw_dev if acc_device == acc_dev else acc_device
         with torch.inference_mode():
-            padded = _pad_volume(vol.to(vol_device, torch.float32), pads, padding_mode)
-            return _blend_volume(
-                model_list, padded, starts, roi, shape, pads, bs, dev, acc_device, w, transforms,
-                blend, sigma_scale, activation, ensemble, amp_dtype, channels_last, progress,
-            )
+            padded = _pad_volume(vol.to(vol_device, torch.float32), plan.pads, plan.padding_mode)
+            return _run_windows(plan, padded, bs, acc_device, progress)
 
     return run_with_oom_fallback(run, batch_size, acc_dev)
 
@@ -667,50 +774,92 @@ def _pad_volume(vol: torch.Tensor, pads: Sequence[tuple[int, int]], mode: str) -
     return F.pad(vol[None, None], flat, mode=mode)[0, 0]
 
 
-def _blend_volume(
-    models: Sequence[nn.Module],
-    padded: torch.Tensor,
-    starts: Sequence[Sequence[int]],
-    roi: tuple[int, ...],
-    shape: tuple[int, ...],
-    pads: Sequence[tuple[int, int]],
-    batch_size: int,
-    device: torch.device,
-    acc_device: torch.device,
-    weights: Sequence[float],
-    transforms: Sequence[TTATransform],
-    blend: str,
-    sigma_scale: float,
-    activation: str | Callable | None,
-    ensemble: str,
-    amp_dtype: torch.dtype | None,
-    channels_last: bool,
-    progress: bool,
-) -> np.ndarray:
-    """Accumulate weighted window predictions over ``padded`` (``(Zp, Yp, Xp)``) and normalize."""
-    wmap = importance_map(roi, blend, sigma_scale, device=acc_device)
-    acc = torch.zeros(padded.shape, dtype=torch.float32, device=acc_device)
-    corners = list(itertools.product(*starts))
-    batches: Iterable = _batches(corners, batch_size)
+def _window_batches(
+    windows: Sequence[tuple[slice, ...]], batch_size: int, progress: bool
+) -> Iterable[Sequence[tuple[slice, ...]]]:
+    """Step 2: the planned windows in batches of ``batch_size`` (a tqdm bar when ``progress``)."""
+    batches: Iterable = _batches(windows, batch_size)
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, total=math.ceil(len(corners) / batch_size), desc="windows", leave=False)
-    buf = torch.empty((batch_size, 1, *roi), dtype=padded.dtype, device=padded.device)  # reused: no allocation per batch
-    for batch in batches:
-        sls = [tuple(slice(s, s + r) for s, r in zip(c, roi)) for c in batch]
-        torch.stack([padded[sl] for sl in sls], out=buf[: len(sls), 0])
-        windows = buf[: len(sls)].to(device)
-        pred = predict_windows(models, windows, weights, transforms, activation, ensemble, amp_dtype, channels_last)
-        pred = pred.to(acc_device)
-        for sl, p in zip(sls, pred):
-            acc[sl].addcmul_(p, wmap)
-    _normalize_by_weight_sum(acc, starts, wmap)
-    crop = tuple(slice(a, a + s) for (a, _), s in zip(pads, shape))
-    out = acc[crop]
-    if ensemble == "logits":
-        out = _activate(out, activation)
+        batches = tqdm(batches, total=math.ceil(len(windows) / batch_size), desc="windows", leave=False)
+    return batches
+
+
+def _accumulate(acc: torch.Tensor, windows: Sequence[tuple[slice, ...]], pred: torch.Tensor,
+                wmap: torch.Tensor) -> None:
+    """Step 4: ``acc[window] += wmap * pred[i]`` for every window of the batch (``pred``: ``(B, z, y, x)``)."""
+    for sl, p in zip(windows, pred):
+        acc[sl].addcmul_(p, wmap)
+
+
+def _crop(acc: torch.Tensor, plan: WindowPlan) -> np.ndarray:
+    """Step 6: the input's part of the normalized sums (activated here for ``ensemble="logits"``)."""
+    out = acc[plan.crop]
+    if plan.ensemble == "logits":
+        out = _activate(out, plan.activation)
     return np.ascontiguousarray(out.cpu().numpy())
+
+
+def _run_windows(plan: WindowPlan, padded: torch.Tensor, batch_size: int, acc_device: torch.device,
+                 progress: bool = False) -> np.ndarray:
+    """Batch → predict (+TTA) → accumulate → normalize → crop over ``padded`` (``(Zp, Yp, Xp)``)."""
+    wmap = importance_map(plan.roi, plan.blend, plan.sigma_scale, device=acc_device)
+    acc = torch.zeros(padded.shape, dtype=torch.float32, device=acc_device)
+    buf = torch.empty((batch_size, 1, *plan.roi), dtype=padded.dtype, device=padded.device)  # reused per batch
+    for batch in _window_batches(plan.windows, batch_size, progress):
+        torch.stack([padded[sl] for sl in batch], out=buf[: len(batch), 0])
+        pred = predict_windows(plan.models, buf[: len(batch)].to(plan.device), plan.weights, plan.transforms,
+                               plan.activation, plan.ensemble, plan.amp_dtype, plan.channels_last)
+        _accumulate(acc, batch, pred.to(acc_device), wmap)
+    _normalize_by_weight_sum(acc, plan.starts, wmap)
+    return _crop(acc, plan)
+
+
+def as_inference_config(cfg: "InferenceConfig | dict | None") -> "InferenceConfig":
+    """An :class:`InferenceConfig` from ``None`` (the defaults), a dict (YAML keys; unknown keys
+    raise :class:`~kaggle_utils.config.ConfigError`) or an :class:`InferenceConfig` (returned as is)."""
+    if cfg is None:
+        return InferenceConfig()
+    if isinstance(cfg, InferenceConfig):
+        return cfg
+    if isinstance(cfg, dict):
+        from .config import from_dict
+
+        return from_dict(InferenceConfig, cfg, "inference")
+    raise TypeError(f"inference settings must be an InferenceConfig, a dict or None, got {type(cfg).__name__}")
+
+
+def predict_volume(
+    models: nn.Module | Sequence[nn.Module],
+    volume: np.ndarray | torch.Tensor,
+    cfg: "InferenceConfig | dict | None" = None,
+    device: torch.device | str | None = None,
+    *,
+    pad_multiple: int = 32,
+    **overrides: Any,
+) -> np.ndarray:
+    """Probabilities of one normalized volume under ``cfg``: THE path from settings to inference.
+
+    Validation and out-of-fold writing in :mod:`kaggle_utils.train`, ``predict`` and the submit
+    notebook all call this, so the same :class:`InferenceConfig` gives the same probabilities
+    everywhere (ensemble mode and TTA included).
+
+    Args:
+        models: one model or an ensemble (see :func:`sliding_window_predict`).
+        volume: ``float32 (Z, Y, X)``, already normalized (``data.normalize_intensity``).
+        cfg: :class:`InferenceConfig`, a dict of its keys, or ``None`` for the defaults.
+        device: where the models run; default CUDA when available.
+        pad_multiple: pad to a multiple of this (``models.model_divisor``).
+        **overrides: keyword arguments of :func:`sliding_window_predict` that replace the config's
+            (e.g. ``tta`` as a list of :class:`TTATransform` after a time-budget cut, ``progress``).
+
+    Returns:
+        ``float32 (Z, Y, X)`` probabilities.
+    """
+    kwargs = as_inference_config(cfg).to_kwargs()
+    kwargs.update(overrides)
+    return sliding_window_predict(models, volume, device=device, pad_multiple=pad_multiple, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
