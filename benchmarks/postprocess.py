@@ -72,7 +72,7 @@ def steps(base: PostprocessConfig) -> list[tuple[str, PostprocessConfig]]:
 
 def _row(name: str, scores: list, fg: list[float], secs: float | None = None) -> str:
     m = lambda k: np.mean([getattr(v, k) for v in scores])  # noqa: E731
-    t = "" if secs is None else f" {secs:8.3f}"
+    t = " |" if secs is None else f" {secs:.3f} |"
     return (f"| {name} | {m('score'):.4f} | {m('topo_score'):.4f} | {m('surface_dice'):.4f} | {m('voi_score'):.4f} | "
             f"{100 * np.mean(fg):.2f} |{t}")
 
