@@ -204,7 +204,8 @@ def test_submit_notebook_rehearses_a_kaggle_run(tmp_path, monkeypatch):
     try:
         papermill.execute_notebook(
             str(SUBMIT_NOTEBOOK), str(out_nb), cwd=str(work), kernel_name=KERNEL,
-            parameters={"INPUT_DIR": str(inp), "DATA_DIR": str(data), "CHECKPOINTS": [str(ckpt)], "OUT": str(out_zip),
+            # CHECKPOINTS=None: the notebook finds the checkpoint under INPUT_DIR, as on Kaggle
+            parameters={"INPUT_DIR": str(inp), "DATA_DIR": str(data), "CHECKPOINTS": None, "OUT": str(out_zip),
                         "DEVICE": "cpu", "REPORT_PNG": str(work / "submission_report.png")},
             progress_bar=False,
         )
@@ -220,6 +221,8 @@ def test_submit_notebook_rehearses_a_kaggle_run(tmp_path, monkeypatch):
     nb = json.loads(out_nb.read_text())
     outputs = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]
     assert any("image/png" in o.get("data", {}) for o in outputs), "no figure in the executed notebook"
+    printed = "".join("".join(o.get("text", "")) for o in outputs)
+    assert str(ckpt) in printed, "the notebook did not use the checkpoint of the model dataset"
 
     # What the notebook imported came from the wheel set installed into the image's environment.
     res = _py(venv, "import kaggle_utils, imagecodecs, cc3d, edt, segmentation_models_pytorch_3d as smp\n"
