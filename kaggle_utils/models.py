@@ -39,6 +39,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "export_checkpoint",
+    "find_checkpoints",
     "unwrap_model",
 ]
 
@@ -341,3 +342,21 @@ def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, fp16: bool
         config=config, fold=fold, weights=weights_kind,
         dtype="float16" if any(v.dtype == torch.float16 for v in state.values()) else "float32",
     )
+
+
+def find_checkpoints(root: str | os.PathLike, names: Sequence[str] = ("model.pt", "best.pt")) -> list[str]:
+    """Checkpoints under ``root`` (e.g. ``/kaggle/input``): per folder, the first of ``names`` present.
+
+    With the default names a folder holding both an exported ``model.pt`` and the training
+    ``best.pt`` contributes only ``model.pt`` (the same weights, smaller); a folder with only
+    ``best.pt`` contributes that. Returns sorted paths (strings); ``[]`` when ``root`` is missing.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    by_folder: dict[Path, Path] = {}
+    for name in reversed(list(names)):  # earlier names overwrite later ones
+        for path in root.rglob(name):
+            if path.is_file():
+                by_folder[path.parent] = path
+    return sorted(str(p) for p in by_folder.values())
