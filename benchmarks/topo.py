@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -43,6 +44,26 @@ def blobs(size: int, seed: int = 0, frac: float = 0.5) -> np.ndarray:
     rng = np.random.default_rng(seed)
     f = ndimage.gaussian_filter(rng.standard_normal((size,) * 3).astype(np.float32), 3)
     return f > np.quantile(f, 1 - frac)
+
+
+def wound_gt(size: int, n_sheets: int = 8, seed: int = 2) -> np.ndarray:
+    """Ground truth like the competition's labels: wavy 2-voxel sheets with label gaps.
+
+    ``sheets(size, n_sheets, seed)`` with ``60 * (size / 320)**2`` discs of radius 2-5 voxels
+    removed (7 voxels deep in z, centred on a sheet voxel), so the GT has tunnels (beta1 > 0).
+
+    Returns:
+        ``bool (size, size, size)``.
+    """
+    gt = sheets(size, n_sheets=n_sheets, seed=seed)
+    rng = np.random.default_rng(seed + 3)
+    zz, yy, xx = np.nonzero(gt)
+    g = np.ogrid[:size, :size]
+    for _ in range(max(1, round(60 * (size / 320) ** 2))):
+        i = rng.integers(len(zz))
+        disc = (g[0] - yy[i]) ** 2 + (g[1] - xx[i]) ** 2 <= rng.uniform(2, 5) ** 2
+        gt[max(zz[i] - 3, 0):zz[i] + 4] &= ~disc[None]
+    return gt
 
 
 def model_like(gt: np.ndarray, seed: int = 0, n_blobs: int = 200, n_tears: int = 40) -> np.ndarray:
@@ -91,6 +112,7 @@ def load_topo(path: str | None):
         return topo_module
     spec = importlib.util.spec_from_file_location(Path(path).stem, path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # numba's cache re-imports the module by name
     spec.loader.exec_module(mod)
     return mod
 
@@ -128,6 +150,7 @@ def main() -> None:
     args = ap.parse_args()
     n = args.size
     topo_counts = load_topo(args.module).topo_counts
+    topo_module.topo_counts = topo_counts  # score_volume looks it up at call time
     rng = np.random.default_rng(1)
     gt = sheets(n)
     pred = np.roll(gt, 1, axis=0) | (rng.random(gt.shape) < 0.0005)
@@ -139,11 +162,11 @@ def main() -> None:
     for _ in range(20):
         cy, cx = rng.integers(10, n - 10, size=2)
         gt_holed[:, cy - 3:cy + 3, cx - 3:cx + 3] = False
-    gt8 = sheets(n, n_sheets=8, seed=2)
+    gt8 = wound_gt(n)
     cases = [
         ("sheets, shift 1 + 0.05% noise", pred, gt),
         ("sheets with holes in pred and GT", holed, gt_holed),
-        ("model-like pred vs 8 sheets", model_like(gt8, seed=3), gt8),
+        ("model-like pred vs 8 sheets with gaps", model_like(gt8, seed=3), gt8),
         ("all foreground vs sheets", np.ones_like(gt), gt),
         ("empty vs sheets", np.zeros_like(gt), gt),
     ]

@@ -297,7 +297,7 @@ def _random_pair(rng, shape):
     return a, g
 
 
-@pytest.mark.parametrize("seed", range(16))
+@pytest.mark.parametrize("seed", range(32))
 def test_matches_literal_procedure(seed, monkeypatch):
     rng = np.random.default_rng(seed)
     low = 1 if seed % 8 == 0 else 4
@@ -372,3 +372,92 @@ def test_identity_matches_everything(seed):
     for k, (m, p, g) in counts.items():
         assert m == p == g
     assert sum(p for _, p, _ in counts.values()) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast paths against the full machinery
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_k0_clearing_equals_dual_union_find(seed):
+    """cc3d-based clearing of the value-0 2-cells = what the full dual union-find clears there."""
+    rng = np.random.default_rng(300 + seed)
+    shape = tuple(int(s) for s in rng.integers(2, 14, size=3))
+    fg, _ = _random_pair(rng, shape)
+    if seed % 3 == 0:
+        fg = ndimage.binary_dilation(fg, iterations=2) & (rng.random(shape) > 0.02)  # solid, pockets
+    fg = np.ascontiguousarray(fg)
+    X, Y, Z = shape
+    bg = (~fg).astype(np.uint8).ravel()
+    cube = topo._cube_values(bg, X, Y, Z)
+    full = np.zeros(3 * fg.size, np.uint8)
+    topo._dim2_pass(bg, cube, cube, X, Y, Z, topo.Dim2Mode.CLEAR, cube, cube, cube, full)
+    fast = np.zeros_like(full)
+    topo._k0_clearing(fg, fast)
+    value0 = np.zeros_like(full, dtype=bool)
+    value0[topo._k0_columns(bg, np.zeros_like(full), X, Y, Z)] = True
+    assert fast.sum() > 0 or full[value0].sum() == 0
+    np.testing.assert_array_equal(fast.astype(bool), full.astype(bool) & value0)
+
+
+
+def _model_like_pair(size, seed):
+    """Wavy 2-voxel sheets with label gaps (GT) and a model-like prediction of them: shifted one
+    voxel in z, dilated where a smooth field is high, blobs near the sheets, torn discs."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.ogrid[:size, :size, :size]
+    gt = np.zeros((size,) * 3, bool)
+    n_sheets = max(2, size // 12)
+    for i in range(n_sheets):
+        amp, fy, fx, ph = rng.uniform(1, 3), rng.uniform(0.5, 2), rng.uniform(0.5, 2), rng.uniform(0, 6)
+        surf = (i + 0.5) * size / n_sheets + amp * np.sin(2 * np.pi * fy * y / size + ph) * np.cos(
+            2 * np.pi * fx * x / size)
+        gt |= (z >= surf) & (z < surf + 2)
+    pts = np.argwhere(gt)
+
+    def disc_at(c, r, depth):
+        d = ((y - c[1]) ** 2 + (x - c[2]) ** 2 <= r * r) & (np.abs(z - c[0]) <= depth)
+        return d
+
+    for _ in range(size // 5):  # label gaps: tunnels in the GT
+        gt &= ~disc_at(pts[rng.integers(len(pts))], rng.uniform(1.5, 3), 3)
+    pred = np.roll(gt, 1, axis=0)
+    field = ndimage.gaussian_filter(rng.standard_normal(gt.shape), 4)
+    pred |= ndimage.binary_dilation(pred) & (field > np.quantile(field, 0.67))
+    for _ in range(size // 3):  # blobs near the sheets
+        c = pts[rng.integers(len(pts))] + rng.integers(-3, 4, size=3)
+        pred |= (z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2 <= rng.uniform(1.5, 4) ** 2
+    for _ in range(size // 4):  # tears
+        pred &= ~disc_at(pts[rng.integers(len(pts))], rng.uniform(1.5, 4), 2)
+    return pred, gt
+
+
+# counts of the reference implementation before the fast paths (heap reduction, full dual
+# union-find clearing; commit 2f582f3), whole volumes with their 8 octants
+_MODEL_LIKE_OLD = {
+    (48, 0): {0: (8, 13, 8), 1: (5, 16, 6), 2: (0, 0, 0)},
+    (48, 1): {0: (8, 12, 8), 1: (6, 11, 6), 2: (0, 0, 0)},
+    (56, 2): {0: (8, 9, 8), 1: (7, 16, 7), 2: (0, 0, 0)},
+    (64, 3): {0: (18, 22, 18), 1: (12, 21, 12), 2: (0, 0, 0)},
+    (64, 4): {0: (21, 25, 24), 1: (4, 17, 6), 2: (0, 0, 0)},
+}
+
+
+@pytest.mark.parametrize("size, seed", sorted(_MODEL_LIKE_OLD))
+@pytest.mark.parametrize("clear_min", [20000, -1])
+def test_model_like_matches_old_path(size, seed, clear_min, monkeypatch):
+    """Model-like predictions (partial dim-1 matches) give the old path's counts, with and without
+    the cc3d clearing of the input complexes."""
+    monkeypatch.setattr(topo, "_CLEAR_MIN_CUBES", clear_min)
+    pred, gt = _model_like_pair(size, seed)
+    assert topo_counts(pred, gt) == _MODEL_LIKE_OLD[(size, seed)]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_model_like_matches_literal_procedure(seed, monkeypatch):
+    """Tiny model-like octants against the literal implementation (clearing forced every other seed)."""
+    pred, gt = _model_like_pair(12, seed)
+    if seed % 2:
+        monkeypatch.setattr(topo, "_CLEAR_MIN_CUBES", -1)
+    assert topo_counts_octant(pred, gt) == _literal_counts(pred, gt)

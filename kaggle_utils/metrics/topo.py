@@ -162,7 +162,7 @@ def _closed_form(fg: np.ndarray) -> tuple[int, int, int, int]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Shared kernel helpers: modes, growth, union-find, cell geometry, max-heap
+# Shared kernel helpers: modes, growth, union-find, cell geometry
 # ----------------------------------------------------------------------------------------------
 
 
@@ -308,55 +308,6 @@ def _dual_neighbours(f, X, Y, Z, nc):
     """The two cubes on either side of 2-cell id ``f`` along its normal axis (``nc`` = infinity)."""
     x, y, z = _coords(f // 3, Y, Z)
     return _dual_pair(x, y, z, f % 3, X, Y, Z, nc)
-
-
-@njit(cache=True, nogil=True)
-def _heap_push(h, hl, key):
-    """Push onto the max-heap h[0:hl] (capacity ensured by the caller); returns the new size."""
-    i = hl
-    while i > 0:
-        par = (i - 1) >> 1
-        if h[par] >= key:
-            break
-        h[i] = h[par]
-        i = par
-    h[i] = key
-    return hl + 1
-
-
-@njit(cache=True, nogil=True)
-def _heap_pop(h, hl):
-    """Pop the maximum of h[0:hl]; returns (key, new size)."""
-    top = h[0]
-    hl -= 1
-    if hl > 0:
-        last = h[hl]
-        i = 0
-        while True:
-            c = 2 * i + 1
-            if c >= hl:
-                break
-            if c + 1 < hl and h[c + 1] > h[c]:
-                c += 1
-            if h[c] <= last:
-                break
-            h[i] = h[c]
-            i = c
-        h[i] = last
-    return top, hl
-
-
-@njit(cache=True, nogil=True)
-def _heap_pivot(h, hl):
-    """Largest key with odd multiplicity (Z/2 sum) left on the heap, kept on it; -1 if none."""
-    while hl > 0:
-        top, hl = _heap_pop(h, hl)
-        if hl > 0 and h[0] == top:
-            top, hl = _heap_pop(h, hl)
-            continue
-        hl = _heap_push(h, hl, top)
-        return top, hl
-    return np.int64(-1), hl
 
 
 # ----------------------------------------------------------------------------------------------
@@ -513,6 +464,72 @@ def _dim2_pass(bg, cube_k, cube_c, X, Y, Z, mode, key_a, key_g, key_out, cleared
     return count
 
 
+def _k0_clearing(fg: np.ndarray, cleared: np.ndarray) -> None:
+    """Mark in ``cleared`` the value-0 2-cells that the dual union-find (:func:`_dim2_pass`) clears.
+
+    Only the value-0 2-cells are columns of an input image's reduction, and which of them cause a
+    union depends only on the partition of the cubes after the value-1 sweep: every cube around a
+    background vertex is joined through the value-1 2-cells around it, so the sets are the
+    26-connected background components (those touching the border joined with the outside node),
+    plus one singleton per solid cube. That partition comes from ``cc3d`` here, and only the
+    value-0 2-cells go through the union-find (:func:`_k0_clear_faces`).
+
+    Args:
+        fg: ``bool (X, Y, Z)`` contiguous foreground of one image.
+        cleared: ``uint8 (3 * X * Y * Z,)`` per 2-cell id, updated in place.
+    """
+    labels, n = cc3d.connected_components(~fg, connectivity=26, return_N=True)
+    outside = np.zeros(n + 1, dtype=np.uint8)
+    for face in (labels[0], labels[-1], labels[:, 0], labels[:, -1], labels[:, :, 0], labels[:, :, -1]):
+        outside[face.ravel()] = 1
+    X, Y, Z = fg.shape
+    bg = (~fg).astype(np.uint8).ravel()
+    _k0_clear_faces(bg, labels.ravel().astype(np.int64, copy=False), outside, n, X, Y, Z, cleared)
+
+
+@njit(cache=True, nogil=True)
+def _k0_clear_faces(bg, labels, outside, n_labels, X, Y, Z, cleared):
+    """Dual union-find over the value-0 2-cells (descending id) on the partition of
+    :func:`_k0_clearing`: nodes are the cubes (solid ones used), the outside node ``nc`` and
+    ``nc + 1 + L`` for background component ``L``; a 2-cell joining two sets is marked cleared."""
+    nc = (X - 1) * (Y - 1) * (Z - 1)
+    parent = np.arange(nc + 2 + n_labels, dtype=np.int32)
+    rank = np.zeros(nc + 2 + n_labels, dtype=np.uint8)
+    YZ = Y * Z
+    for v in range(X * Y * Z - 1, -1, -1):
+        if bg[v]:
+            continue
+        x, y, z = _coords(v, Y, Z)
+        for t in range(2, -1, -1):
+            if not _face_exists(x, y, z, t, X, Y, Z):
+                continue
+            f = 3 * v + t
+            if _face_value(bg, f, Y, Z):
+                continue
+            c1, c2 = _dual_pair(x, y, z, t, X, Y, Z, nc)
+            st = _axis_stride(t, Y, Z)
+            a = _uf_find(parent, _cube_node(bg, labels, outside, c1, v - st, nc, YZ, Z))
+            b = _uf_find(parent, _cube_node(bg, labels, outside, c2, v, nc, YZ, Z))
+            if a != b:
+                cleared[f] = 1
+                _union_rank(parent, rank, a, b)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _cube_node(bg, labels, outside, c, u, nc, YZ, Z):
+    """Union-find node of cube ``c`` (lowest corner vertex ``u``; ``c == nc``: the outside)."""
+    if c == nc:
+        return nc
+    for dx in range(2):
+        for dy in range(2):
+            for dz in range(2):
+                w = u + dx * YZ + dy * Z + dz
+                if bg[w]:
+                    lab = labels[w]
+                    return nc if outside[lab] else nc + 1 + lab
+    return c
+
+
 # ----------------------------------------------------------------------------------------------
 # Dimension 1, input images: the foreground complex
 # ----------------------------------------------------------------------------------------------
@@ -628,77 +645,99 @@ def _boundary_keys(f, bg, Y, Z, E, buf):
 
 @njit(cache=True, nogil=True, inline="always")
 def _max_edge(f, bg, Y, Z):
-    """Edge id of the largest row (value, id) in the boundary of face f, and its value."""
-    e0, e1, e2, e3, w0, w1, w2, w3 = _face_boundary(f, bg, Y, Z)
-    if w3:
-        return e3, 1
-    if w2:
-        return e2, 1
-    if w1:
-        return e1, 1
-    if w0:
-        return e0, 1
-    return e3, 0
+    """Edge id of the largest row (value, id) in the boundary of face f, and its value.
+
+    Same edges as :func:`_face_boundary`, tested from the largest id down with an early exit
+    (this runs once per column of every reduction).
+    """
+    v = f // 3
+    a, b, sa, sb = _face_axes(f % 3, Y, Z)
+    va = v + sa
+    vb = v + sb
+    vab = va + sb
+    if bg[va] | bg[vab]:
+        return 3 * va + b, 1
+    if bg[vb] | bg[vab]:
+        return 3 * vb + a, 1
+    if bg[v] | bg[vb]:
+        return 3 * v + b, 1
+    if bg[v] | bg[va]:
+        return 3 * v + a, 1
+    return 3 * va + b, 0
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _symdiff_desc(a, na, b, ob, nb, out):
+    """Z/2 sum of two descending key lists ``a[:na]`` and ``b[ob:ob+nb]`` into ``out`` (descending,
+    shared keys cancelled; capacity ``na + nb`` ensured by the caller); returns its length."""
+    i = 0
+    j = 0
+    k = 0
+    while i < na and j < nb:
+        x = a[i]
+        y = b[ob + j]
+        if x > y:
+            out[k] = x
+            i += 1
+            k += 1
+        elif y > x:
+            out[k] = y
+            j += 1
+            k += 1
+        else:
+            i += 1
+            j += 1
+    while i < na:
+        out[k] = a[i]
+        i += 1
+        k += 1
+    while j < nb:
+        out[k] = b[ob + j]
+        j += 1
+        k += 1
+    return k
 
 
 @njit(cache=True, nogil=True)
-def _reduce_column(i, e, cols, bg, Y, Z, E, owner, slot, start, length, pool, heap, b4, other):
+def _reduce_column(i, e, cols, bg, Y, Z, E, owner, slot, start, length, pool, work, spare, other):
     """Reduce column ``i`` whose maximum edge ``e`` is owned by an earlier column.
 
-    Adds the cached reduced column (or raw boundary, for emergent owners) of each owner of the
-    current pivot onto a max-heap with lazy Z/2 cancellation. Returns ``(pivot key or -1, heap,
-    heap length)``; the heap holds the reduced column when the pivot is >= 0.
+    The working column is a descending key list; each step adds (sorted merge, Z/2) the cached
+    reduced column of the owner of its pivot, or its raw boundary for an emergent owner, until
+    the pivot is free or the column is zero. Returns ``(number of keys, work)``: the reduced
+    column is ``work[:n]`` (pivot ``work[0]``); the two buffers may have been grown or swapped.
     """
-    _boundary_keys(cols[i], bg, Y, Z, E, b4)
-    hl = 0
-    for q in range(4):
-        hl = _heap_push(heap, hl, b4[q])
-    pivot = b4[0]
+    _boundary_keys(cols[i], bg, Y, Z, E, work)
+    wl = 4
     while True:
         j = owner[e]
         if slot[j] < 0:
             _boundary_keys(cols[j], bg, Y, Z, E, other)
-            ol, src, off = 4, other, 0
+            src, off, ol = other, 0, 4
         else:
-            ol, src, off = length[slot[j]], pool, start[slot[j]]
-        heap = _ensure(heap, hl + ol)
-        for q in range(ol):
-            hl = _heap_push(heap, hl, src[off + q])
-        pivot, hl = _heap_pivot(heap, hl)
-        if pivot < 0:
-            return pivot, heap, hl
-        e = pivot - E if pivot >= E else pivot
+            src, off, ol = pool, start[slot[j]], length[slot[j]]
+        spare = _ensure(spare, wl + ol)
+        wl = _symdiff_desc(work, wl, src, off, ol, spare)
+        work, spare = spare, work
+        if wl == 0:
+            return wl, work, spare
+        e = work[0] - E if work[0] >= E else work[0]
         if owner[e] < 0:
-            return pivot, heap, hl
+            return wl, work, spare
 
 
 @njit(cache=True, nogil=True)
-def _drain_heap(heap, hl, pool, pool_len):
-    """Pop the heap into ``pool[pool_len:]`` (descending, cancelled pairs dropped); returns
-    ``(pool, number written)``, the pool grown if needed."""
-    pool = _ensure(pool, pool_len + hl)
-    wl = 0
-    while hl > 0:
-        top, hl = _heap_pop(heap, hl)
-        if hl > 0 and heap[0] == top:
-            top, hl = _heap_pop(heap, hl)
-            continue
-        pool[pool_len + wl] = top
-        wl += 1
-    return pool, wl
-
-
-@njit(cache=True, nogil=True)
-def _reduce(cols, bg, X, Y, Z, stop, target=-1):
+def _reduce(cols, bg, X, Y, Z, stop, target=-1, stats=None):
     """Left-to-right Z/2 reduction; returns the low edge id of every column (-1: reduced to zero).
 
     cols: face ids in column order; rows ordered by (value in ``bg`` image, edge id). Only the first
     ``stop`` columns are reduced (later lows are -1). With ``target >= 0`` the reduction also stops
     once ``target`` columns of value 1 have reduced to a value-0 low (all finite pairs found).
     A column whose own maximum edge is free takes it at once ("emergent pair"); the others are
-    reduced on a max-heap with lazy Z/2 cancellation (:func:`_reduce_column`), adding the cached
-    reduced columns of earlier non-emergent columns (or the raw boundary of emergent ones, which
-    equals their reduced column).
+    reduced as sorted key lists (:func:`_reduce_column`), adding the cached reduced columns of
+    earlier non-emergent columns (or the raw boundary of emergent ones, which equals their reduced
+    column). ``stats`` (int64 (4,), optional) receives the number of columns
+    reduced, of non-emergent ones, the cache size (keys) and the longest reduced column.
     """
     E = np.int64(3 * X * Y * Z)
     ncols = cols.shape[0]
@@ -712,9 +751,9 @@ def _reduce(cols, bg, X, Y, Z, stop, target=-1):
     n_slots = 0
     pool = np.empty(1024, dtype=np.int64)
     pool_len = 0
-    heap = np.empty(1024, dtype=np.int64)
+    work = np.empty(1024, dtype=np.int64)
+    spare = np.empty(1024, dtype=np.int64)
     other = np.empty(4, dtype=np.int64)
-    b4 = np.empty(4, dtype=np.int64)
     found = 0
     for i in range(min(stop, ncols)):
         e, _ = _max_edge(cols[i], bg, Y, Z)
@@ -722,10 +761,16 @@ def _reduce(cols, bg, X, Y, Z, stop, target=-1):
             owner[e] = i
             lows[i] = e
             continue
-        pivot, heap, hl = _reduce_column(i, e, cols, bg, Y, Z, E, owner, slot, start, length, pool,
-                                         heap, b4, other)
-        if pivot < 0:
+        wl, work, spare = _reduce_column(i, e, cols, bg, Y, Z, E, owner, slot, start, length, pool,
+                                         work, spare, other)
+        if stats is not None:
+            stats[0] = i + 1
+            stats[1] += 1
+            stats[2] = pool_len
+            stats[3] = max(stats[3], wl)
+        if wl == 0:
             continue
+        pivot = work[0]
         e = pivot - E if pivot >= E else pivot
         owner[e] = i
         lows[i] = e
@@ -734,7 +779,8 @@ def _reduce(cols, bg, X, Y, Z, stop, target=-1):
                 found += 1
                 if found == target:
                     return lows
-        pool, wl = _drain_heap(heap, hl, pool, pool_len)
+        pool = _ensure(pool, pool_len + wl)
+        pool[pool_len:pool_len + wl] = work[:wl]
         start = _ensure(start, n_slots + 1)
         length = _ensure(length, n_slots + 1)
         slot[i] = n_slots
@@ -820,14 +866,16 @@ def topo_counts_octant(pred: np.ndarray, gt: np.ndarray) -> Counts:
             cube_c = _cube_values(bg_c, X, Y, Z) if need2 else np.zeros(1, np.uint8)
             key_a = np.zeros(nc1, dtype=np.uint8)
             key_g = np.zeros(nc1, dtype=np.uint8)
-            for bg, key, keys, solid in ((bg_a, "a", key_a, pa[3]), (bg_g, "g", key_g, pg[3])):
-                # input images: the dual union-find is needed for the dim-2 keys, or to clear the
-                # foreground-complex columns when the foreground holds many solid cubes
-                if need2 or solid > _CLEAR_MIN_CUBES:
-                    cube_k = _cube_values(bg, X, Y, Z) if need2 else cube_c
-                    mode = Dim2Mode.INPUT if need2 else Dim2Mode.CLEAR
-                    _dim2_pass(bg, cube_k, cube_c, X, Y, Z, mode, key_a, key_g, keys, cleared[key])
+            for bg, fk, key, keys, solid in ((bg_a, fa, "a", key_a, pa[3]), (bg_g, fg_, "g", key_g, pg[3])):
+                # input images: the dual union-find is needed for the dim-2 keys; otherwise only
+                # its clearing of the foreground-complex columns, worth it with many solid cubes
+                if need2:
+                    cube_k = _cube_values(bg, X, Y, Z)
+                    _dim2_pass(bg, cube_k, cube_c, X, Y, Z, Dim2Mode.INPUT, key_a, key_g, keys,
+                               cleared[key])
                     del cube_k
+                elif solid > _CLEAR_MIN_CUBES:
+                    _k0_clearing(fk, cleared[key])
             mode = Dim2Mode.COMPARE if need2 else Dim2Mode.CLEAR
             m2 = int(_dim2_pass(bg_c, cube_c, cube_c, X, Y, Z, mode, key_a, key_g, key_g, cleared["c"]))
             del cube_c
