@@ -62,6 +62,9 @@ __all__ = [
     "collate_patches",
     "seed_worker",
     "make_loader",
+    "PatchLoader",
+    "worker_error_message",
+    "check_labels",
 ]
 
 _NORMALIZATION_MODES = ("zscore", "fixed")
@@ -778,14 +781,64 @@ def seed_worker(worker_id: int) -> None:
     random.seed(s)
 
 
+def worker_error_message(exc: BaseException) -> str | None:
+    """The original one-line message of a :class:`~kaggle_utils.data.DataError` re-raised by a
+    DataLoader worker, or ``None`` when ``exc`` is not one.
+
+    torch re-raises a worker's exception in the main process with the worker's whole traceback as
+    its message (``Caught DataError in DataLoader worker process 0. Original Traceback ...``); the
+    original message is what follows the last ``<module>.<type>: `` line of that traceback.
+    """
+    text = str(exc)
+    if not isinstance(exc, DataError) or not text.startswith("Caught ") or "DataLoader worker" not in text:
+        return None
+    for name in (f"{type(exc).__module__}.{type(exc).__qualname__}", type(exc).__qualname__):
+        at = text.rfind(f"\n{name}: ")
+        if at >= 0:
+            return text[at + len(name) + 3:].strip()
+    return None
+
+
+class _WorkerErrorIterator:
+    """Wraps a DataLoader iterator: a worker's ``DataError`` comes out as the one line it was raised with."""
+
+    def __init__(self, it: Iterator):
+        self._it = it
+
+    def __iter__(self) -> "_WorkerErrorIterator":
+        return self
+
+    def __len__(self) -> int:
+        return len(self._it)
+
+    def __next__(self):
+        try:
+            return next(self._it)
+        except DataError as exc:
+            message = worker_error_message(exc)
+            if message is None:
+                raise
+            raise type(exc)(message) from None
+
+
+class PatchLoader(DataLoader):
+    """A :class:`~torch.utils.data.DataLoader` whose worker processes report bad data as the main
+    process does: a :class:`~kaggle_utils.data.DataError` raised in a worker (e.g. a label value
+    255) is re-raised with its own one-line message, not with the worker's traceback."""
+
+    def __iter__(self) -> Iterator:  # type: ignore[override]
+        return _WorkerErrorIterator(super().__iter__())
+
+
 def make_loader(dataset: PatchDataset, batch_size: int = 2, num_workers: int = 2,
                 persistent_workers: bool = True, pin_memory: bool = False,
                 prefetch_factor: int | None = 2, drop_last: bool = False) -> DataLoader:
-    """DataLoader over ``dataset`` with :class:`EpochSampler`, :func:`seed_worker` and
+    """:class:`PatchLoader` over ``dataset`` with :class:`EpochSampler`, :func:`seed_worker` and
     :func:`collate_patches`. Batches: ``(image (B,1,Z,Y,X) float32, label (B,1,Z,Y,X) uint8, meta)``.
 
     Persistent workers (default when ``num_workers > 0``) keep their volume caches across epochs;
-    call ``dataset.set_epoch(e)`` before iterating epoch ``e``.
+    call ``dataset.set_epoch(e)`` before iterating epoch ``e``. A ``DataError`` in a worker is
+    raised with its one-line message, as with ``num_workers=0``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -795,6 +848,70 @@ def make_loader(dataset: PatchDataset, batch_size: int = 2, num_workers: int = 2
     if num_workers > 0:
         kwargs["persistent_workers"] = persistent_workers
         kwargs["prefetch_factor"] = prefetch_factor
-    return DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(dataset),
-                      num_workers=num_workers, collate_fn=collate_patches,
-                      worker_init_fn=seed_worker, pin_memory=pin_memory, drop_last=drop_last, **kwargs)
+    return PatchLoader(dataset, batch_size=batch_size, sampler=EpochSampler(dataset),
+                       num_workers=num_workers, collate_fn=collate_patches,
+                       worker_init_fn=seed_worker, pin_memory=pin_memory, drop_last=drop_last, **kwargs)
+
+
+def _tiff_shape(path: str | os.PathLike) -> tuple[int, ...] | None:
+    """Shape of a TIFF volume from its header (no decoding), or ``None`` when it cannot be told."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return tuple(int(n) for n in tif.series[0].shape)
+    except Exception:  # noqa: BLE001 - unreadable headers are reported when the volume is read
+        return None
+
+
+def _check_record(record: VolumeRecord) -> None:
+    if record.label_path is None:
+        raise DataError(f"{record.image_path}: id {record.id!r} has no label file; patches need labels")
+    label = read_label(record.label_path)  # DataError: unreadable, or values outside {0, 1, 2}
+    shape = _tiff_shape(record.image_path)
+    if shape is not None and shape != label.shape:
+        raise DataError(f"{record.label_path}: label shape {tuple(label.shape)} != image shape {shape} "
+                        f"({record.image_path})")
+
+
+def check_labels(records: Sequence[VolumeRecord], workers: int = 1, progress: bool = True,
+                 desc: str = "check labels") -> int:
+    """Read every label once before training: readable, values in ``{0, 1, 2}``, the image's shape.
+
+    A bad label otherwise surfaces only when a patch of it is first drawn, possibly hours into a
+    run; this finds it in a few minutes (one LZW decode per label; the images' shapes come from
+    their TIFF headers, without decoding them).
+
+    Args:
+        records: the volumes to check (e.g. the training and validation volumes of a fold).
+        workers: threads reading labels in parallel (TIFF decoding releases the GIL).
+        progress: show a tqdm bar.
+        desc: the bar's label.
+
+    Returns:
+        The number of labels checked.
+
+    Raises:
+        DataError: the first bad label in ``records`` order, as one line naming its file.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    records = list(records)
+    bar = tqdm(total=len(records), desc=desc, unit="label", leave=False, disable=not progress)
+    try:
+        if workers <= 1 or len(records) <= 1:
+            for rec in records:
+                _check_record(rec)
+                bar.update()
+        else:
+            pool = ThreadPoolExecutor(max_workers=workers)
+            try:
+                for _ in pool.map(_check_record, records):  # in order: the first bad record is reported
+                    bar.update()
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)  # after a bad label, read no more
+    finally:
+        bar.close()
+    return len(records)

@@ -390,3 +390,61 @@ def test_augment_batch_rejects_bad_shapes():
         augment_batch(torch.zeros(2, 32, 32, 32), torch.zeros(2, 32, 32, 32, dtype=torch.uint8), AugmentConfig())
     with pytest.raises(ValueError, match="label shape"):
         augment_batch(torch.zeros(1, 1, 32, 32, 32), torch.zeros(1, 1, 32, 32, 16, dtype=torch.uint8), AugmentConfig())
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad labels: the same one line with and without workers; the pre-check
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bad_label_index(tmp_path_factory):
+    """Two volumes; the label of ``bad`` holds the value 255 (as a mask export would)."""
+    root = tmp_path_factory.mktemp("bad_labels")
+    image, label = _volume((64, 64, 64))
+    bad = label.copy()
+    bad[30, 30, 30] = 255
+    return _write_dataset(root, {"good": ("s1", image, label), "bad": ("s1", image, bad)})
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_label_in_a_worker_is_the_same_one_line_error(bad_label_index, workers):
+    from kaggle_utils.data import DataError
+
+    ds = PatchDataset(bad_label_index, _cfg(patches_per_epoch=8), seed=0)
+    loader = make_loader(ds, batch_size=2, num_workers=workers)
+    with pytest.raises(DataError) as exc:
+        list(loader)
+    message = str(exc.value)
+    assert "\n" not in message and "Traceback" not in message and "worker" not in message, message
+    assert message.startswith(str(bad_label_index.root / "train_labels" / "bad.tif")) and "[255]" in message
+    if workers:  # the worker's traceback is not chained on either
+        assert exc.value.__cause__ is None and exc.value.__suppress_context__
+
+
+def test_worker_error_message_parses_torch_wrapping():
+    from kaggle_utils.data import DataError
+    from kaggle_utils.sampling import worker_error_message
+
+    wrapped = DataError("Caught DataError in DataLoader worker process 1.\nOriginal Traceback (most recent call last):\n"
+                        '  File "x.py", line 1, in f\n    raise DataError(m)\n'
+                        "kaggle_utils.data.DataError: /d/train_labels/7.tif: label values must be in {0, 1, 2}\n")
+    assert worker_error_message(wrapped) == "/d/train_labels/7.tif: label values must be in {0, 1, 2}"
+    assert worker_error_message(DataError("/d/a.tif: plain message")) is None
+    assert worker_error_message(ValueError("Caught ValueError in DataLoader worker process 0.")) is None
+
+
+def test_check_labels_reads_each_label_and_reports_the_first_bad_one(bad_label_index, index, tmp_path):
+    from kaggle_utils.data import DataError
+    from kaggle_utils.sampling import check_labels
+
+    assert check_labels(index, progress=False) == len(index) == 4
+    assert check_labels(index, workers=3, progress=False) == 4
+    for workers in (1, 2):
+        with pytest.raises(DataError, match=r"bad\.tif: label values must be in \{0, 1, 2\}, found \[255\]"):
+            check_labels(bad_label_index, workers=workers, progress=False)
+    # a label of another shape than its image is found from the image's TIFF header
+    image, label = _volume((32, 32, 32))
+    other = _write_dataset(tmp_path / "shape", {"v": ("s1", image, label[:, :, :16].copy())})
+    with pytest.raises(DataError, match=r"v\.tif: label shape \(32, 32, 16\) != image shape \(32, 32, 32\)"):
+        check_labels(other, progress=False)
