@@ -458,22 +458,31 @@ def _dice(pred: np.ndarray, label: np.ndarray) -> float:
     return 1.0 if denom == 0 else float(2 * int((p & g).sum()) / denom)
 
 
+def _validation_inference(cfg: TrainConfig) -> InferenceConfig:
+    """The ``inference`` settings with the ``validation`` window, overlap and batch, no TTA, the
+    training AMP and per-pass probabilities (what validation has always used)."""
+    import dataclasses
+
+    v = cfg.validation
+    return dataclasses.replace(
+        cfg.inference, patch_size=tuple(v.patch_size or cfg.sampler.patch_size), overlap=v.overlap,
+        batch_size=v.batch_size, tta="none", amp=cfg.train.amp != "none" and cfg.train.amp,
+        ensemble="probs", channels_last=False,
+    )
+
+
 def _predict(model: nn.Module, image: np.ndarray, cfg: TrainConfig, device: torch.device,
              final: bool = False) -> np.ndarray:
-    """Probabilities ``float32 (Z, Y, X)``: validation settings, or ``inference`` settings (TTA too) if ``final``."""
-    from .inference import sliding_window_predict
+    """Probabilities ``float32 (Z, Y, X)``: validation settings, or ``inference`` settings (TTA too) if ``final``.
+
+    Both go through :func:`kaggle_utils.inference.predict_volume`, as ``predict`` does: out-of-fold
+    probabilities (``final``) equal ``predict --save-probs`` of the same checkpoint and settings.
+    """
+    from .inference import predict_volume
 
     x = normalize_intensity(image, mode=cfg.sampler.normalization)
-    if final:
-        kw = cfg.inference.to_kwargs()
-        kw.pop("ensemble", None)
-        return sliding_window_predict(model, x, device=device, pad_multiple=model_divisor(cfg.model), **kw)
-    v = cfg.validation
-    return sliding_window_predict(
-        model, x, tuple(v.patch_size or cfg.sampler.patch_size), overlap=v.overlap, batch_size=v.batch_size,
-        blend=cfg.inference.blend, tta=None, amp=cfg.train.amp != "none" and cfg.train.amp, device=device,
-        sigma_scale=cfg.inference.sigma_scale, placement=cfg.inference.placement, pad_multiple=model_divisor(cfg.model),
-    )
+    settings = cfg.inference if final else _validation_inference(cfg)
+    return predict_volume(model, x, settings, device, pad_multiple=model_divisor(cfg.model))
 
 
 def validate_volumes(model: nn.Module, records: list, cfg: TrainConfig, device: torch.device,
