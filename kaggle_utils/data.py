@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -32,6 +34,9 @@ __all__ = [
     "DatasetIndex",
     "read_volume",
     "read_label",
+    "read_tiff",
+    "read_tiff_shape",
+    "mask_shape",
     "write_volume",
     "write_probs",
     "atomic_path",
@@ -208,6 +213,96 @@ def read_label(path: str | os.PathLike) -> np.ndarray:
             + (" ..." if len(bad) > 10 else "")
         )
     return label
+
+
+class _TiffErrors(logging.Handler):
+    """Collects the ERROR records tifffile logs (instead of raising) while it reads a damaged file."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def read_tiff(source: str | os.PathLike | bytes, what: str | os.PathLike | None = None) -> np.ndarray:
+    """Decode a whole TIFF (a file or its bytes, e.g. a zip member) as stored: any dtype, any ndim.
+
+    Unlike :func:`read_volume` nothing about shape or dtype is required; a damaged file is still
+    refused, including the truncated pages and bad offsets tifffile only logs.
+
+    Args:
+        source: a path, or the file's bytes.
+        what: the name to put in messages (default: the path, or ``"TIFF"``).
+
+    Returns:
+        The first series as a numpy array.
+
+    Raises:
+        MissingCodecError: a compression whose codec is not installed (LZW without ``imagecodecs``).
+        DataError: not a readable TIFF, truncated or corrupt, or no image pages.
+    """
+    import tifffile
+
+    name = str(what if what is not None else (source if not isinstance(source, bytes) else "TIFF"))
+    errors = _TiffErrors()
+    tiff_log = logging.getLogger("tifffile")
+    tiff_log.addHandler(errors)
+    try:
+        with tifffile.TiffFile(io.BytesIO(source) if isinstance(source, bytes) else source) as tif:
+            if len(tif.pages) == 0 or not tif.series:
+                raise ValueError("no image pages")
+            problem = tiff_codec_problem(tif, name)
+            if problem is not None:
+                raise MissingCodecError(problem)
+            vol = tif.asarray()
+        if errors.messages:
+            raise ValueError("; ".join(errors.messages[:2]))
+    except MissingCodecError:
+        raise
+    except Exception as exc:  # tifffile raises many types for broken files
+        raise DataError(f"{name}: not a readable TIFF, truncated or corrupt ({type(exc).__name__}: {exc})") from None
+    finally:
+        tiff_log.removeHandler(errors)
+    return vol
+
+
+def read_tiff_shape(path: str | os.PathLike) -> tuple[int, ...]:
+    """Shape of the first series of a TIFF from its headers only (no pixel decoding).
+
+    Raises:
+        DataError: missing or unreadable file, naming it.
+    """
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return tuple(int(s) for s in tif.series[0].shape)
+    except Exception as exc:
+        raise DataError(f"{path}: cannot read TIFF header ({type(exc).__name__}: {exc})") from None
+
+
+def mask_shape(image_path: str | os.PathLike) -> tuple[int, int, int]:
+    """The ``(Z, Y, X)`` shape a submitted mask of this test image must have, from headers only.
+
+    A 3D image gives its own shape. Any other image (e.g. a 4D ``(Z, Y, X, C)`` TIFF) gives what the
+    competition's scorer reads from it page by page: ``(pages, page height, page width)``.
+
+    Raises:
+        DataError: unreadable TIFF header, naming the file.
+    """
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(image_path) as tif:
+            shape = tuple(int(s) for s in tif.series[0].shape)
+            if len(shape) == 3:
+                return shape  # type: ignore[return-value]
+            page = tif.pages[0]
+            return (len(tif.pages), int(page.imagelength), int(page.imagewidth))
+    except Exception as exc:
+        raise DataError(f"{image_path}: cannot read TIFF header ({type(exc).__name__}: {exc})") from None
 
 
 def _current_umask() -> int:

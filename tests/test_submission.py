@@ -19,11 +19,9 @@ from torch import nn
 
 from kaggle_utils.data import normalize_intensity, write_volume
 from kaggle_utils.postprocess import PostprocessConfig, postprocess
+from kaggle_utils.predict import PredictReport, plan_tta, predict_dataset, staging_dir
 from kaggle_utils.submission import (
-    PredictReport,
     SubmissionError,
-    plan_tta,
-    predict_dataset,
     read_tiff_shape,
     validate_submission,
     write_submission,
@@ -435,7 +433,7 @@ def test_zip_failure_keeps_staged_masks_and_rerun_reuses_them(tmp_path, data_dir
     import kaggle_utils.submission as sub
 
     out = tmp_path / "submission.zip"
-    parts = sub.staging_dir(out)
+    parts = staging_dir(out)
     assert parts == tmp_path / "submission.zip.parts"
     cfg = PostprocessConfig(threshold=0.5)
 
@@ -474,7 +472,7 @@ def test_rerun_predicts_only_missing_or_broken_staged_masks(tmp_path, data_dir, 
     import kaggle_utils.submission as sub
 
     out = tmp_path / "s.zip"
-    parts = sub.staging_dir(out)
+    parts = staging_dir(out)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sub, "validate_submission", lambda *a: ["a1.tif: simulated problem"])
         with pytest.raises(SubmissionError, match=r"written but invalid .*a1.tif: simulated problem; the 3 predicted"):
@@ -629,8 +627,6 @@ def test_cli_predict(tmp_path, capsys):
 
 
 def test_predict_report_summary_names_failures(tmp_path):
-    from kaggle_utils.submission import PredictReport
-
     rep = PredictReport(tmp_path / "s.zip", n_volumes=3, seconds=12.3, errors={"7": "CUDA out of memory"},
                         notes=["TTA reduced to 4 passes"])
     lines = str(rep).splitlines()
