@@ -36,11 +36,17 @@ def baseline_prediction(image: np.ndarray, kind: str = "otsu") -> np.ndarray:
 
 
 def write_baseline_submission(data_dir: str | os.PathLike, out_zip: str | os.PathLike, kind: str = "otsu") -> Path:
-    """Write ``submission.zip`` of a baseline for every id of ``test.csv`` (atomic, one volume at a time)."""
-    from .submission import write_submission
+    """Write ``submission.zip`` of a baseline for every id of ``test.csv`` (atomic, one volume at a time).
+
+    Raises:
+        OutputPathError: ``out_zip`` is a folder or cannot be written (checked before any volume is read).
+        DataError: ``data_dir`` or a test image is unreadable (the message names the file).
+    """
+    from .submission import check_out_zip, write_submission
 
     if kind not in BASELINES:
         raise ValueError(f"unknown baseline {kind!r}; choose from {list(BASELINES)}")
+    check_out_zip(out_zip)
     index = load_index(data_dir, "test")
 
     def items() -> Iterator[tuple[str, np.ndarray]]:

@@ -38,14 +38,25 @@ def _args_synth(p: argparse.ArgumentParser) -> None:
 def _run_synth(args: argparse.Namespace) -> int:
     from .synthetic import generate_dataset, save_preview
 
-    root = generate_dataset(
-        args.out, n_train=args.n_train, n_test=args.n_test, size=args.size,
-        n_scrolls=args.n_scrolls, seed=args.seed, test_labels=not args.no_test_labels,
-    )
-    print(f"wrote synthetic competition data to {root}")
-    if args.preview is not None:
-        save_preview(root, args.preview)
-        print(f"wrote preview {args.preview}")
+    try:
+        root = generate_dataset(
+            args.out, n_train=args.n_train, n_test=args.n_test, size=args.size,
+            n_scrolls=args.n_scrolls, seed=args.seed, test_labels=not args.no_test_labels,
+        )
+        print(f"wrote synthetic competition data to {root}")
+        if args.preview is not None:
+            save_preview(root, args.preview)
+            print(f"wrote preview {args.preview}")
+    except OSError as exc:  # read-only or full disk, a file where a folder should be, ...
+        print(f"error: synth: cannot write {exc.filename or args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # argument checks of generate_dataset (DataError is caught by main())
+        from .data import DataError
+
+        if isinstance(exc, DataError):
+            raise
+        print(f"error: synth: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -136,6 +147,8 @@ def _run_score(args: argparse.Namespace) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for warning in result.warnings:  # scored as Kaggle would, but probably not what was meant
+        print(f"warning: {warning}", file=sys.stderr)
     if args.json:
         print(json.dumps(result.to_json(), indent=1))
         return 0
@@ -174,13 +187,15 @@ def _args_predict(p: argparse.ArgumentParser) -> None:
 
 def _run_predict(args: argparse.Namespace) -> int:
     import logging
+    import warnings
 
     from .config import ConfigError, from_dict, load_yaml
     from .data import find_data_root
     from .inference import InferenceConfig
     from .models import CheckpointError
     from .postprocess import load_postprocess
-    from .submission import SubmissionError, predict_dataset
+    from .predict import Interrupted, PredictError, PredictFailed, PredictWarning, predict_dataset, resolve_device
+    from .submission import OutputPathError, SubmissionError
 
     inference_cfg = None
     if args.config is not None:
@@ -192,26 +207,45 @@ def _run_predict(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             raise ConfigError(f"{args.config}: {exc}") from None
     pp_cfg = load_postprocess(args.postprocess) if args.postprocess is not None else None
+    try:
+        device = resolve_device(args.device)
+    except PredictError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"predict: device {device}", file=sys.stderr)
     # info lines (e.g. staged masks of an interrupted run reused) on stderr; warnings come via `warnings`
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(lambda record: record.levelno < logging.WARNING)
-    logging.getLogger("kaggle_utils.submission").addHandler(handler)
-    logging.getLogger("kaggle_utils.submission").setLevel(logging.INFO)
+    pred_log = logging.getLogger("kaggle_utils.predict")
+    pred_log.addHandler(handler)
+    pred_log.setLevel(logging.INFO)
     try:
-        report = predict_dataset(
-            [str(c) for c in args.checkpoint], find_data_root(args.data_dir), args.out,
-            inference_cfg=inference_cfg, postprocess_cfg=pp_cfg, device=args.device,
-            save_probs=args.save_probs, tta=args.tta, time_limit_s=args.time_limit_s,
-            progress=not args.json,
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PredictWarning)  # each one is in the report printed below
+            report = predict_dataset(
+                [str(c) for c in args.checkpoint], find_data_root(args.data_dir), args.out,
+                inference_cfg=inference_cfg, postprocess_cfg=pp_cfg, device=device,
+                save_probs=args.save_probs, tta=args.tta, time_limit_s=args.time_limit_s,
+                progress=not args.json,
+            )
+    except PredictFailed as exc:
+        for vid, msg in exc.errors.items():
+            print(f"error: {vid}: {msg}", file=sys.stderr)
+        print(f"error: no test volume could be predicted ({len(exc.errors)} failed); no submission written",
+              file=sys.stderr)
+        return 1
+    except (CheckpointError, PredictError, OutputPathError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except SubmissionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except CheckpointError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except Interrupted as exc:
+        print(f"error: {exc}; temp files removed, finished masks kept in {args.out}.parts for a rerun",
+              file=sys.stderr)
+        return 128 + exc.signum
     finally:
-        logging.getLogger("kaggle_utils.submission").removeHandler(handler)
+        pred_log.removeHandler(handler)
     if args.json:
         print(json.dumps(report.to_json(), indent=1))
     else:
@@ -310,8 +344,14 @@ def _args_baseline(p: argparse.ArgumentParser) -> None:
 
 def _run_baseline(args: argparse.Namespace) -> int:
     from .baselines import write_baseline_submission
+    from .submission import SubmissionError
 
-    print(f"wrote {write_baseline_submission(args.data_dir, args.out, args.kind)} ({args.kind} baseline)")
+    try:
+        out = write_baseline_submission(args.data_dir, args.out, args.kind)
+    except SubmissionError as exc:  # --out a folder or not writable (DataError: main() prints it)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({args.kind} baseline)")
     return 0
 
 

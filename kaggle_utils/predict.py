@@ -162,33 +162,30 @@ def resolve_device(device: str | None) -> str:
     return str(device)
 
 
-def _check_writable_dir(folder: Path, what: str) -> None:
-    if folder.exists() and not folder.is_dir():
-        raise PredictError(f"{folder}: {what} is not a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".ku-write-test.", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise PredictError(f"{folder}: cannot write {what} here ({type(exc).__name__}: {exc.strerror or exc})") from None
-
-
 def check_out_path(out_zip: str | os.PathLike, save_probs: str | os.PathLike | None = None) -> Path:
-    """Check that ``out_zip`` (and its staging folder, and ``save_probs``) can be written, before any work.
+    """Check that ``out_zip`` (``submission.check_out_zip``), its staging folder and ``save_probs``
+    can be written, before any work.
 
     Raises:
-        PredictError: ``out_zip`` is a folder, its parent is a file, or the folder is not writable.
+        OutputPathError: ``out_zip`` is a folder, its parent is a file, or the folder is not writable.
+        PredictError: the staging folder name is taken by a file; ``save_probs`` is not writable.
     """
-    out_zip = Path(out_zip)
-    if out_zip.is_dir():
-        raise PredictError(f"{out_zip}: is a folder; --out must be the zip file to write, e.g. {out_zip / 'submission.zip'}")
+    out_zip = _submission.check_out_zip(out_zip)
     parts = staging_dir(out_zip)
     if parts.exists() and not parts.is_dir():
         raise PredictError(f"{parts}: exists and is not a folder; it is where finished masks are staged: remove it")
-    _check_writable_dir(out_zip.parent, "the submission")
     if save_probs is not None:
-        _check_writable_dir(Path(save_probs), "probabilities (--save-probs)")
+        folder = Path(save_probs)
+        try:
+            if folder.exists() and not folder.is_dir():
+                raise NotADirectoryError(20, "not a folder")
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".ku-write-test.", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise PredictError(f"{folder}: cannot write probabilities (--save-probs) there "
+                               f"({type(exc).__name__}: {exc.strerror or exc})") from None
     return out_zip
 
 
@@ -484,7 +481,8 @@ def predict_dataset(
         reads from its image), its error in ``report.errors`` and one :class:`PredictWarning`.
 
     Raises:
-        PredictError: no GPU for ``device="cuda"``, ``out_zip`` a folder or not writable (before any work).
+        PredictError: no GPU for ``device="cuda"`` (before any work).
+        OutputPathError: ``out_zip`` is a folder or not writable (before any work).
         CheckpointError: a checkpoint is missing, empty, truncated, not a kaggle_utils checkpoint or
             does not fit its architecture (before any volume is read).
         PredictFailed: not one volume could be predicted (no zip written).

@@ -32,6 +32,8 @@ from .data import DataError, atomic_path, load_index, mask_shape, read_tiff, rea
 __all__ = [
     "SubmissionError",
     "SUBMISSION_TIFF_COMPRESSION",
+    "OutputPathError",
+    "check_out_zip",
     "write_submission",
     "validate_submission",
     "read_tiff_shape",
@@ -98,6 +100,35 @@ def _tiff_bytes(mask: np.ndarray) -> bytes:
     buf = io.BytesIO()
     tifffile.imwrite(buf, mask, compression=SUBMISSION_TIFF_COMPRESSION, photometric="minisblack")
     return buf.getvalue()
+
+
+class OutputPathError(SubmissionError):
+    """The zip cannot be written where asked (a folder, a read-only place). Found before any work."""
+
+
+def check_out_zip(out_zip: str | os.PathLike) -> Path:
+    """Check, before any work, that a zip can be written at ``out_zip`` (its folder is created).
+
+    Raises:
+        OutputPathError: ``out_zip`` is a folder, its parent is a file, or the folder is not writable.
+    """
+    import tempfile
+
+    out_zip = Path(out_zip)
+    if out_zip.is_dir():
+        raise OutputPathError(f"{out_zip}: is a folder; --out must be the zip file to write, "
+                              f"e.g. {out_zip / 'submission.zip'}")
+    folder = out_zip.parent
+    if folder.exists() and not folder.is_dir():
+        raise OutputPathError(f"{out_zip}: {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{out_zip.name}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputPathError(f"{out_zip}: cannot write there ({type(exc).__name__}: {exc.strerror or exc})") from None
+    return out_zip
 
 
 def write_submission(
