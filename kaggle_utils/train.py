@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime
+import enum
 import io
 import json
 import logging
@@ -50,23 +51,24 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from .config import ConfigError, from_dict, to_dict
-from .data import (IGNORE_LABEL, DataError, atomic_path, load_index, normalize_intensity, read_label, read_volume,
-                   split_fold, write_probs)
+from .config import ConfigError, to_dict
+from .data import IGNORE_LABEL, DataError, atomic_path, load_index, normalize_intensity, read_label, read_volume, \
+    split_fold, write_probs
 from .environment import warn_slow_conv3d_amp
 from .inference import InferenceConfig
-from .losses import LossConfig, build_loss
-from .models import ModelConfig, build_model, model_divisor, save_checkpoint, validate_patch_size
-from .postprocess import PostprocessConfig
-from .sampling import AugmentConfig, PatchDataset, SamplerConfig, augment_batch, make_loader
+from .losses import build_loss
+from .models import build_model, model_divisor, save_checkpoint
+from .sampling import PatchDataset, augment_batch, check_labels, make_loader
+from .train_config import LABEL_MODES, LoopConfig, OptimConfig, TrainConfig, ValidationConfig, load_train_config
 
 __all__ = [
     "LABEL_MODES",
@@ -75,10 +77,18 @@ __all__ = [
     "ValidationConfig",
     "TrainConfig",
     "TrainResult",
+    "StopReason",
+    "RunState",
+    "RESUME_SAFE_KEYS",
     "load_train_config",
     "apply_label_mode",
+    "LRSchedule",
     "WarmupSchedule",
     "validate_volumes",
+    "check_fold",
+    "split_train_val",
+    "config_differences",
+    "resolve_device",
     "train",
     "train_folds",
     "device_name",
@@ -88,220 +98,23 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-LABEL_MODES = ("ignore", "foreground", "background")
-
-
-# ----------------------------------------------------------------------------------------------
-# Config
-# ----------------------------------------------------------------------------------------------
+_PACKAGE_LOGGER = logging.getLogger(__name__.rpartition(".")[0])  # "kaggle_utils": other modules' warnings too
 
 
-@dataclass
-class OptimConfig:
-    """The ``optim:`` section.
+class StopReason(str, enum.Enum):
+    """Why a run ended. The values are the strings of ``TrainResult.stopped``, ``result.json`` and
+    the log lines (a member compares equal to its string)."""
 
-    Attributes:
-        name: ``AdamW`` or ``SGD`` (Nesterov momentum).
-        lr: peak learning rate (reached at the end of warmup).
-        weight_decay: decoupled (AdamW) or L2 (SGD) weight decay.
-        momentum: SGD momentum (ignored by AdamW).
-        warmup_epochs: linear warmup from ``lr / 100`` over this many epochs (fractions allowed).
-        schedule: after warmup, ``cosine`` (down to ``lr * min_lr_ratio`` at the last epoch),
-            ``plateau`` (multiply by ``plateau_factor`` when the validation score has not improved
-            for ``plateau_patience`` validations) or ``constant``.
-        min_lr_ratio: floor of the learning rate as a fraction of ``lr``.
-        plateau_factor: decay factor of the ``plateau`` schedule.
-        plateau_patience: validations without improvement before a ``plateau`` decay.
-        grad_clip: clip the gradient norm to this value; ``null`` disables clipping.
-        accumulate: optimizer step every this many batches (effective batch = batch_size x accumulate).
-    """
+    COMPLETED = "completed"
+    EARLY_STOPPING = "early_stopping"
+    COLLAPSE = "collapse"
+    TIME_LIMIT = "time_limit"
+    CALLBACK = "callback"
 
-    name: Literal["AdamW", "SGD"] = "AdamW"
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
-    warmup_epochs: float = 1.0
-    schedule: Literal["cosine", "plateau", "constant"] = "cosine"
-    min_lr_ratio: float = 0.01
-    plateau_factor: float = 0.5
-    plateau_patience: int = 2
-    grad_clip: float | None = 1.0
-    accumulate: int = 1
+    def __str__(self) -> str:
+        return self.value
 
-    def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr: must be > 0, got {self.lr}")
-        if self.accumulate < 1:
-            raise ValueError(f"optim.accumulate: must be >= 1, got {self.accumulate}")
-        if self.warmup_epochs < 0:
-            raise ValueError(f"optim.warmup_epochs: must be >= 0, got {self.warmup_epochs}")
-        if not 0 < self.plateau_factor <= 1:
-            raise ValueError(f"optim.plateau_factor: must be in (0, 1], got {self.plateau_factor}")
-
-
-@dataclass
-class LoopConfig:
-    """The ``train:`` section.
-
-    Attributes:
-        epochs: number of epochs; an epoch is ``sampler.patches_per_epoch`` patches (per rank).
-        batch_size: patches per forward pass (per rank).
-        num_workers: DataLoader worker processes (0: load in the main process).
-        amp: mixed precision: ``none``, ``fp16`` (float16 autocast + GradScaler, T4/V100) or
-            ``bf16`` (bfloat16 autocast, A100/H100, CPUs).
-        ema: keep an exponential moving average of the weights; validation, ``best.pt`` and the
-            OOF predictions use it.
-        ema_decay: EMA decay per optimizer step.
-        seed: seeds model init, patch sampling and augmentation (same seed, same run).
-        n_folds: number of scroll-grouped folds (``data.make_folds``).
-        label_mode: what the network learns as surface: ``ignore`` (label 1; label 2 excluded from
-            the loss, the default and the right choice), ``foreground`` (``label > 0``, i.e. label 2
-            counted as surface: the original bug that collapses) or ``background`` (label 2 counted
-            as background).
-        time_limit_s: stop cleanly (checkpoint kept) before this many seconds of this session;
-            the CLI's ``--time-limit`` overrides it.
-        augment: apply ``augment`` on the training device to whole batches (``augment_batch``).
-        deterministic: cuDNN deterministic kernels (needed for bitwise resume on GPU).
-    """
-
-    epochs: int = 50
-    batch_size: int = 2
-    num_workers: int = 2
-    amp: Literal["none", "fp16", "bf16"] = "none"
-    ema: bool = False
-    ema_decay: float = 0.999
-    seed: int = 0
-    n_folds: int = 5
-    label_mode: Literal["ignore", "foreground", "background"] = "ignore"
-    time_limit_s: float | None = None
-    augment: bool = True
-    deterministic: bool = True
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ValueError(f"train.epochs: must be >= 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ValueError(f"train.batch_size: must be >= 1, got {self.batch_size}")
-        if not 0 < self.ema_decay < 1:
-            raise ValueError(f"train.ema_decay: must be in (0, 1), got {self.ema_decay}")
-
-
-@dataclass
-class ValidationConfig:
-    """The ``validation:`` section.
-
-    Attributes:
-        every: validate every this many epochs (and after the last one).
-        n_volumes: validate on at most this many validation volumes (``null``: all of them).
-        n_score: compute the local competition score on the first this many of them (it is the
-            slow part: topology); 0 selects the best checkpoint by Dice instead.
-        patch_size: sliding-window size; ``null`` uses ``sampler.patch_size``.
-        overlap: sliding-window overlap fraction in ``[0, 1)``.
-        batch_size: windows per forward pass.
-        patience: early stopping after this many validations without a better score; ``null``
-            disables early stopping.
-        min_delta: improvement needed to count as better.
-        on_collapse: when the collapse guard fires: ``warn`` (log it) or ``stop`` (end the run).
-        stop_kinds: collapse kinds that ``on_collapse: stop`` acts on (``foreground``, ``uniform``,
-            ``constant``, ``empty``); ``empty`` is left out by default because young models often
-            predict nothing at first.
-        collapse_max_ratio: the guard flags ``foreground`` collapse when the mean predicted share of
-            labelled voxels exceeds this multiple of the labelled surface share.
-        collapse_max_fg: ... or exceeds this absolute share.
-        write_oof: write out-of-fold probabilities of all validation volumes at the end of the fold.
-    """
-
-    every: int = 1
-    n_volumes: int | None = None
-    n_score: int = 2
-    patch_size: list[int] | None = None
-    overlap: float = 0.25
-    batch_size: int = 2
-    patience: int | None = 10
-    min_delta: float = 0.0
-    on_collapse: Literal["warn", "stop"] = "warn"
-    stop_kinds: list[str] = field(default_factory=lambda: ["foreground", "uniform", "constant"])
-    collapse_max_ratio: float = 3.0
-    collapse_max_fg: float = 0.5
-    write_oof: bool = True
-
-    def __post_init__(self) -> None:
-        if self.every < 1:
-            raise ValueError(f"validation.every: must be >= 1, got {self.every}")
-        if not 0 <= self.overlap < 1:
-            raise ValueError(f"validation.overlap: must be in [0, 1), got {self.overlap}")
-        bad = sorted(set(self.stop_kinds) - {"foreground", "uniform", "constant", "empty"})
-        if bad:
-            raise ValueError(f"validation.stop_kinds: unknown kind(s) {bad}; use foreground, uniform, constant, empty")
-
-
-@dataclass
-class TrainConfig:
-    """A whole training run, one YAML file with these sections (each optional, defaults below).
-
-    Attributes:
-        model: :class:`~kaggle_utils.models.ModelConfig`.
-        loss: :class:`~kaggle_utils.losses.LossConfig` (preset ``default``, ``seed-v1``, ``seed-v2``).
-        sampler: :class:`~kaggle_utils.sampling.SamplerConfig` (patch size, patches per epoch, ...).
-        augment: :class:`~kaggle_utils.sampling.AugmentConfig`.
-        optim: :class:`OptimConfig`.
-        train: :class:`LoopConfig`.
-        validation: :class:`ValidationConfig`.
-        inference: :class:`~kaggle_utils.inference.InferenceConfig` stored with the checkpoint for
-            prediction (validation uses its blending settings but its own window/overlap, no TTA).
-        postprocess: :class:`~kaggle_utils.postprocess.PostprocessConfig` used by validation and stored.
-    """
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: LoopConfig = field(default_factory=LoopConfig)
-    validation: ValidationConfig = field(default_factory=ValidationConfig)
-    inference: InferenceConfig = field(default_factory=InferenceConfig)
-    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
-
-    def __post_init__(self) -> None:
-        div = model_divisor(self.model)
-        validate_patch_size(self.sampler.patch_size, div, "sampler.patch_size")
-        if self.validation.patch_size is not None:
-            validate_patch_size(self.validation.patch_size, div, "validation.patch_size")
-        validate_patch_size(self.inference.patch_size, div, "inference.patch_size")
-        if self.train.label_mode == "ignore" and self.loss.ignore_label != IGNORE_LABEL:
-            raise ValueError(
-                f"loss.ignore_label: must be {IGNORE_LABEL} with train.label_mode 'ignore' "
-                f"(got {self.loss.ignore_label!r}); use label_mode 'foreground' to count label 2 as surface"
-            )
-
-
-def load_train_config(path: str | os.PathLike, overrides: dict | None = None) -> TrainConfig:
-    """Load a :class:`TrainConfig` from YAML; errors are :class:`ConfigError` naming file and key.
-
-    Args:
-        path: YAML file; a bare name such as ``smoke-cpu`` or ``smoke-cpu.yaml`` that is not a file
-            is looked up among the configs shipped in the package (``kaggle_utils/configs``).
-        overrides: ``{"section.key": value}`` applied on top (e.g. ``{"train.epochs": 3}``).
-    """
-    from .config import load_yaml
-
-    p = Path(path)
-    if not p.is_file():
-        shipped = Path(__file__).parent / "configs" / (p.name if p.suffix else p.name + ".yaml")
-        if shipped.is_file():
-            p = shipped
-    data = load_yaml(p)
-    for key, value in (overrides or {}).items():
-        node = data
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    try:
-        return from_dict(TrainConfig, data)
-    except ConfigError as exc:
-        raise ConfigError(f"{p}: {exc}") from None
+    __format__ = str.__format__
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,8 +142,9 @@ def apply_label_mode(label: torch.Tensor, mode: str) -> torch.Tensor:
     raise ValueError(f"train.label_mode: must be one of {list(LABEL_MODES)}, got {mode!r}")
 
 
-class WarmupSchedule:
-    """Learning-rate schedule stepped once per optimizer step: linear warmup, then cosine or plateau.
+class LRSchedule:
+    """The whole learning-rate schedule, stepped once per optimizer step: linear warmup, then
+    cosine, plateau or constant (``optim.schedule``).
 
     ``lr(step) = base_lr * factor``; warmup rises from 1 % to 100 % over ``warmup_steps``; cosine
     then decays to ``min_lr_ratio`` at ``total_steps``; plateau multiplies by ``plateau_factor``
@@ -361,6 +175,11 @@ class WarmupSchedule:
         if c.schedule == "plateau":
             return max(c.min_lr_ratio, self.plateau_scale)
         return 1.0
+
+    def set_plateau_scale(self, scale: float) -> None:
+        """Set the ``plateau`` multiplier (e.g. rank 0's, under torchrun) and apply it."""
+        self.plateau_scale = float(scale)
+        self._apply()
 
     def _apply(self) -> None:
         lr = self.cfg.lr * self.factor()
@@ -396,6 +215,15 @@ class WarmupSchedule:
         self.plateau_best = float(state["plateau_best"])
         self.plateau_bad = int(state["plateau_bad"])
         self._apply()
+
+
+class WarmupSchedule(LRSchedule):
+    """Deprecated name of :class:`LRSchedule` (it is the whole schedule, not only its warmup)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int, epochs: int):
+        warnings.warn("kaggle_utils.train.WarmupSchedule is deprecated; use LRSchedule", DeprecationWarning,
+                      stacklevel=2)
+        super().__init__(optimizer, cfg, steps_per_epoch, epochs)
 
 
 def _build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -555,7 +383,8 @@ class TrainResult:
         epochs_completed: epochs finished (counting those of a resumed run).
         best_epoch: epoch (1-based) of ``best.pt``; ``None`` before any validation.
         best_score: its selection metric (competition score, or Dice when ``n_score`` is 0).
-        stopped: ``completed``, ``early_stopping``, ``collapse``, ``time_limit`` or ``callback``.
+        stopped: a :class:`StopReason`: ``completed``, ``early_stopping``, ``collapse``,
+            ``time_limit`` or ``callback`` (equal to those strings).
         history: one dict per epoch (the rows of ``metrics.jsonl``).
         oof_dir: folder of the out-of-fold probabilities, or ``None``.
     """
@@ -565,7 +394,7 @@ class TrainResult:
     epochs_completed: int
     best_epoch: int | None
     best_score: float | None
-    stopped: str
+    stopped: StopReason | str
     history: list[dict] = field(default_factory=list)
     oof_dir: Path | None = None
 
@@ -603,7 +432,7 @@ class TrainResult:
             if (run_dir / "metrics.jsonl").is_file():
                 history = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
             return cls(run_dir, int(data["fold"]), int(data["epochs_completed"]), data["best_epoch"],
-                       data["best_score"], str(data["stopped"]), history,
+                       data["best_score"], _stop_reason(str(data["stopped"])), history,
                        Path(data["oof_dir"]) if data.get("oof_dir") else None)
         except FileNotFoundError:
             raise DataError(f"{path}: missing; the run in {run_dir} did not finish (see its train.log)") from None
@@ -613,6 +442,13 @@ class TrainResult:
     @property
     def best_checkpoint(self) -> Path:
         return self.run_dir / "best.pt"
+
+
+def _stop_reason(value: str) -> StopReason | str:
+    try:
+        return StopReason(value)
+    except ValueError:  # written by another version: keep the string
+        return value
 
 
 def _write_metrics(run_dir: Path, history: list[dict]) -> None:
@@ -669,21 +505,44 @@ def _shows_on_console(log: logging.Logger) -> bool:
     return False
 
 
+def resolve_device(device: str | torch.device | None, local_rank: int | None = None) -> torch.device:
+    """The training device: ``device`` checked, or CUDA when available, else CPU.
+
+    ``"cuda"`` without an index is this process's GPU: ``local_rank`` under torchrun, else the
+    current one.
+
+    Raises:
+        ConfigError: one line when ``device`` is not a device name, or names a GPU torch does
+            not see (no CUDA build or driver, or an index past the last GPU).
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise ConfigError(f"device {str(device)!r}: not a torch device ({str(exc).splitlines()[0]}); "
+                          f"use cpu, cuda or cuda:N") from None
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device {str(device)!r}: torch {torch.__version__} sees no CUDA GPU "
+                          f"(torch.cuda.is_available() is False); use --device cpu, or leave it unset")
+    count = torch.cuda.device_count()
+    index = dev.index if dev.index is not None else (local_rank if local_rank is not None
+                                                     else torch.cuda.current_device())
+    if not 0 <= index < count:
+        raise ConfigError(f"device {str(device)!r}: GPU {index} does not exist; torch sees {count} GPU(s) "
+                          f"(cuda:0..cuda:{count - 1})")
+    return torch.device("cuda", index)
+
+
 class _Dist:
     """Rank/world of a ``torchrun`` launch (or a single process)."""
 
     def __init__(self, device: str | torch.device | None):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if device is not None:
-            self.device = torch.device(device)
-            if self.device.type == "cuda" and self.device.index is None:  # "cuda": this rank's GPU
-                self.device = torch.device("cuda", local if self.world > 1 else torch.cuda.current_device())
-        elif torch.cuda.is_available():
-            self.device = torch.device("cuda", local if self.world > 1 else torch.cuda.current_device())
-        else:
-            self.device = torch.device("cpu")
+        self.device = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")) if self.world > 1 else None)
         self.owns_group = False
         if self.world > 1:
             import torch.distributed as dist
@@ -752,8 +611,474 @@ def _write_oof(model: nn.Module, records: list, cfg: TrainConfig, device: torch.
 
 
 # ----------------------------------------------------------------------------------------------
-# The loop
+# The loop: one run state, small steps
 # ----------------------------------------------------------------------------------------------
+
+
+# stop reasons rank 0 decides after an epoch and broadcasts (their index goes over the wire)
+_BROADCAST_REASONS: tuple[StopReason | None, ...] = (None, StopReason.COLLAPSE, StopReason.EARLY_STOPPING,
+                                                     StopReason.CALLBACK)
+
+# keys a resumed run may change without allow_config_change: they do not alter the trajectory
+RESUME_SAFE_KEYS = frozenset({"train.time_limit_s", "train.num_workers", "train.check_labels",
+                              "sampler.cache_bytes", "sampler.cache_dir", "validation.write_oof"})
+
+
+@dataclass
+class RunState:
+    """Everything one fold's training carries from epoch to epoch; the steps of :func:`train`
+    (:func:`_set_up`, :func:`_resume`, :func:`_train_epoch`, :func:`_validate_and_select`,
+    :func:`_checkpoint`, :func:`_finish`) read and update it.
+
+    Attributes:
+        cfg, fold, run_dir, dist: the run's config, validation fold, folder and ranks.
+        train_idx, val_idx, val_records: training volumes, held-out volumes, and those validated.
+        dataset, loader: patches of ``train_idx`` (:class:`PatchDataset`, :class:`PatchLoader`).
+        model, train_model: the network, and what the batches go through (``model`` or its DDP wrapper).
+        loss_fn, optimizer, schedule, scaler, ema: loss, optimizer, :class:`LRSchedule`, AMP
+            ``GradScaler`` and the optional ``AveragedModel`` of the weights.
+        epoch: epochs completed (the next epoch to train is ``epoch + 1``, 1-based).
+        history: one metrics row per completed epoch.
+        best_score, best_epoch, bad_validations: model selection and early stopping.
+        stopped: why the run ended (:class:`StopReason`).
+        t_start, limit, epoch_times: the time budget of this call (``time.monotonic`` seconds).
+        progress: tqdm bars.
+    """
+
+    cfg: TrainConfig
+    fold: int
+    run_dir: Path
+    dist: "_Dist"
+    train_idx: Any
+    val_idx: Any
+    val_records: list
+    dataset: PatchDataset
+    loader: Any
+    model: nn.Module
+    train_model: nn.Module
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: "LRSchedule"
+    scaler: Any
+    ema: Any | None
+    t_start: float
+    limit: float | None
+    progress: bool = True
+    epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    best_score: float | None = None
+    best_epoch: int | None = None
+    bad_validations: int = 0
+    stopped: StopReason = StopReason.COMPLETED
+    epoch_times: list[float] = field(default_factory=list)
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    @property
+    def part_names(self) -> list[str]:
+        """The loss parts logged per epoch, ``total`` last."""
+        return list(self.loss_fn.weights) + ["total"]
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What validation predicts with: the EMA weights when kept."""
+        return self.ema.module if self.ema is not None else self.model
+
+    @property
+    def last_path(self) -> Path:
+        return self.run_dir / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.run_dir / "best.pt"
+
+    def log(self, message: str) -> None:
+        """An info line in ``train.log`` (and on stdout), rank 0 only."""
+        if self.dist.main:
+            logger.info(message)
+
+    def warn(self, message: str) -> None:
+        if self.dist.main:
+            logger.warning(message)
+
+    def checkpoint_state(self, row: dict) -> dict:
+        """The contents of ``last.pt`` / ``best.pt`` after the epoch of ``row``."""
+        ema = self.ema
+        return dict(
+            model=self.model.state_dict(), ema=ema.module.state_dict() if ema is not None else None,
+            ema_state=ema.state_dict() if ema is not None else None,
+            optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
+            scheduler=self.schedule.state_dict(), rng=_rng_state(), epoch=self.epoch, fold=self.fold,
+            config=to_dict(self.cfg), model_config=to_dict(self.cfg.model), metrics=row, history=self.history,
+            best_score=self.best_score, best_epoch=self.best_epoch, bad_validations=self.bad_validations,
+        )
+
+
+def check_fold(fold: int, n_folds: int) -> None:
+    """Raise :class:`ConfigError` (one line naming ``train.n_folds``) unless ``0 <= fold < n_folds``."""
+    if not 0 <= fold < n_folds:
+        folds = "fold 0 only (train.n_folds 1 holds no fold out)" if n_folds == 1 else f"0..{n_folds - 1}"
+        raise ConfigError(f"fold {fold}: not a fold of train.n_folds {n_folds}; use {folds} "
+                          f"(on the CLI, --fold -1 trains every fold)")
+
+
+def split_train_val(index: Any, fold: int, n_folds: int) -> tuple[Any, Any]:
+    """``(train_index, val_index)`` of ``fold``: scroll-grouped folds (``data.split_fold``), or with
+    ``n_folds`` 1 every volume for training and none held out.
+
+    Raises:
+        ConfigError: ``fold`` is not one of the folds.
+        DataError: fewer scrolls than folds (the message says which ``train.n_folds`` works).
+    """
+    check_fold(fold, n_folds)
+    if n_folds == 1:
+        return index, index.subset([])
+    try:
+        return split_fold(index, fold, n_folds)
+    except DataError as exc:
+        raise DataError(f"{exc} (train.n_folds in the config; 1 trains on every volume without a held-out fold)"
+                        ) from None
+
+
+def config_differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
+    """``[(dotted key, old value, new value)]`` of the keys both configs hold with different values
+    (keys only one of them holds, e.g. added by a newer version of the package, are left out)."""
+
+    def flat(d: dict, prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    a, b = flat(old), flat(new)
+    return [(k, a[k], b[k]) for k in sorted(set(a) & set(b)) if a[k] != b[k]]
+
+
+def _load_data(cfg: TrainConfig, data_dir: str | os.PathLike, fold: int, dist: _Dist,
+               progress: bool) -> tuple[Any, Any, list]:
+    """Split the data and (``train.check_labels``) read every label of the run once, on rank 0."""
+    index = load_index(data_dir, "train")
+    train_idx, val_idx = split_train_val(index, fold, cfg.train.n_folds)
+    vc = cfg.validation
+    val_records = list(val_idx)[: vc.n_volumes] if vc.n_volumes is not None else list(val_idx)
+    if cfg.train.check_labels:
+        error: DataError | None = None
+        if dist.main:
+            t0 = time.monotonic()
+            try:
+                n = check_labels(list(train_idx) + val_records, workers=max(1, cfg.train.num_workers),
+                                 progress=progress)
+                logger.info(f"checked {n} label(s) in {time.monotonic() - t0:.1f}s (train.check_labels)")
+            except DataError as exc:
+                error = exc
+        if dist.broadcast_flag(int(error is not None)):
+            raise error if error is not None else DataError("rank 0 found a bad label (its message is above)")
+    return train_idx, val_idx, val_records
+
+
+def _set_up(cfg: TrainConfig, data_dir: str | os.PathLike, run_dir: Path, fold: int, dist: _Dist,
+            limit: float | None, t_start: float, progress: bool) -> RunState:
+    """Data, loader, model, loss, optimizer, schedule, scaler and EMA of a fresh run (seeded by ``train.seed``)."""
+    tc, dev = cfg.train, dist.device
+    if dev.type == "cuda":
+        torch.backends.cudnn.deterministic = tc.deterministic
+        torch.backends.cudnn.benchmark = not tc.deterministic
+    train_idx, val_idx, val_records = _load_data(cfg, data_dir, fold, dist, progress)
+    dataset = PatchDataset(train_idx, cfg.sampler, seed=tc.seed * 1000 + dist.rank)
+    loader = make_loader(dataset, batch_size=tc.batch_size, num_workers=tc.num_workers, pin_memory=dev.type == "cuda")
+    steps_per_epoch = math.ceil(len(loader) / cfg.optim.accumulate)
+
+    _seed_everything(tc.seed)
+    model = build_model(cfg.model).to(dev)
+    if dist.main:
+        warn_slow_conv3d_amp(dev, tc.amp != "none")
+    loss_fn = build_loss(cfg.loss).to(dev)
+    optimizer = _build_optimizer(model, cfg.optim)
+    schedule = LRSchedule(optimizer, cfg.optim, steps_per_epoch, tc.epochs)
+    scaler = torch.amp.GradScaler(dev.type, enabled=tc.amp == "fp16")
+    ema = None
+    if tc.ema:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
+    return RunState(cfg=cfg, fold=fold, run_dir=run_dir, dist=dist, train_idx=train_idx, val_idx=val_idx,
+                    val_records=val_records, dataset=dataset, loader=loader, model=model, train_model=model,
+                    loss_fn=loss_fn, optimizer=optimizer, schedule=schedule, scaler=scaler, ema=ema,
+                    t_start=t_start, limit=limit, progress=progress)
+
+
+def _read_last(state: RunState, allow_config_change: bool) -> dict:
+    """``last.pt`` of the run, after checking it was trained with this config (see :func:`_resume`)."""
+    path = state.last_path
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        saved = ckpt["config"]
+    except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is reported the same way
+        raise DataError(f"{path}: not a readable training checkpoint ({type(exc).__name__}: {exc})") from None
+    diffs = [d for d in config_differences(saved, to_dict(state.cfg)) if d[0] not in RESUME_SAFE_KEYS]
+    if diffs:
+        shown = ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in diffs[:8]) + (
+            f" and {len(diffs) - 8} more" if len(diffs) > 8 else "")
+        if not allow_config_change:
+            raise ConfigError(f"{path}: this run was trained with another config: {shown}; resume with the "
+                              f"run's own config, or allow the change (CLI --resume-force, "
+                              f"train(..., allow_config_change=True))")
+        state.warn(f"resume: continuing {path} with a changed config (allow_config_change): {shown}")
+    return ckpt
+
+
+def _resume(state: RunState, allow_config_change: bool = False) -> None:
+    """Continue from ``run_dir/last.pt``: weights, optimizer, scaler, schedule, EMA, history, RNG.
+
+    Raises:
+        ConfigError: the checkpoint's config differs from this run's in keys that change training
+            (all but :data:`RESUME_SAFE_KEYS`), unless ``allow_config_change``; or, allowed, its
+            weights or optimizer state do not fit the new config (another model).
+        DataError: ``last.pt`` is unreadable.
+    """
+    path = state.last_path
+    ckpt = _read_last(state, allow_config_change)
+    try:
+        state.model.load_state_dict(ckpt["model"])
+        state.optimizer.load_state_dict(ckpt["optimizer"])
+        state.scaler.load_state_dict(ckpt["scaler"])
+        state.schedule.load_state_dict(ckpt["scheduler"])
+        if state.ema is not None and ckpt.get("ema_state") is not None:
+            state.ema.load_state_dict(ckpt["ema_state"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{path}: its state does not fit the configured model/optimizer ({first}); "
+                          f"a different model cannot continue this run: train it in a new run folder") from None
+    state.history = list(ckpt["history"])
+    state.best_score, state.best_epoch = ckpt["best_score"], ckpt["best_epoch"]
+    state.bad_validations = int(ckpt["bad_validations"])
+    state.epoch = int(ckpt["epoch"])
+    if state.dist.main:
+        _set_rng_state(ckpt["rng"])
+    vv = state.run_dir / "val_volumes.jsonl"
+    if state.dist.main and vv.is_file():  # drop rows of epochs after the checkpoint
+        keep = [ln for ln in vv.read_text().splitlines() if ln and json.loads(ln)["epoch"] <= state.epoch]
+        with atomic_path(vv) as tmp:
+            Path(tmp).write_text("".join(ln + "\n" for ln in keep))
+    state.log(f"resumed {path} at epoch {state.epoch} (best {state.best_score} at epoch {state.best_epoch})")
+
+
+def _wrap_ddp(state: RunState) -> None:
+    if state.dist.world > 1:
+        dev = state.device
+        state.train_model = nn.parallel.DistributedDataParallel(
+            state.model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+
+def _out_of_time_before(state: RunState, epoch: int) -> bool:
+    """Whether the next epoch would not fit the time limit (the longest epoch so far); same on every rank."""
+    late = (state.limit is not None and bool(state.epoch_times)
+            and time.monotonic() - state.t_start + max(state.epoch_times) > state.limit)
+    if state.dist.broadcast_flag(int(late)):
+        state.log(f"time limit {state.limit:.0f}s: stopping before epoch {epoch + 1} (last.pt holds epoch {epoch})")
+        return True
+    return False
+
+
+def _train_step(state: RunState, i: int, image: torch.Tensor, label: torch.Tensor,
+                aug_gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Forward/backward of batch ``i`` (``(B,1,Z,Y,X)`` float32 image, uint8 label); an optimizer,
+    schedule and EMA step after every ``optim.accumulate`` batches. Returns the loss parts."""
+    cfg, dev = state.cfg, state.device
+    accumulate = cfg.optim.accumulate
+    image = image.to(dev, non_blocking=True)
+    label = label.to(dev, non_blocking=True)
+    if cfg.train.augment:
+        image, label = augment_batch(image, label, cfg.augment, aug_gen, cfg.sampler.ignore_label)
+    target = apply_label_mode(label, cfg.train.label_mode)
+    last_micro = (i + 1) % accumulate == 0 or i + 1 == len(state.loader)
+    no_sync = not last_micro and state.dist.world > 1
+    with state.train_model.no_sync() if no_sync else contextlib.nullcontext():
+        with _autocast(dev, cfg.train.amp):
+            logits = state.train_model(image)
+        total, parts = state.loss_fn(logits.float(), target)
+        state.scaler.scale(total / accumulate).backward()
+    if last_micro:
+        if cfg.optim.grad_clip is not None:
+            state.scaler.unscale_(state.optimizer)
+            torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.optim.grad_clip)
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        state.optimizer.zero_grad(set_to_none=True)
+        state.schedule.step()
+        if state.ema is not None:
+            state.ema.update_parameters(state.model)
+    return parts
+
+
+def _train_epoch(state: RunState, epoch: int) -> dict | None:
+    """Train epoch ``epoch`` (0-based); its metrics row (mean loss parts over ranks, lr), or ``None``
+    when the time limit ran out inside it (every rank stops at the same batch)."""
+    from tqdm.auto import tqdm
+
+    tc, dist = state.cfg.train, state.dist
+    seed = _epoch_seed(tc.seed, epoch, dist.rank)
+    _seed_everything(seed)
+    aug_gen = torch.Generator(device=state.device).manual_seed(seed + 1)
+    state.dataset.set_epoch(epoch)
+    state.train_model.train()
+    names = state.part_names
+    sums = {n: 0.0 for n in names}
+    n_batches = 0
+    state.optimizer.zero_grad(set_to_none=True)
+    bar = tqdm(state.loader, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch", leave=False,
+               disable=not (state.progress and dist.main))
+    try:
+        for i, (image, label, _meta) in enumerate(bar):
+            if state.limit is not None and dist.broadcast_flag(int(time.monotonic() - state.t_start > state.limit)):
+                state.log(f"time limit {state.limit:.0f}s reached inside epoch {epoch + 1}: abandoned it; "
+                          f"last.pt holds epoch {epoch}")
+                return None
+            parts = _train_step(state, i, image, label, aug_gen)
+            for n in names:
+                sums[n] += float(parts[n])
+            n_batches += 1
+            bar.set_postfix(loss=f"{sums['total'] / n_batches:.4f}")
+    finally:
+        bar.close()
+    means = dist.mean({n: sums[n] / max(n_batches, 1) for n in names})
+    row: dict[str, Any] = {"epoch": epoch + 1, "lr": state.schedule.lr, "train_loss": means["total"]}
+    row.update({f"train_{n}": means[n] for n in names if n != "total"})
+    return row
+
+
+def _validate_and_select(state: RunState, epoch: int, row: dict) -> tuple[bool, StopReason | None]:
+    """Validate after epoch ``epoch`` when due (rank 0), add the numbers to ``row``, keep the best
+    score, feed the plateau schedule. Returns ``(improved, stop reason: collapse / early stopping / None)``."""
+    cfg, vc = state.cfg, state.cfg.validation
+    due = (epoch + 1) % vc.every == 0 or epoch + 1 == cfg.train.epochs
+    improved, reason = False, None
+    if due and state.dist.main and state.val_records:
+        summary, per_volume = validate_volumes(state.eval_model, state.val_records, cfg, state.device,
+                                               progress=state.progress)
+        state.model.train()
+        row.update(summary)
+        with open(state.run_dir / "val_volumes.jsonl", "a") as fh:
+            fh.writelines(json.dumps({"epoch": epoch + 1, **v}) + "\n" for v in per_volume)
+        metric = summary["val_score"] if vc.n_score > 0 and summary["val_score"] is not None else summary["val_dice"]
+        row["val_metric"] = metric
+        if metric is not None and (state.best_score is None or metric > state.best_score + vc.min_delta):
+            state.best_score, state.best_epoch, improved, state.bad_validations = metric, epoch + 1, True, 0
+        else:
+            state.bad_validations += 1
+        if cfg.optim.schedule == "plateau" and metric is not None:
+            state.schedule.observe(metric)
+        if summary["collapse"] != "healthy":
+            state.warn(f"collapse guard: epoch {epoch + 1}: {summary['collapse']}: {summary['collapse_reasons']} "
+                       f"(predicted fg {summary['val_fg_pct']:.2f}% vs labelled {summary['val_label_fg_pct']:.2f}%)")
+            if vc.on_collapse == "stop" and summary["collapse"] in vc.stop_kinds:
+                reason = StopReason.COLLAPSE
+        if reason is None and vc.patience is not None and state.bad_validations >= vc.patience:
+            reason = StopReason.EARLY_STOPPING
+    if state.dist.world > 1 and cfg.optim.schedule == "plateau":  # rank 0 observed the score
+        state.schedule.set_plateau_scale(state.dist.broadcast(state.schedule.plateau_scale))
+    return improved, reason
+
+
+def _checkpoint(state: RunState, row: dict, improved: bool) -> None:
+    """Rank 0: ``last.pt`` (and ``best.pt`` when ``improved``), ``metrics.jsonl``/``.csv``, the epoch line."""
+    if not state.dist.main:
+        return
+    ckpt = state.checkpoint_state(row)
+    save_checkpoint(state.last_path, **ckpt)
+    if improved:
+        save_checkpoint(state.best_path, **ckpt)
+    _write_metrics(state.run_dir, state.history)
+    state.log(_epoch_line(row, state.cfg.train.epochs, state.part_names))
+
+
+def _agree_on_stop(state: RunState, reason: StopReason | None) -> StopReason | None:
+    """Rank 0's stop reason on every rank, logged once."""
+    reason = _BROADCAST_REASONS[state.dist.broadcast_flag(_BROADCAST_REASONS.index(reason))]
+    if reason is StopReason.COLLAPSE:
+        state.log(f"stopping: the collapse guard fired at epoch {state.epoch} and validation.on_collapse is 'stop'")
+    elif reason is StopReason.EARLY_STOPPING:
+        state.log(f"early stopping: no better validation score for {state.cfg.validation.patience} validation(s); "
+                  f"best {state.best_score:.4f} at epoch {state.best_epoch}")
+    return reason
+
+
+def _run_epochs(state: RunState, on_epoch_end: Callable[[dict], bool | None] | None) -> None:
+    """Epochs ``state.epoch + 1 .. train.epochs``: train, validate and select, checkpoint, decide to stop."""
+    for epoch in range(state.epoch, state.cfg.train.epochs):
+        if _out_of_time_before(state, epoch):
+            state.stopped = StopReason.TIME_LIMIT
+            return
+        t_epoch = time.monotonic()
+        row = _train_epoch(state, epoch)
+        if row is None:
+            state.stopped = StopReason.TIME_LIMIT
+            return
+        improved, reason = _validate_and_select(state, epoch, row)
+        row["time_s"] = time.monotonic() - t_epoch
+        state.history.append(row)
+        state.epoch = epoch + 1
+        _checkpoint(state, row, improved)
+        state.epoch_times.append(time.monotonic() - t_epoch)
+        if on_epoch_end is not None and on_epoch_end(dict(row)) and reason is None:
+            reason = StopReason.CALLBACK
+        reason = _agree_on_stop(state, reason)
+        if reason is not None:
+            state.stopped = reason
+            return
+
+
+def _finish(state: RunState) -> TrainResult:
+    """Out-of-fold probabilities from ``best.pt`` (rank 0, unless stopped by the time limit), the
+    last log line and ``result.json``."""
+    oof_dir = None
+    if (state.dist.main and state.cfg.validation.write_oof and state.stopped is not StopReason.TIME_LIMIT
+            and state.val_idx.records):
+        eval_model = state.eval_model
+        if state.best_path.is_file():
+            from .models import load_checkpoint
+
+            eval_model, _, _ = load_checkpoint(state.best_path, map_location=state.device)
+        oof_dir = _write_oof(eval_model, list(state.val_idx), state.cfg, state.device, state.run_dir, state.fold,
+                             state.best_epoch, state.progress)
+        state.log(f"wrote out-of-fold probabilities of {len(state.val_idx)} volume(s) to {oof_dir}")
+    state.dist.barrier()
+    state.log(f"fold {state.fold} finished ({state.stopped}) after {state.epoch} epoch(s); "
+              f"best {state.best_score} at epoch {state.best_epoch}")
+    result = TrainResult(state.run_dir, state.fold, state.epoch, state.best_epoch, state.best_score, state.stopped,
+                         state.history, oof_dir)
+    if state.dist.main:
+        result.save()
+    return result
+
+
+def _attach_log_handlers(run_dir: Path, verbose: bool) -> list[logging.Handler]:
+    """Rank 0: ``train.log`` for the ``kaggle_utils`` logger (other modules' warnings too), and
+    stdout when ``verbose`` and nothing shows the lines on the console yet."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handlers: list[logging.Handler] = [handler]
+    if verbose and not _shows_on_console(logger):
+        console = logging.StreamHandler(sys.stdout)
+        console.setFormatter(logging.Formatter("%(message)s"))
+        handlers.append(console)
+    for h in handlers:
+        _PACKAGE_LOGGER.addHandler(h)
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+    return handlers
+
+
+def _detach_log_handlers(handlers: list[logging.Handler]) -> None:
+    for h in handlers:
+        _PACKAGE_LOGGER.removeHandler(h)
+        h.close()
 
 
 def train(
@@ -767,6 +1092,7 @@ def train(
     progress: bool = True,
     on_epoch_end: Callable[[dict], bool | None] | None = None,
     verbose: bool = True,
+    allow_config_change: bool = False,
 ) -> TrainResult:
     """Train one fold; the function behind ``python -m kaggle_utils train`` and the notebooks.
 
@@ -774,7 +1100,8 @@ def train(
         cfg: the run's :class:`TrainConfig`.
         data_dir: competition-layout folder (``train.csv``, ``train_images/``, ``train_labels/``).
         out_dir: run folder (created); checkpoints, logs and OOF predictions go here.
-        fold: validation fold in ``0 .. train.n_folds-1`` (scroll-grouped, ``data.split_fold``).
+        fold: validation fold in ``0 .. train.n_folds-1`` (scroll-grouped, ``data.split_fold``;
+            with ``train.n_folds`` 1, fold 0 trains on every volume, nothing held out).
         resume: continue from ``out_dir/last.pt`` exactly where it stopped (same weights, optimizer,
             scheduler, RNG and history as an uninterrupted run); starts fresh if there is none.
         time_limit: seconds this call may run (overrides ``train.time_limit_s``); the run stops
@@ -786,246 +1113,46 @@ def train(
         verbose: also show the log lines (device, fold start/end, epoch lines, stop reason) on
             stdout, unless the ``kaggle_utils`` logger already writes to the console (the lines
             always go to ``train.log``).
+        allow_config_change: with ``resume``, continue even when ``last.pt`` was trained with a
+            config that differs in keys that change training (they are logged; e.g. more
+            ``train.epochs`` stretch the cosine schedule). Without it such a resume is refused.
 
     Returns:
         :class:`TrainResult` (also written to ``out_dir/result.json``, see :meth:`TrainResult.load`).
+
+    Raises:
+        ConfigError: ``fold`` is not a fold of ``train.n_folds``; ``device`` names no usable device;
+            a resume with another config (see ``allow_config_change``).
+        DataError: bad data (a label outside {0, 1, 2}, fewer scrolls than folds, ...), in one line.
     """
     t_start = time.monotonic()
+    check_fold(fold, cfg.train.n_folds)
     run_dir = Path(out_dir)
-    dist_ = _Dist(device)
-    dev = dist_.device
-    tc, vc = cfg.train, cfg.validation
-    limit = time_limit if time_limit is not None else tc.time_limit_s
-    package_logger = logging.getLogger(__name__.rpartition(".")[0])  # "kaggle_utils": other modules' warnings too
-    handlers: list[logging.Handler] = []
-    if dist_.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(run_dir / "train.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        handlers.append(handler)
-        if verbose and not _shows_on_console(logger):
-            console = logging.StreamHandler(sys.stdout)
-            console.setFormatter(logging.Formatter("%(message)s"))
-            handlers.append(console)
-        for h in handlers:
-            package_logger.addHandler(h)
-        if logger.level == logging.NOTSET or logger.level > logging.INFO:
-            logger.setLevel(logging.INFO)
-    log = logger.info if dist_.main else (lambda *a, **k: None)
-    warn = logger.warning if dist_.main else (lambda *a, **k: None)
+    dist = _Dist(device)
+    handlers = _attach_log_handlers(run_dir, verbose) if dist.main else []
     try:
-        log(f"fold {fold}: device {device_name(dev)}" + (f" (rank 0 of {dist_.world})" if dist_.world > 1 else ""))
-        if dev.type == "cuda":
-            torch.backends.cudnn.deterministic = tc.deterministic
-            torch.backends.cudnn.benchmark = not tc.deterministic
-
-        # data
-        index = load_index(data_dir, "train")
-        train_idx, val_idx = split_fold(index, fold, tc.n_folds)
-        val_records = list(val_idx)[: vc.n_volumes] if vc.n_volumes is not None else list(val_idx)
-        dataset = PatchDataset(train_idx, cfg.sampler, seed=tc.seed * 1000 + dist_.rank)
-        loader = make_loader(dataset, batch_size=tc.batch_size, num_workers=tc.num_workers,
-                             pin_memory=dev.type == "cuda")
-        steps_per_epoch = math.ceil(len(loader) / cfg.optim.accumulate)
-
-        # model, loss, optimizer
-        _seed_everything(tc.seed)
-        model = build_model(cfg.model).to(dev)
-        if dist_.main:
-            warn_slow_conv3d_amp(dev, tc.amp != "none")
-        loss_fn = build_loss(cfg.loss).to(dev)
-        optimizer = _build_optimizer(model, cfg.optim)
-        schedule = WarmupSchedule(optimizer, cfg.optim, steps_per_epoch, tc.epochs)
-        scaler = torch.amp.GradScaler(dev.type, enabled=tc.amp == "fp16")
-        ema = None
-        if tc.ema:
-            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-            ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
-
-        history: list[dict] = []
-        best_score: float | None = None
-        best_epoch: int | None = None
-        bad_validations = 0
-        start_epoch = 0
-        last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
-        if resume and last_path.is_file():
-            ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scaler.load_state_dict(ckpt["scaler"])
-            schedule.load_state_dict(ckpt["scheduler"])
-            if ema is not None and ckpt.get("ema_state") is not None:
-                ema.load_state_dict(ckpt["ema_state"])
-            history = list(ckpt["history"])
-            best_score, best_epoch = ckpt["best_score"], ckpt["best_epoch"]
-            bad_validations = int(ckpt["bad_validations"])
-            start_epoch = int(ckpt["epoch"])
-            if dist_.main:
-                _set_rng_state(ckpt["rng"])
-            vv = run_dir / "val_volumes.jsonl"
-            if dist_.main and vv.is_file():  # drop rows of epochs after the checkpoint
-                keep = [ln for ln in vv.read_text().splitlines() if ln and json.loads(ln)["epoch"] <= start_epoch]
-                vv.write_text("".join(ln + "\n" for ln in keep))
-            log(f"resumed {last_path} at epoch {start_epoch} (best {best_score} at epoch {best_epoch})")
+        dev = dist.device
+        if dist.main:
+            logger.info(f"fold {fold}: device {device_name(dev)}"
+                        + (f" (rank 0 of {dist.world})" if dist.world > 1 else ""))
+        limit = time_limit if time_limit is not None else cfg.train.time_limit_s
+        state = _set_up(cfg, data_dir, run_dir, fold, dist, limit, t_start, progress)
+        if resume and state.last_path.is_file():
+            _resume(state, allow_config_change)
         elif resume:
-            warn(f"--resume: no {last_path}, starting a fresh run")
-        train_model: nn.Module = model
-        if dist_.world > 1:
-            train_model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[dev.index] if dev.type == "cuda" else None)
-
-        log(f"fold {fold}: {len(train_idx)} training volume(s), {len(val_idx)} validation volume(s) "
-            f"({len(val_records)} validated); {len(loader)} batch(es)/epoch x {dist_.world} rank(s) on {dev}; "
-            f"label_mode {tc.label_mode}, loss {loss_fn.weights}")
-
-        part_names: list[str] = list(loss_fn.weights) + ["total"]
-        stopped = "completed"
-        epoch_times: list[float] = []
-        for epoch in range(start_epoch, tc.epochs):
-            if limit is not None and epoch_times and time.monotonic() - t_start + max(epoch_times) > limit:
-                stopped = "time_limit"
-            if dist_.broadcast_flag(int(stopped == "time_limit")):
-                stopped = "time_limit"
-                log(f"time limit {limit:.0f}s: stopping before epoch {epoch + 1} (last.pt holds epoch {epoch})")
-                break
-            t_epoch = time.monotonic()
-            _seed_everything(_epoch_seed(tc.seed, epoch, dist_.rank))
-            aug_gen = torch.Generator(device=dev).manual_seed(_epoch_seed(tc.seed, epoch, dist_.rank) + 1)
-            dataset.set_epoch(epoch)
-            train_model.train()
-            sums = {n: 0.0 for n in part_names}
-            n_batches = 0
-            optimizer.zero_grad(set_to_none=True)
-            abandoned = False
-            from tqdm.auto import tqdm
-
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch", leave=False,
-                       disable=not (progress and dist_.main))
-            for i, (image, label, _meta) in enumerate(bar):
-                if limit is not None:
-                    over = time.monotonic() - t_start > limit
-                    if dist_.broadcast_flag(int(over)):  # every rank stops at the same batch
-                        abandoned = True
-                        break
-                image = image.to(dev, non_blocking=True)
-                label = label.to(dev, non_blocking=True)
-                if tc.augment:
-                    image, label = augment_batch(image, label, cfg.augment, aug_gen, cfg.sampler.ignore_label)
-                target = apply_label_mode(label, tc.label_mode)
-                last_micro = (i + 1) % cfg.optim.accumulate == 0 or i + 1 == len(loader)
-                sync = contextlib.nullcontext() if (last_micro or dist_.world == 1) else train_model.no_sync()
-                with sync:
-                    with _autocast(dev, tc.amp):
-                        logits = train_model(image)
-                    total, parts = loss_fn(logits.float(), target)
-                    scaler.scale(total / cfg.optim.accumulate).backward()
-                if last_micro:
-                    if cfg.optim.grad_clip is not None:
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                    schedule.step()
-                    if ema is not None:
-                        ema.update_parameters(model)
-                for n in part_names:
-                    sums[n] += float(parts[n])
-                n_batches += 1
-                bar.set_postfix(loss=f"{sums['total'] / n_batches:.4f}")
-            bar.close()
-            if abandoned:
-                stopped = "time_limit"
-                log(f"time limit {limit:.0f}s reached inside epoch {epoch + 1}: abandoned it; "
-                    f"last.pt holds epoch {epoch}")
-                break
-
-            means = dist_.mean({n: sums[n] / max(n_batches, 1) for n in part_names})
-            row: dict[str, Any] = {"epoch": epoch + 1, "lr": schedule.lr, "train_loss": means["total"]}
-            row.update({f"train_{n}": means[n] for n in part_names if n != "total"})
-
-            # validation (rank 0)
-            validate_now = (epoch + 1) % vc.every == 0 or epoch + 1 == tc.epochs
-            improved, stop_reason = False, ""
-            if validate_now and dist_.main and val_records:
-                eval_model = ema.module if ema is not None else model
-                summary, per_volume = validate_volumes(eval_model, val_records, cfg, dev, progress=progress)
-                model.train()
-                row.update(summary)
-                with open(run_dir / "val_volumes.jsonl", "a") as fh:
-                    fh.writelines(json.dumps({"epoch": epoch + 1, **v}) + "\n" for v in per_volume)
-                metric = summary["val_score"] if vc.n_score > 0 and summary["val_score"] is not None else summary["val_dice"]
-                row["val_metric"] = metric
-                if metric is not None and (best_score is None or metric > best_score + vc.min_delta):
-                    best_score, best_epoch, improved, bad_validations = metric, epoch + 1, True, 0
-                else:
-                    bad_validations += 1
-                if cfg.optim.schedule == "plateau" and metric is not None:
-                    schedule.observe(metric)
-                if summary["collapse"] != "healthy":
-                    warn(f"collapse guard: epoch {epoch + 1}: {summary['collapse']}: {summary['collapse_reasons']} "
-                         f"(predicted fg {summary['val_fg_pct']:.2f}% vs labelled {summary['val_label_fg_pct']:.2f}%)")
-                    if vc.on_collapse == "stop" and summary["collapse"] in vc.stop_kinds:
-                        stop_reason = "collapse"
-                if not stop_reason and vc.patience is not None and bad_validations >= vc.patience:
-                    stop_reason = "early_stopping"
-            if dist_.world > 1 and cfg.optim.schedule == "plateau":  # rank 0 observed the score
-                schedule.plateau_scale = dist_.broadcast(schedule.plateau_scale)
-                schedule._apply()
-            row["time_s"] = time.monotonic() - t_epoch
-            history.append(row)
-
-            if dist_.main:
-                state = dict(
-                    model=model.state_dict(), ema=ema.module.state_dict() if ema is not None else None,
-                    ema_state=ema.state_dict() if ema is not None else None,
-                    optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), scheduler=schedule.state_dict(),
-                    rng=_rng_state(), epoch=epoch + 1, fold=fold, config=to_dict(cfg), model_config=to_dict(cfg.model),
-                    metrics=row, history=history, best_score=best_score, best_epoch=best_epoch,
-                    bad_validations=bad_validations,
-                )
-                save_checkpoint(last_path, **state)
-                if improved:
-                    save_checkpoint(best_path, **state)
-                _write_metrics(run_dir, history)
-                log(_epoch_line(row, tc.epochs, part_names))
-            epoch_times.append(time.monotonic() - t_epoch)
-            if on_epoch_end is not None and on_epoch_end(dict(row)) and not stop_reason:
-                stop_reason = "callback"
-            code = {"": 0, "collapse": 1, "early_stopping": 2, "callback": 3}[stop_reason]
-            code = dist_.broadcast_flag(code)
-            if code:
-                stopped = ["", "collapse", "early_stopping", "callback"][code]
-                if stopped == "collapse":
-                    log(f"stopping: the collapse guard fired at epoch {epoch + 1} and validation.on_collapse is 'stop'")
-                elif stopped == "early_stopping":
-                    log(f"early stopping: no better validation score for {vc.patience} validation(s); "
-                        f"best {best_score:.4f} at epoch {best_epoch}")
-                break
-
-        # out-of-fold predictions from the best weights
-        oof_dir = None
-        if dist_.main and vc.write_oof and stopped != "time_limit" and val_idx.records:
-            eval_model = model if ema is None else ema.module
-            if best_path.is_file():
-                from .models import load_checkpoint
-
-                eval_model, _, _ = load_checkpoint(best_path, map_location=dev)
-            oof_dir = _write_oof(eval_model, list(val_idx), cfg, dev, run_dir, fold, best_epoch, progress)
-            log(f"wrote out-of-fold probabilities of {len(val_idx)} volume(s) to {oof_dir}")
-        dist_.barrier()
-        epochs_done = history[-1]["epoch"] if history else start_epoch
-        log(f"fold {fold} finished ({stopped}) after {epochs_done} epoch(s); best {best_score} at epoch {best_epoch}")
-        result = TrainResult(run_dir, fold, epochs_done, best_epoch, best_score, stopped, history, oof_dir)
-        if dist_.main:
-            result.save()
-        return result
+            state.warn(f"--resume: no {state.last_path}, starting a fresh run")
+        _wrap_ddp(state)
+        state.log(f"fold {fold}: {len(state.train_idx)} training volume(s), {len(state.val_idx)} validation "
+                  f"volume(s) ({len(state.val_records)} validated); {len(state.loader)} batch(es)/epoch x "
+                  f"{dist.world} rank(s) on {dev}; label_mode {cfg.train.label_mode}, loss {state.loss_fn.weights}")
+        if cfg.train.n_folds == 1:
+            state.log("train.n_folds 1: no held-out fold; no validation, early stopping, best.pt or out-of-fold "
+                      "predictions")
+        _run_epochs(state, on_epoch_end)
+        return _finish(state)
     finally:
-        for h in handlers:
-            package_logger.removeHandler(h)
-            h.close()
-        dist_.close()
+        _detach_log_handlers(handlers)
+        dist.close()
 
 
 def train_folds(cfg: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
