@@ -249,6 +249,7 @@ def read_tiff(source: str | os.PathLike | bytes, what: str | os.PathLike | None 
     errors = _TiffErrors()
     tiff_log = logging.getLogger("tifffile")
     tiff_log.addHandler(errors)
+    propagate, tiff_log.propagate = tiff_log.propagate, False  # no stray "<TiffPages> invalid offset" lines
     try:
         with tifffile.TiffFile(io.BytesIO(source) if isinstance(source, bytes) else source) as tif:
             if len(tif.pages) == 0 or not tif.series:
@@ -265,6 +266,7 @@ def read_tiff(source: str | os.PathLike | bytes, what: str | os.PathLike | None 
         raise DataError(f"{name}: not a readable TIFF, truncated or corrupt ({type(exc).__name__}: {exc})") from None
     finally:
         tiff_log.removeHandler(errors)
+        tiff_log.propagate = propagate
     return vol
 
 
