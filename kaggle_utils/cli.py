@@ -303,6 +303,9 @@ def _args_train(p: argparse.ArgumentParser) -> None:
                    help="competition-layout folder with train.csv (default: the Kaggle mount)")
     p.add_argument("--out", required=True, type=Path, help="run folder (last.pt, best.pt, train.log, metrics, oof/)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt exactly where it stopped")
+    p.add_argument("--resume-force", action="store_true",
+                   help="--resume even when the config differs from last.pt's in keys that change training "
+                        "(e.g. more --epochs stretch the LR schedule); the differing keys are logged")
     p.add_argument("--time-limit", type=float, default=None,
                    help="stop cleanly (checkpoint kept) before this many seconds have passed")
     p.add_argument("--epochs", type=int, default=None, help="override train.epochs")
@@ -314,12 +317,15 @@ def _run_train(args: argparse.Namespace) -> int:
     import os
 
     from .data import find_data_root
-    from .train import load_train_config, train, train_folds
+    from .train import check_fold, load_train_config, train, train_folds
 
     overrides = {"train.epochs": args.epochs} if args.epochs is not None else None
     cfg = load_train_config(args.config, overrides)
     # train() shows its log lines on stdout itself (rank 0 only), as in a notebook: no handler here
-    kwargs = dict(resume=args.resume, time_limit=args.time_limit, device=args.device, progress=not args.no_progress)
+    if args.fold != -1:
+        check_fold(args.fold, cfg.train.n_folds)  # ConfigError naming train.n_folds: one line, exit 2
+    kwargs = dict(resume=args.resume or args.resume_force, allow_config_change=args.resume_force,
+                  time_limit=args.time_limit, device=args.device, progress=not args.no_progress)
     data_dir = find_data_root(args.data_dir)
     if args.fold == -1:
         results = train_folds(cfg, data_dir, args.out, **kwargs)

@@ -716,6 +716,12 @@ class RunState:
         )
 
 
+def _first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (torch's load errors run over many lines)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
 def check_fold(fold: int, n_folds: int) -> None:
     """Raise :class:`ConfigError` (one line naming ``train.n_folds``) unless ``0 <= fold < n_folds``."""
     if not 0 <= fold < n_folds:
@@ -819,7 +825,7 @@ def _read_last(state: RunState, allow_config_change: bool) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         saved = ckpt["config"]
     except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is reported the same way
-        raise DataError(f"{path}: not a readable training checkpoint ({type(exc).__name__}: {exc})") from None
+        raise DataError(f"{path}: not a readable training checkpoint ({_first_line(exc)})") from None
     diffs = [d for d in config_differences(saved, to_dict(state.cfg)) if d[0] not in RESUME_SAFE_KEYS]
     if diffs:
         shown = ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in diffs[:8]) + (
@@ -851,8 +857,7 @@ def _resume(state: RunState, allow_config_change: bool = False) -> None:
         if state.ema is not None and ckpt.get("ema_state") is not None:
             state.ema.load_state_dict(ckpt["ema_state"])
     except (RuntimeError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"{path}: its state does not fit the configured model/optimizer ({first}); "
+        raise ConfigError(f"{path}: its state does not fit the configured model/optimizer ({_first_line(exc)}); "
                           f"a different model cannot continue this run: train it in a new run folder") from None
     state.history = list(ckpt["history"])
     state.best_score, state.best_epoch = ckpt["best_score"], ckpt["best_epoch"]
@@ -1182,7 +1187,7 @@ def _checkpoint_epoch(path: Path) -> int:
     try:
         return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
     except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is reported the same way
-        raise DataError(f"{path}: not a readable training checkpoint ({type(exc).__name__}: {exc})") from None
+        raise DataError(f"{path}: not a readable training checkpoint ({_first_line(exc)})") from None
 
 
 def _copy_run_folder(src: Path, dst: Path) -> None:
@@ -1257,10 +1262,11 @@ def stage_resume(source: str | os.PathLike, out_dir: str | os.PathLike, folds: l
 def torchrun_command(nproc: int, config: str | os.PathLike, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
                      fold: int = 0, *, epochs: int | None = None, resume: bool = False,
                      time_limit: float | None = None, device: str | None = None,
-                     python: str | None = None) -> list[str]:
+                     python: str | None = None, allow_config_change: bool = False) -> list[str]:
     """The command that trains one fold on ``nproc`` processes: ``python -m torch.distributed.run
     --standalone --nproc_per_node N -m kaggle_utils train --config CFG --fold K --data-dir D --out RUN
-    --no-progress [--epochs E] [--resume] [--time-limit S] [--device DEV]``.
+    --no-progress [--epochs E] [--resume | --resume-force] [--time-limit S] [--device DEV]``
+    (``--resume-force`` with ``allow_config_change``).
 
     ``python -m torch.distributed.run`` is ``torchrun`` run by this interpreter (the notebook's).
     ``device`` ``None`` gives each rank its own GPU (``LOCAL_RANK``); ``"cpu"`` trains on CPU (gloo).
@@ -1272,7 +1278,9 @@ def torchrun_command(nproc: int, config: str | os.PathLike, data_dir: str | os.P
            "--out", str(out_dir), "--no-progress"]
     if epochs is not None:
         cmd += ["--epochs", str(int(epochs))]
-    if resume:
+    if allow_config_change:
+        cmd.append("--resume-force")
+    elif resume:
         cmd.append("--resume")
     if time_limit is not None:
         cmd += ["--time-limit", f"{float(time_limit):.0f}"]
@@ -1284,7 +1292,7 @@ def torchrun_command(nproc: int, config: str | os.PathLike, data_dir: str | os.P
 def train_torchrun(nproc: int, config: str | os.PathLike, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
                    folds: list[int] | None = None, *, epochs: int | None = None, resume: bool = False,
                    time_limit: float | None = None, device: str | None = None,
-                   env: dict[str, str] | None = None) -> list[TrainResult]:
+                   env: dict[str, str] | None = None, allow_config_change: bool = False) -> list[TrainResult]:
     """Train folds with DistributedDataParallel on ``nproc`` processes (both T4s: ``nproc=2``) from a notebook.
 
     Runs :func:`torchrun_command` once per fold, writing ``out_dir/fold{k}`` as :func:`train_folds`
@@ -1299,6 +1307,7 @@ def train_torchrun(nproc: int, config: str | os.PathLike, data_dir: str | os.Pat
         folds: folds to train; default every ``train.n_folds`` of the config.
         epochs: override ``train.epochs``.
         resume: continue each fold from its ``last.pt`` (see :func:`stage_resume`).
+        allow_config_change: resume even when the config differs from the checkpoints' (see :func:`train`).
         time_limit: seconds for all folds together.
         device: ``None`` (one GPU per rank) or ``"cpu"`` (gloo, for tests).
         env: extra environment variables for the subprocesses.
@@ -1317,7 +1326,7 @@ def train_torchrun(nproc: int, config: str | os.PathLike, data_dir: str | os.Pat
     for k in folds:
         left = None if time_limit is None else max(0.0, time_limit - (time.monotonic() - t0))
         cmd = torchrun_command(nproc, config, data_dir, Path(out_dir) / f"fold{k}", k, epochs=epochs, resume=resume,
-                               time_limit=left, device=device)
+                               time_limit=left, device=device, allow_config_change=allow_config_change)
         print("$ " + " ".join(cmd), flush=True)
         tail: list[str] = []
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
