@@ -18,10 +18,11 @@ This module reproduces those counts exactly for binary input (same complex, filt
   prediction and GT foreground is a match). m2: dual union-find over cubes per image, with the
   comparison values mirrored to key the input pairs.
 * m1: left-to-right Z/2 reductions of the 2-cell/edge boundary matrix with the dual union-find's
-  clearing and the emergent-pair shortcut (reduced columns cached as sorted key arrays). The input
-  births are found on the foreground complex alone (positive edges not killed by a foreground
-  2-cell); the comparison reduction stops once all its pairs are found, and the two image
-  reductions (comparison columns, rows ordered by the input image) stop at the last pair column.
+  clearing and the emergent-pair shortcut (reduced columns cached as sorted key arrays and added
+  by a sorted merge). The input births are found on the foreground complex alone (positive edges
+  not killed by a foreground 2-cell), whose clearing comes from a cc3d labelling of the background
+  (:func:`_k0_clearing`); the comparison reduction stops once all its pairs are found, and the two
+  image reductions (comparison columns, rows ordered by the input image) stop at the last pair column.
 
 Cell conventions (array axes 0, 1, 2 of one octant, shape (X, Y, Z) in the text below):
 vertex ``v = (x*Y + y)*Z + z``; edge ``e = 3*v + t`` (from v along axis t); 2-cell ``f = 3*v + t``
@@ -303,6 +304,20 @@ def _dual_pair(x, y, z, t, X, Y, Z, nc):
     return (c - 1 if z >= 1 else nc), (c if z < Z - 1 else nc)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _face_dual(x, y, z, t, X, Y, Z, c, nc):
+    """Everything the dual sweep needs of 2-cell ``(x, y, z, t)`` in one branch on t: whether it
+    exists, its corner strides ``sa, sb`` and its two dual cubes (``c`` = cube id at (x, y, z)).
+    Same as :func:`_face_exists`, :func:`_face_axes` and :func:`_dual_pair` together."""
+    if t == 0:
+        return (y + 1 < Y and z + 1 < Z), Z, 1, (c - (Y - 1) * (Z - 1) if x >= 1 else nc), (
+            c if x < X - 1 else nc)
+    if t == 1:
+        return (x + 1 < X and z + 1 < Z), Y * Z, 1, (c - (Z - 1) if y >= 1 else nc), (
+            c if y < Y - 1 else nc)
+    return (x + 1 < X and y + 1 < Y), Y * Z, Z, (c - 1 if z >= 1 else nc), (c if z < Z - 1 else nc)
+
+
 @njit(cache=True, nogil=True)
 def _dual_neighbours(f, X, Y, Z, nc):
     """The two cubes on either side of 2-cell id ``f`` along its normal axis (``nc`` = infinity)."""
@@ -379,25 +394,29 @@ def _cube_values(bg, X, Y, Z):
 
 
 @njit(cache=True, nogil=True)
-def _dim2_value1_sweep(bg, X, Y, Z, parent, rank, cleared):
-    """Unions of the value-1 2-cells in descending id; returns the value-0 2-cell ids, descending.
+def _dim2_value1_sweep(bg, X, Y, Z, cleared):
+    """Unions of the value-1 2-cells in descending id over the cubes + infinity (``nc``).
 
     The value-1 2-cells come last in the filtration, so in reverse order they are met first.
-    Every 2-cell that causes a union is marked in ``cleared``.
+    Every 2-cell that causes a union is marked in ``cleared``. Returns the union-find
+    ``(parent int32, rank uint8)`` (allocated here, so that the compiler knows they alias nothing)
+    and the value-0 2-cell ids in descending order.
     """
     nc = (X - 1) * (Y - 1) * (Z - 1)
+    parent = np.arange(nc + 1, dtype=np.int32)
+    rank = np.zeros(nc + 1, dtype=np.uint8)
     zeros = np.empty(1024, dtype=np.int64)
     nz = 0
     for x in range(X - 1, -1, -1):
         for y in range(Y - 1, -1, -1):
             for z in range(Z - 1, -1, -1):
                 v = (x * Y + y) * Z + z
+                c = (x * (Y - 1) + y) * (Z - 1) + z
                 for t in range(2, -1, -1):
-                    if not _face_exists(x, y, z, t, X, Y, Z):
+                    ok, sa, sb, c1, c2 = _face_dual(x, y, z, t, X, Y, Z, c, nc)
+                    if not ok:
                         continue
-                    _, _, sa, sb = _face_axes(t, Y, Z)
                     if bg[v] | bg[v + sa] | bg[v + sb] | bg[v + sa + sb]:
-                        c1, c2 = _dual_pair(x, y, z, t, X, Y, Z, nc)
                         a = _uf_find(parent, c1)
                         b = _uf_find(parent, c2)
                         if a != b:
@@ -407,7 +426,7 @@ def _dim2_value1_sweep(bg, X, Y, Z, parent, rank, cleared):
                         zeros = _ensure(zeros, nz + 1)
                         zeros[nz] = 3 * v + t
                         nz += 1
-    return zeros[:nz]
+    return parent, rank, zeros[:nz]
 
 
 @njit(cache=True, nogil=True)
@@ -423,9 +442,7 @@ def _dim2_pass(bg, cube_k, cube_c, X, Y, Z, mode, key_a, key_g, key_out, cleared
     arise at a value-1 2-cell), so they are folded into the roots after the value-1 sweep.
     """
     nc = (X - 1) * (Y - 1) * (Z - 1)
-    parent = np.arange(nc + 1, dtype=np.int32)
-    rank = np.zeros(nc + 1, dtype=np.uint8)
-    zeros = _dim2_value1_sweep(bg, X, Y, Z, parent, rank, cleared)
+    parent, rank, zeros = _dim2_value1_sweep(bg, X, Y, Z, cleared)
     M = np.int64(nc + 1)
     maxk = np.empty(nc + 1 if mode != Dim2Mode.CLEAR else 0, dtype=np.int64)
     maxc = np.empty_like(maxk)
