@@ -32,7 +32,20 @@ console: the same lines in a notebook as on the CLI, never twice.
 
 A Kaggle session ends after 12 h: :func:`stage_resume` copies the ``fold{k}`` run folders of an
 earlier session (attached as a read-only input) into the output folder, and ``train(...,
-resume=True)`` continues them exactly.
+resume=True)`` continues them exactly. A resume with a config that differs in keys that change
+training is refused (the keys are named) unless ``allow_config_change`` (CLI ``--resume-force``).
+
+The loop is a sequence of small steps around one :class:`RunState` (model, optimizer, scaler,
+EMA, :class:`LRSchedule`, history, best score/epoch, epoch counter, stop reason):
+``_set_up`` (data split, label pre-check, loader, model...) → ``_resume`` → per epoch
+``_train_epoch`` (``_train_step`` per batch) → ``_validate_and_select`` → ``_checkpoint`` →
+``_agree_on_stop`` (a :class:`StopReason`) → ``_finish`` (OOF, ``result.json``). The config
+dataclasses live in :mod:`kaggle_utils.train_config` and are importable from here.
+
+Bad input stops the run with one line: a fold outside ``train.n_folds``
+(:class:`~kaggle_utils.config.ConfigError`), an unusable device, a label outside {0, 1, 2}
+(:class:`~kaggle_utils.data.DataError`; found by the ``train.check_labels`` pre-check, or by a
+DataLoader worker, re-raised with the same line).
 """
 
 from __future__ import annotations
