@@ -35,6 +35,7 @@ from .data import IGNORE_LABEL, atomic_path, load_index, read_label, read_volume
 __all__ = [
     "SCROLL_IDS",
     "BORDER",
+    "MAX_SIZE",
     "ScrollStyle",
     "scroll_style",
     "smooth_field",
@@ -48,6 +49,8 @@ __all__ = [
 SCROLL_IDS = ("34117", "35360", "26010", "26002", "44430", "53997")
 #: Width in voxels of the label-2 border on every face (as in the competition labels).
 BORDER = 3
+#: Largest ``size`` :func:`generate_dataset` accepts (its float32 intermediates need several GiB beyond this).
+MAX_SIZE = 512
 
 
 @dataclass(frozen=True)
@@ -631,7 +634,7 @@ def generate_dataset(
         out: output folder (created).
         n_train: number of training volumes (>= 1).
         n_test: number of test volumes (>= 0).
-        size: edge length of most volumes (>= 32).
+        size: edge length of most volumes (32 to :data:`MAX_SIZE`).
         n_scrolls: number of distinct scroll ids (>= 1).
         seed: random seed; the same arguments give byte-identical files.
         test_labels: also write the hidden answers of the test volumes to ``test_labels/{id}.tif``
@@ -648,6 +651,8 @@ def generate_dataset(
         raise ValueError(f"n_test must be >= 0, got {n_test}")
     if size < 32:
         raise ValueError(f"size must be >= 32, got {size}")
+    if size > MAX_SIZE:
+        raise ValueError(f"size must be <= {MAX_SIZE} (real volumes are at most 384^3), got {size}")
     if n_scrolls < 1:
         raise ValueError(f"n_scrolls must be >= 1, got {n_scrolls}")
     root = Path(out)

@@ -421,3 +421,72 @@ def test_single_prediction_file_against_label_folder(tmp_path):
     pred_dir, gt_dir, expected = _write_dataset(tmp_path)
     res = score_dataset(pred_dir / "1001.tif", gt_dir, progress=False)
     assert res.volumes == {"1001": expected["1001"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs the official scorer accepts silently: same numbers, one warning line each
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pred, needles", [
+    (np.array([[[0, 1]]], np.uint8), []),
+    (np.array([[[False, True]]]), []),
+    (np.array([[[0, 255]]], np.uint8), ["not binary (values 0..255)"]),
+    (np.array([[[0, 1]]], np.uint16), ["unexpected dtype uint16"]),
+    (np.array([[[0.0, 1.0]]], np.float32), ["unexpected dtype float32"]),
+    (np.array([[[0.0, 0.25, 0.75]]], np.float32), ["unexpected dtype float32", "not binary (values 0..0.75)"]),
+    (np.array([[[0.0, np.nan, 1.0]]], np.float64), ["not binary (values 0..1, NaN)"]),
+    (np.array([[[-1, 0, 1]]], np.int8), ["unexpected dtype int8", "not binary (values -1..1)"]),
+])
+def test_prediction_warnings_one_line_naming_the_file(pred, needles):
+    from kaggle_utils.metrics.score import prediction_warnings
+
+    lines = prediction_warnings(pred, "sub.zip:7.tif")
+    if not needles:
+        assert lines == []
+        return
+    assert len(lines) == 1 and lines[0].startswith("sub.zip:7.tif: ")
+    assert all(n in lines[0] for n in needles), lines[0]
+
+
+def test_score_dataset_warns_but_keeps_the_numbers(tmp_path):
+    pred_dir, gt_dir, expected = _write_dataset(tmp_path, n=2)
+    clean = score_dataset(pred_dir, gt_dir, progress=False)
+    assert clean.warnings == () and "warnings" not in clean.to_json()
+    zpath = tmp_path / "nested.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for f in sorted(pred_dir.iterdir()):
+            buf = io.BytesIO()
+            tifffile.imwrite(buf, tifffile.imread(f).astype(np.float32) * 0.9)  # soft, in a folder
+            zf.writestr(f"out/{f.name}", buf.getvalue())
+    res = score_dataset(zpath, gt_dir, progress=False)
+    assert res.volumes == expected
+    assert len(res.warnings) == 4  # per volume: one nested entry, one dtype/values line
+    assert sum("inside a folder" in w for w in res.warnings) == 2
+    assert sum("float32" in w and "not binary" in w for w in res.warnings) == 2
+    assert res.to_json()["warnings"] == list(res.warnings)
+
+
+@pytest.mark.parametrize("compression", [None, "zlib"])
+def test_read_located_never_returns_part_of_a_truncated_tiff(tmp_path, compression):
+    """Every cut of a multi-page TIFF is a one-line 'corrupt TIFF' error or the complete volume."""
+    from kaggle_utils.metrics.score import read_located
+
+    vol = (np.random.default_rng(0).random((6, 8, 8)) > 0.7).astype(np.uint8)
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, vol, photometric="minisblack", compression=compression)
+    data = buf.getvalue()
+    zpath = tmp_path / "cut.zip"
+    n_errors = 0
+    for cut in range(0, len(data), 3):
+        with zipfile.ZipFile(zpath, "w") as zf:
+            zf.writestr("v.tif", data[:cut])
+        try:
+            got = read_located(("zip", str(zpath), "v.tif"))
+        except DataError as exc:
+            msg = str(exc)
+            assert "\n" not in msg and msg.startswith(f"{zpath}:v.tif: corrupt TIFF")
+            n_errors += 1
+            continue
+        np.testing.assert_array_equal(got, vol)
+    assert n_errors > 0

@@ -222,6 +222,12 @@ def test_dataset_rejects_bad_arguments(tmp_path):
         generate_dataset(tmp_path, size=8)
     with pytest.raises(ValueError, match="n_train"):
         generate_dataset(tmp_path, n_train=0)
+    with pytest.raises(ValueError, match=r"size must be <= 512.*got 513"):
+        generate_dataset(tmp_path, size=513)
+    for kw, what in [({"n_test": -1}, "n_test must be >= 0"), ({"n_scrolls": 0}, "n_scrolls must be >= 1")]:
+        with pytest.raises(ValueError, match=what):
+            generate_dataset(tmp_path / "x", **kw)
+    assert not (tmp_path / "x").exists()  # checked before anything is written
 
 
 def test_save_preview_writes_png(dataset, tmp_path):

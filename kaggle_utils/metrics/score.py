@@ -15,6 +15,7 @@ are set to background in *both* volumes. The dataset score is the plain mean ove
 from __future__ import annotations
 
 import io
+import logging
 import os
 import zipfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -24,7 +25,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from ..data import IGNORE_LABEL, DataError
+from ..data import IGNORE_LABEL, DataError, MissingCodecError, tiff_codec_problem
 
 __all__ = [
     "WEIGHTS",
@@ -37,6 +38,7 @@ __all__ = [
     "score_dataset",
     "list_volumes",
     "read_located",
+    "prediction_warnings",
 ]
 
 WEIGHTS = (0.30, 0.35, 0.35)  # TopoScore, SurfaceDice, VOI_score
@@ -91,13 +93,22 @@ class VolumeScore:
 
 @dataclass(frozen=True)
 class DatasetScore:
-    """Mean score over volumes and the per-volume results (``{id: VolumeScore}``, sorted by id)."""
+    """Mean score over volumes and the per-volume results (``{id: VolumeScore}``, sorted by id).
+
+    ``warnings`` holds one line per suspicious input that was scored anyway, exactly as the
+    official scorer would score it (see :func:`prediction_warnings`; zip entries inside folders).
+    """
 
     mean: float
     volumes: dict[str, VolumeScore]
+    warnings: tuple[str, ...] = ()
 
     def to_json(self) -> dict:
-        return {"mean": float(self.mean), "volumes": {k: v.to_json() for k, v in self.volumes.items()}}
+        """``{"mean", "volumes"}`` plus ``"warnings"`` when there are any."""
+        out: dict = {"mean": float(self.mean), "volumes": {k: v.to_json() for k, v in self.volumes.items()}}
+        if self.warnings:
+            out["warnings"] = list(self.warnings)
+        return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,35 +284,116 @@ def list_volumes(source: str | os.PathLike, *, role: str = "pred") -> dict[str, 
     return dict(sorted(out.items()))
 
 
+class _TiffLogErrors(logging.Handler):
+    """Collects the ERROR records tifffile logs (instead of raising) while it reads a damaged file."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _where(loc: Locator) -> str:
+    return f"{loc[1]}:{loc[2]}" if loc[0] == "zip" else loc[1]
+
+
 def read_located(loc: Locator) -> np.ndarray:
     """Read the TIFF a :func:`list_volumes` locator points at (a file or a zip member), as stored.
 
+    A truncated multi-page TIFF is an error here, not a volume with fewer pages: tifffile only
+    *logs* a bad page offset and returns the pages before it (a 96^3 volume cut after its first
+    page reads as ``(96, 96)``), so its log records are collected and turned into the error.
+
+    Returns:
+        the stored array (any dtype), usually ``(Z, Y, X)``.
+
     Raises:
-        DataError: unreadable or corrupt TIFF, naming the file (and zip member).
+        MissingCodecError: the compression needs a codec that is not installed (LZW without
+            ``imagecodecs``); the message says what to install.
+        DataError: unreadable, truncated or corrupt TIFF: one line naming the file (and zip
+            member) with "corrupt TIFF" in it.
     """
     import tifffile
 
+    where = _where(loc)
+    errors = _TiffLogErrors()
+    tiff_log = logging.getLogger("tifffile")
+    tiff_log.addHandler(errors)
+    propagate, tiff_log.propagate = tiff_log.propagate, False  # no stray "<TiffPages> invalid offset" lines
     try:
         if loc[0] == "zip":
             with zipfile.ZipFile(loc[1]) as zf:
-                data = zf.read(loc[2])
-            vol = tifffile.imread(io.BytesIO(data))
+                source = io.BytesIO(zf.read(loc[2]))
         else:
-            vol = tifffile.imread(loc[1])
-    except Exception as exc:  # tifffile raises many types for broken files
-        where = f"{loc[1]}:{loc[2]}" if loc[0] == "zip" else loc[1]
-        raise DataError(f"{where}: cannot read TIFF ({type(exc).__name__}: {exc})") from None
+            source = loc[1]
+        with tifffile.TiffFile(source) as tif:
+            if len(tif.pages) == 0 or not tif.series:
+                raise ValueError("no image pages")
+            problem = tiff_codec_problem(tif, where)
+            if problem is not None:
+                raise MissingCodecError(problem)
+            vol = tif.asarray()
+        if errors.messages:
+            raise ValueError("; ".join(errors.messages[:2]))
+    except MissingCodecError:
+        raise
+    except Exception as exc:  # tifffile and zipfile raise many types for broken files
+        raise DataError(f"{where}: corrupt TIFF, truncated or damaged ({type(exc).__name__}: {exc})") from None
+    finally:
+        tiff_log.removeHandler(errors)
+        tiff_log.propagate = propagate
     return vol
 
 
-def _score_pair(vol_id: str, pred_loc: Locator, gt_loc: Locator, backend: str) -> tuple[str, VolumeScore]:
+def prediction_warnings(pred: np.ndarray, name: str = "prediction") -> list[str]:
+    """What looks wrong in a prediction volume that the scorer nevertheless scores.
+
+    The official scorer counts every non-zero voxel as foreground and accepts any dtype, so soft
+    probabilities, 0/255 masks and uint16 files all give normal-looking numbers. Kaggle's format
+    is ``uint8`` with values 0/1.
+
+    Args:
+        pred: the prediction as stored, ``(Z, Y, X)`` of any dtype.
+        name: the file (or ``zip:entry``) to name in the messages.
+
+    Returns:
+        At most one line (empty: a ``uint8``/``bool`` volume of 0/1) naming what is off:
+        "unexpected dtype" for anything but ``uint8``/``bool``, "not binary" for values other than
+        0 and 1 (NaN included), and what the scorer makes of it.
+    """
+    pred = np.asarray(pred)
+    problems: list[str] = []
+    if pred.dtype not in (np.uint8, np.bool_):
+        problems.append(f"unexpected dtype {pred.dtype}")
+    if pred.dtype != np.bool_ and pred.size:
+        has_nan = False
+        if pred.dtype.kind in "iu":
+            vmin, vmax = pred.min(), pred.max()
+            nonbinary = bool(vmin < 0 or vmax > 1)
+        else:
+            nan = np.isnan(pred)
+            has_nan = bool(nan.any())
+            nonbinary = has_nan or bool(np.count_nonzero((pred != 0) & (pred != 1)))
+            vmin, vmax = (np.nanmin(pred), np.nanmax(pred)) if not nan.all() else (np.nan, np.nan)
+        if nonbinary:
+            problems.append(f"not binary (values {vmin:g}..{vmax:g}{', NaN' if has_nan else ''})")
+    if not problems:
+        return []
+    return [f"{name}: {', '.join(problems)}; scored as the official scorer does (every non-zero voxel is surface), "
+            "but Kaggle expects uint8 0/1: threshold probabilities first"]
+
+
+def _score_pair(vol_id: str, pred_loc: Locator, gt_loc: Locator, backend: str) -> tuple[str, VolumeScore, list[str]]:
     pred, gt = read_located(pred_loc), read_located(gt_loc)
     try:
-        return vol_id, score_volume(pred, gt, backend=backend)
+        res = score_volume(pred, gt, backend=backend)
     except ValueError as exc:
         if isinstance(exc, DataError):
             raise
         raise DataError(f"volume {vol_id!r} ({pred_loc[-1]} vs {gt_loc[-1]}): {exc}") from None
+    return vol_id, res, prediction_warnings(pred, _where(pred_loc))
 
 
 def _pick_ids(
@@ -352,10 +444,13 @@ def score_dataset(
         backend: ``"ours"`` or ``"official"`` (see :func:`score_volume`).
 
     Returns:
-        :class:`DatasetScore` with volumes sorted by id.
+        :class:`DatasetScore` with volumes sorted by id; its ``warnings`` name predictions that
+        are scored as the official scorer does but are probably not what was meant (not binary,
+        unexpected dtype: :func:`prediction_warnings`; zip entries inside a folder).
 
     Raises:
-        DataError: unreadable sources, ids without prediction or ground truth, shape mismatch.
+        DataError: unreadable sources, corrupt or truncated TIFFs (naming the file or zip entry),
+            ids without prediction or ground truth, shape mismatch.
         ValueError: unknown backend or ``"official"`` not installed.
     """
     from tqdm.auto import tqdm
@@ -374,22 +469,26 @@ def score_dataset(
     wanted = _pick_ids(preds, gts, ids, pred_ids_only)
 
     results: dict[str, VolumeScore] = {}
+    warns: dict[str, list[str]] = {}
     bar = tqdm(total=len(wanted), desc="scoring", unit="vol", disable=not progress)
     try:
         if workers > 1 and len(wanted) > 1:
             with ProcessPoolExecutor(max_workers=min(workers, len(wanted))) as pool:
                 futures = [pool.submit(_score_pair, i, preds[i], gts[i], backend) for i in wanted]
                 for fut in as_completed(futures):
-                    vol_id, res = fut.result()
+                    vol_id, res, warns[vol_id] = fut.result()
                     results[vol_id] = res
                     bar.update(1)
         else:
             for i in wanted:
-                vol_id, res = _score_pair(i, preds[i], gts[i], backend)
+                vol_id, res, warns[vol_id] = _score_pair(i, preds[i], gts[i], backend)
                 results[vol_id] = res
                 bar.update(1)
     finally:
         bar.close()
     volumes = {i: results[i] for i in sorted(results)}
     mean = float(np.mean([v.score for v in volumes.values()])) if volumes else float("nan")
-    return DatasetScore(mean=mean, volumes=volumes)
+    nested = [f"{preds[i][1]}: entry {preds[i][2]!r} is inside a folder; Kaggle expects {i}.tif at the top of the zip"
+              for i in sorted(wanted) if preds[i][0] == "zip" and "/" in preds[i][2].strip("/")]
+    found = tuple(nested + [w for i in sorted(warns) for w in warns[i]])
+    return DatasetScore(mean=mean, volumes=volumes, warnings=found)
