@@ -13,6 +13,13 @@ the predicted foreground share and the collapse guard's verdict. Prints a table,
 Run (the two runs in parallel, one thread each; about 15 minutes on 2 shared CPU cores)::
 
     PYTHONPATH=. .venv/bin/python benchmarks/collapse.py --out /tmp/collapse
+
+Distributions of the guard's number (mean predicted / labelled surface share per validation) over
+several seeds, healthy (``fixed``) against collapsed (``seed-v2``) runs, replayed through
+``diagnostics.CollapseGuard``: a table and ``docs/img/collapse_ratios.png``::
+
+    PYTHONPATH=. .venv/bin/python benchmarks/collapse.py --out /tmp/collapse --seeds 0 1 2 --every 1
+    PYTHONPATH=. .venv/bin/python benchmarks/collapse.py --ratios /tmp/collapse/seed0 /tmp/collapse/seed1 ...
 """
 
 from __future__ import annotations
@@ -74,7 +81,7 @@ def run(args: argparse.Namespace) -> dict:
     generate_dataset(out / "data", n_train=args.n_train, n_test=1, size=args.size, n_scrolls=args.n_folds,
                      seed=args.seed)
     passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                   if k not in ("run", "plot_only", "img_dir") and v is not None]
+                   if k not in ("run", "plot_only", "img_dir", "seeds", "ratios") and v is not None]
     procs = [subprocess.Popen([sys.executable, __file__, *passthrough, f"--run={name}"]) for name in RUNS]
     if any(p.wait() for p in procs):
         raise SystemExit("a training run failed")
@@ -183,6 +190,107 @@ def plot(results: dict, out: Path, img_dir: Path) -> None:
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------------------------
+# ratio distributions (the threshold rule of diagnostics.CollapseGuard is chosen from these)
+# ----------------------------------------------------------------------------------------------
+
+
+def _validations(run: dict) -> list[dict]:
+    return [h for h in run["history"] if "val_dice" in h]
+
+
+def ratio_report(runs_by_seed: dict[str, dict]) -> dict:
+    """Per-validation predicted/labelled ratios of every run, and the guard replayed over each run.
+
+    Args:
+        runs_by_seed: ``{seed: collapse.json content}`` (``{"seed-v2": run, "fixed": run}`` each).
+
+    Returns:
+        ``{"rows": [...], "guard": [...]}``: one row per validation (seed, run, epoch, ratio,
+        score), one guard outcome per run (state, flagged epochs, summary).
+    """
+    from kaggle_utils.diagnostics import CollapseGuard, collapse_verdict
+
+    rows, guards = [], []
+    for seed, results in runs_by_seed.items():
+        for name, r in results.items():
+            guard = CollapseGuard()
+            for h in _validations(r):
+                ratio = h["val_fg_pct"] / h["val_label_fg_pct"]
+                rows.append({"seed": seed, "run": name, "epoch": h["epoch"], "ratio": ratio,
+                             "fg_pct": h["val_fg_pct"], "score": h.get("val_score")})
+                # the guard sees the mean shares (the per-volume spread is not in collapse.json)
+                guard.update(collapse_verdict([h["val_fg_pct"] / 100], [h["val_label_fg_pct"] / 100]), h["epoch"])
+            last = _validations(r)[-1]
+            guards.append({"seed": seed, "run": name, "state": guard.state, "flagged": guard.flagged_epochs,
+                           "best_score": r["best_score"], "final_score": last.get("val_score"),
+                           "summary": guard.summary()})
+    return {"rows": rows, "guard": guards}
+
+
+def print_ratio_report(rep: dict) -> None:
+    rows = rep["rows"]
+    epochs = sorted({r["epoch"] for r in rows})
+    print("predicted / labelled surface share per validation (mean over the validation volumes)")
+    print(f"{'epoch':>5} " + " ".join(f"{name + ' min/med/max':>24}" for name in ("fixed", "seed-v2")))
+    for ep in epochs:
+        cells = []
+        for name in ("fixed", "seed-v2"):
+            v = sorted(r["ratio"] for r in rows if r["run"] == name and r["epoch"] == ep)
+            cells.append(f"{v[0]:7.2f} {float(np.median(v)):7.2f} {v[-1]:7.2f}   " if v else f"{'-':>24}")
+        print(f"{ep:5d} " + " ".join(cells))
+    for name in ("fixed", "seed-v2"):
+        v = np.array([r["ratio"] for r in rows if r["run"] == name])
+        last = np.array([r["ratio"] for r in rows if r["run"] == name and r["epoch"] >= max(epochs) - 2])
+        if v.size:
+            print(f"{name:8}: all {v.size} validations: min {v.min():.2f} median {np.median(v):.2f} max {v.max():.2f}"
+                  f"; last 3 epochs: min {last.min():.2f} median {np.median(last):.2f} max {last.max():.2f}")
+    print()
+    print(f"{'seed':>5} {'run':8} {'state':>10} {'best':>6} {'final':>6}  guard summary")
+    for g in rep["guard"]:
+        print(f"{g['seed']:>5} {g['run']:8} {g['state']:>10} {g['best_score']:6.3f} {g['final_score']:6.3f}  {g['summary']}")
+
+
+def plot_ratios(rep: dict, png: Path) -> None:
+    from matplotlib.figure import Figure
+
+    from kaggle_utils.data import atomic_path
+    from kaggle_utils.diagnostics import COLLAPSE_MAX_RATIO, COLLAPSE_RECOVER_RATIO
+
+    rows = rep["rows"]
+    colors = {"seed-v2": "tab:red", "fixed": "tab:blue"}
+    fig = Figure(figsize=(12, 4.2))
+    ax_t, ax_h = fig.subplots(1, 2)
+    for (seed, name) in sorted({(r["seed"], r["run"]) for r in rows}):
+        pts = [(r["epoch"], r["ratio"]) for r in rows if r["seed"] == seed and r["run"] == name]
+        ax_t.plot(*zip(*pts), "o-", ms=3, alpha=0.8, color=colors[name])
+    for name, label in (("fixed", "healthy: label_mode ignore"), ("seed-v2", "collapsed: foreground + seed-v2 loss")):
+        ax_t.plot([], [], "o-", color=colors[name], label=label)
+    for ax in (ax_t,):
+        ax.axhline(COLLAPSE_MAX_RATIO, color="k", ls="--", lw=1, label=f"flag above {COLLAPSE_MAX_RATIO:g}x")
+        ax.axhline(COLLAPSE_RECOVER_RATIO, color="k", ls=":", lw=1, label=f"recovered at or below {COLLAPSE_RECOVER_RATIO:g}x")
+    ax_t.set_ylim(0, None)
+    ax_t.set_xlabel("epoch"), ax_t.set_ylabel("predicted / labelled surface share")
+    ax_t.set_title("every validation (one line per seed)")
+    ax_t.legend(fontsize=7)
+    epochs = sorted({r["epoch"] for r in rows})
+    bins = np.linspace(0, max(5.0, max(r["ratio"] for r in rows) * 1.05), 41)
+    for name in ("fixed", "seed-v2"):
+        early = [r["ratio"] for r in rows if r["run"] == name and r["epoch"] < max(epochs) - 2]
+        late = [r["ratio"] for r in rows if r["run"] == name and r["epoch"] >= max(epochs) - 2]
+        ax_h.hist(early, bins=bins, alpha=0.35, color=colors[name], label=f"{name}: earlier epochs")
+        ax_h.hist(late, bins=bins, alpha=0.9, color=colors[name], histtype="step", lw=2, label=f"{name}: last 3 epochs")
+    ax_h.axvline(COLLAPSE_MAX_RATIO, color="k", ls="--", lw=1)
+    ax_h.axvline(COLLAPSE_RECOVER_RATIO, color="k", ls=":", lw=1)
+    ax_h.set_xlabel("predicted / labelled surface share"), ax_h.set_ylabel("validations")
+    ax_h.set_title("distribution")
+    ax_h.legend(fontsize=7)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="/tmp/collapse", help="work folder (data, runs, collapse.json)")
@@ -199,10 +307,27 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (the two runs run in parallel)")
     ap.add_argument("--run", choices=sorted(RUNS), default=None, help=argparse.SUPPRESS)
     ap.add_argument("--plot-only", action="store_true", help="redraw the figures from OUT/collapse.json")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="run both runs for each seed (OUT/seed{k}), then the ratio report of all of them")
+    ap.add_argument("--ratios", nargs="+", default=None, metavar="DIR",
+                    help="only the ratio report (table + IMG_DIR/collapse_ratios.png) from DIR/collapse.json files")
     args = ap.parse_args()
     out = Path(args.out)
     if args.run is not None:
         run_one(args, args.run)
+        return
+    if args.seeds is not None or args.ratios is not None:
+        dirs = [Path(d) for d in args.ratios] if args.ratios else []
+        for seed in args.seeds or []:
+            sub = argparse.Namespace(**{**vars(args), "seed": seed, "out": str(out / f"seed{seed}"),
+                                        "seeds": None, "ratios": None})
+            run(sub)
+            dirs.append(out / f"seed{seed}")
+        runs = {d.name: json.loads((d / "collapse.json").read_text()) for d in dirs}
+        rep = ratio_report(runs)
+        print_ratio_report(rep)
+        plot_ratios(rep, Path(args.img_dir) / "collapse_ratios.png")
+        (out.mkdir(parents=True, exist_ok=True), (out / "ratios.json").write_text(json.dumps(rep, indent=1)))
         return
     if args.plot_only:
         results = json.loads((out / "collapse.json").read_text())

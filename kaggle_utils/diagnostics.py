@@ -31,7 +31,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TYPICAL_SURFACE_SHARE",
+    "COLLAPSE_MAX_RATIO",
+    "COLLAPSE_RECOVER_RATIO",
+    "COLLAPSE_MAX_FG",
     "CollapseVerdict",
+    "CollapseGuard",
     "fg_fraction",
     "surface_share",
     "collapse_verdict",
@@ -49,6 +53,20 @@ __all__ = [
 #: (4-9 % surface against 25-39 % background).
 TYPICAL_SURFACE_SHARE = (0.09, 0.26)
 
+# The one collapse rule, for the training guard and for ``diagnose`` alike (docs/collapse.md shows
+# the measured distributions it is chosen from). A validation (or a set of finished predictions)
+# is flagged when the mean predicted share of labelled voxels exceeds COLLAPSE_MAX_RATIO x the
+# labelled surface share or COLLAPSE_MAX_FG; a run that was flagged stays flagged (hysteresis)
+# until the ratio is back at or below COLLAPSE_RECOVER_RATIO, and its summary says it was flagged
+# even then (CollapseGuard).
+
+#: Flag ``foreground`` collapse above this multiple of the labelled surface share.
+COLLAPSE_MAX_RATIO = 2.0
+#: A flagged run counts as recovered only at or below this multiple (healthy runs end at 0.9-1.3x).
+COLLAPSE_RECOVER_RATIO = 1.5
+#: Flag ``foreground`` collapse above this absolute predicted share of labelled voxels.
+COLLAPSE_MAX_FG = 0.5
+
 
 @dataclass
 class CollapseVerdict:
@@ -63,6 +81,7 @@ class CollapseVerdict:
     kind: str
     reasons: list[str] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         s = self.stats
@@ -74,7 +93,8 @@ class CollapseVerdict:
         )
         if s.get("label_fg_mean") is not None:
             nums += f", labelled surface {100 * s['label_fg_mean']:.2f}% mean, ratio {s['ratio']:.2f}x"
-        return f"{head}: {nums}" + (" | " + "; ".join(self.reasons) if self.reasons else "")
+        text = "; ".join(self.reasons + self.notes)
+        return f"{head}: {nums}" + (" | " + text if text else "")
 
 
 def fg_fraction(pred: np.ndarray, label: np.ndarray | None = None, ignore_label: int | None = IGNORE_LABEL) -> float:
@@ -104,8 +124,9 @@ def collapse_verdict(
     label_fg: Sequence[float] | None = None,
     *,
     prob_std: Sequence[float] | None = None,
-    max_ratio: float = 2.0,
-    max_fg: float = 0.5,
+    max_ratio: float = COLLAPSE_MAX_RATIO,
+    max_fg: float = COLLAPSE_MAX_FG,
+    recover_ratio: float = COLLAPSE_RECOVER_RATIO,
     min_ratio: float = 0.05,
     uniform_rel_spread: float = 0.1,
     min_prob_std: float = 0.02,
@@ -117,10 +138,12 @@ def collapse_verdict(
         label_fg: labelled surface share of the same volumes (same voxels); ``None`` for test
             predictions, then :data:`TYPICAL_SURFACE_SHARE` is the reference.
         prob_std: optional standard deviation of the probabilities inside each volume.
-        max_ratio: collapse if the mean predicted share exceeds ``max_ratio`` x the labelled share.
-            2.0 suits finished predictions (a healthy model lands near 1x); the training guard
-            uses ``validation.collapse_max_ratio`` (3.0), as young models predict thick sheets.
+        max_ratio: collapse if the mean predicted share exceeds ``max_ratio`` x the labelled share
+            (:data:`COLLAPSE_MAX_RATIO`; the same rule for the training guard and ``diagnose``).
         max_fg: collapse if the mean predicted share exceeds this absolute share.
+        recover_ratio: not a collapse on its own: a ratio above it (and at most ``max_ratio``)
+            adds a note, and :class:`CollapseGuard` keeps a run that was flagged flagged until
+            the ratio is at or below it (:data:`COLLAPSE_RECOVER_RATIO`).
         min_ratio: "empty" collapse below ``min_ratio`` x the labelled share.
         uniform_rel_spread: "uniform" if the spread (std) of predicted shares across >= 4 volumes is
             below this fraction of the labelled shares' spread while those vary.
@@ -165,7 +188,141 @@ def collapse_verdict(
         if kind == "healthy" and s < min_prob_std:
             kind = "constant"
             reasons.append(f"probabilities nearly constant inside volumes (mean std {s:.4f} < {min_prob_std})")
-    return CollapseVerdict(kind != "healthy", kind, reasons, stats)
+    stats["max_ratio"], stats["recover_ratio"], stats["max_fg"] = float(max_ratio), float(recover_ratio), float(max_fg)
+    notes: list[str] = []
+    if kind == "healthy" and ref > 0 and p.mean() > recover_ratio * ref:
+        notes.append(f"predicted foreground is {p.mean() / ref:.1f}x the {'labelled' if label_fg is not None else 'typical'}"
+                     f" surface share, above the {recover_ratio:g}x a recovered run must reach (thick sheets, or a"
+                     " collapse that is only partly undone)")
+    return CollapseVerdict(kind != "healthy", kind, reasons, stats, notes)
+
+
+@dataclass
+class CollapseGuard:
+    """The collapse state of a training run across validations: flags latch, recovery is explicit.
+
+    One per run. After each validation, ``verdict = guard.update(collapse_verdict(...), epoch)``
+    returns the verdict to act on and to log. Rules (thresholds from the verdict's own ``stats``,
+    i.e. the :func:`collapse_verdict` arguments, by default :data:`COLLAPSE_MAX_RATIO`,
+    :data:`COLLAPSE_RECOVER_RATIO`, :data:`COLLAPSE_MAX_FG`):
+
+    * a collapsed verdict flags the run (``state`` ``"collapsed"``);
+    * while flagged for ``foreground``, a verdict that is not collapsed but whose ratio is still
+      above ``recover_ratio`` is turned into a collapsed ``foreground`` verdict ("still ... above the recovery limit"): a run that
+      drifts from 2.7x to 1.8x the labelled share is not called healthy;
+    * at or below ``recover_ratio`` the run is ``"recovered"``; it is flagged again by the normal
+      rule. :meth:`summary` always names the epochs it was flagged at.
+
+    ``state`` at the end: ``"healthy"`` (never flagged), ``"collapsed"`` (flagged at the last
+    validation) or ``"recovered"`` (flagged earlier). The guard is plain data: :meth:`to_json` /
+    :meth:`from_json` carry it through a checkpoint (``--resume``) and ``result.json``.
+
+    Attributes:
+        history: one dict per validation: ``epoch, kind, collapsed, ratio, pred_fg, label_fg, state``.
+        consecutive: collapsed validations in a row up to the latest one.
+    """
+
+    history: list[dict] = field(default_factory=list)
+    consecutive: int = 0
+
+    @property
+    def state(self) -> str:
+        """``"healthy"``, ``"collapsed"`` or ``"recovered"`` after the latest validation."""
+        if not self.flagged_epochs:
+            return "healthy"
+        return "collapsed" if self.history[-1]["collapsed"] else "recovered"
+
+    @property
+    def flagged_epochs(self) -> list:
+        """Epochs (as given to :meth:`update`) whose validation was flagged."""
+        return [h["epoch"] for h in self.history if h["collapsed"]]
+
+    @property
+    def was_flagged(self) -> bool:
+        """Whether any validation so far was flagged (stays True after a recovery)."""
+        return bool(self.flagged_epochs)
+
+    def update(self, verdict: CollapseVerdict, epoch: int | None = None) -> CollapseVerdict:
+        """Record one validation's verdict; return it, made collapsed while a flagged run is not recovered.
+
+        Args:
+            verdict: from :func:`collapse_verdict` on this validation's per-volume shares.
+            epoch: the (1-based) epoch, for the summary; default: the validation's number.
+
+        Returns:
+            The verdict to act on (``on_collapse``) and to log.
+        """
+        epoch = len(self.history) + 1 if epoch is None else epoch
+        st = verdict.stats
+        ratio = st.get("ratio", float("nan"))
+        recover = st.get("recover_ratio", COLLAPSE_RECOVER_RATIO)
+        prev = self.history[-1] if self.history else None
+        over_before = prev is not None and prev["collapsed"] and prev["kind"] == "foreground"
+        out = verdict
+        if over_before and not verdict.collapsed:
+            if not (math.isfinite(ratio) and ratio <= recover):  # hysteresis: not back in the healthy band
+                out = CollapseVerdict(True, "foreground", [
+                    f"flagged since epoch {self._first_of_streak()} and not recovered: predicted foreground still "
+                    f"{ratio:.1f}x the labelled surface share, above the recovery limit {recover:g}x"], dict(st), [])
+            else:
+                out = CollapseVerdict(False, verdict.kind, list(verdict.reasons), dict(st), verdict.notes + [
+                    f"recovered: {ratio:.2f}x <= {recover:g}x (flagged at epoch(s) {self._epochs_text()})"])
+        self.consecutive = self.consecutive + 1 if out.collapsed else 0
+        self.history.append({
+            "epoch": epoch, "kind": out.kind, "collapsed": bool(out.collapsed), "ratio": _num(ratio),
+            "pred_fg": _num(st.get("pred_fg_mean")), "label_fg": _num(st.get("label_fg_mean")),
+        })
+        self.history[-1]["state"] = self.state
+        return out
+
+    def _first_of_streak(self) -> int:
+        first = self.history[-1]["epoch"]
+        for h in reversed(self.history):
+            if not h["collapsed"]:
+                break
+            first = h["epoch"]
+        return first
+
+    def _epochs_text(self) -> str:
+        ep = self.flagged_epochs
+        return ", ".join(str(e) for e in ep[:8]) + (f" ... ({len(ep)} in all)" if len(ep) > 8 else "")
+
+    def summary(self) -> str:
+        """One line for the end of a run: never flagged, still collapsed, or flagged earlier and recovered."""
+        if not self.history:
+            return "collapse guard: no validation yet"
+        last = self.history[-1]
+        ratios = [h["ratio"] for h in self.history if h["ratio"] is not None]
+        peak = max(ratios) if ratios else float("nan")
+        tail = f"last {last['ratio']:.2f}x" if last["ratio"] is not None else "last ratio unknown"
+        n = len(self.history)
+        if not self.was_flagged:
+            return f"collapse guard: healthy, never flagged in {n} validation(s) (max {peak:.2f}x, {tail})"
+        flagged = self.flagged_epochs
+        head = (f"flagged at epoch(s) {self._epochs_text()} ({len(flagged)} of {n} validations, kind "
+                f"{', '.join(sorted({h['kind'] for h in self.history if h['collapsed']}))}, max {peak:.2f}x)")
+        if self.state == "collapsed":
+            return f"collapse guard: COLLAPSED: {head}; still flagged at the end ({tail})"
+        recovered_at = next(h["epoch"] for h in reversed(self.history) if h["collapsed"])
+        after = [h["epoch"] for h in self.history if not h["collapsed"] and h["epoch"] > recovered_at]
+        return (f"collapse guard: FLAGGED EARLIER, recovered: {head}; at or below the recovery limit since epoch "
+                f"{after[0]} ({tail})")
+
+    def to_json(self) -> dict:
+        """Plain-JSON state (for checkpoints and ``result.json``)."""
+        return {"state": self.state, "flagged_epochs": self.flagged_epochs, "consecutive": self.consecutive,
+                "summary": self.summary(), "history": [dict(h) for h in self.history]}
+
+    @classmethod
+    def from_json(cls, data: dict | None) -> "CollapseGuard":
+        """Rebuild a guard from :meth:`to_json` output (``None`` or ``{}``: a fresh guard)."""
+        if not data:
+            return cls()
+        return cls(history=[dict(h) for h in data.get("history", [])], consecutive=int(data.get("consecutive", 0)))
+
+
+def _num(x) -> float | None:
+    return float(x) if x is not None and math.isfinite(float(x)) else None
 
 
 # ----------------------------------------------------------------------------------------------

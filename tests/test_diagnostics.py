@@ -209,5 +209,89 @@ def test_diagnose_names_a_corrupt_tiff_in_the_zip(tmp_path):
     zpath = tmp_path / "submission.zip"
     with zipfile.ZipFile(zpath, "w") as zf:
         zf.writestr("7.tif", b"not a tiff")
-    with pytest.raises(DataError, match=r"submission\.zip:7\.tif: cannot read TIFF"):
+    with pytest.raises(DataError, match=r"submission\.zip:7\.tif: corrupt TIFF"):
         diagnose(zpath)
+
+
+# ----------------------------------------------------------------------------------------------
+# one rule for train and diagnose; a flagged run never heals silently
+# ----------------------------------------------------------------------------------------------
+
+
+def _replay(fg_shares, label=0.19):
+    from kaggle_utils.diagnostics import CollapseGuard
+
+    guard = CollapseGuard()
+    verdicts = [guard.update(collapse_verdict([fg] * 3, [label] * 3), epoch) for epoch, fg in enumerate(fg_shares, 1)]
+    return guard, verdicts
+
+
+def test_guard_keeps_a_run_flagged_until_it_recovers():
+    # the unseen-set case: flagged at the first validation (60.5 % vs 22.2 %), then 37-45 % (1.7-2.0x)
+    guard, verdicts = _replay([0.605, 0.43, 0.37], label=0.222)
+    assert [v.collapsed for v in verdicts] == [True, True, True]
+    assert "not recovered" in verdicts[1].reasons[0] and "1.9x" in verdicts[1].reasons[0]
+    assert "flagged since epoch 1" in verdicts[2].reasons[0] and "1.7x" in verdicts[2].reasons[0]
+    assert guard.state == "collapsed" and guard.flagged_epochs == [1, 2, 3] and guard.consecutive == 3
+    assert guard.summary().startswith("collapse guard: COLLAPSED: flagged at epoch(s) 1, 2, 3")
+    # without the guard, those two validations read "healthy": what the summary used to say
+    assert not collapse_verdict([0.43] * 3, [0.222] * 3).collapsed
+
+
+def test_guard_recovery_is_explicit_and_the_summary_remembers():
+    # the healthy run of docs/collapse.md, seed 0: a young model's thick sheets at epochs 2-3
+    guard, verdicts = _replay([0.243, 0.592, 0.413, 0.246, 0.196, 0.188])
+    assert [v.collapsed for v in verdicts] == [False, True, True, False, False, False]
+    assert any("recovered: 1.29x <= 1.5x (flagged at epoch(s) 2, 3)" in n for n in verdicts[3].notes)
+    assert guard.state == "recovered" and guard.consecutive == 0 and guard.was_flagged
+    text = guard.summary()
+    assert "FLAGGED EARLIER" in text and "epoch(s) 2, 3" in text and "since epoch 4" in text and "max 3.12x" in text
+
+
+def test_guard_flags_again_after_a_recovery_and_never_flagged_is_healthy():
+    guard, _ = _replay([0.6, 0.2, 0.19, 0.7])
+    assert guard.state == "collapsed" and guard.flagged_epochs == [1, 4] and guard.consecutive == 1
+    guard, verdicts = _replay([0.25, 0.21, 0.19])
+    assert guard.state == "healthy" and not guard.was_flagged
+    assert guard.summary().startswith("collapse guard: healthy, never flagged in 3 validation(s)")
+
+
+@pytest.mark.parametrize("ratio, collapsed", [(1.49, False), (1.5, False), (1.51, True), (1.99, True), (2.01, True)])
+def test_guard_hysteresis_boundaries(ratio, collapsed):
+    label = 0.2
+    guard, verdicts = _replay([0.6, ratio * label], label=label)
+    assert verdicts[1].collapsed is collapsed
+    assert guard.state == ("collapsed" if collapsed else "recovered")
+
+
+def test_guard_only_latches_foreground_flags():
+    # a young model that predicts nothing ("empty") and then too much is judged by the normal rule
+    guard, verdicts = _replay([0.0, 0.34, 0.2])
+    assert verdicts[0].kind == "empty" and not verdicts[1].collapsed and guard.state == "recovered"
+
+
+def test_guard_json_round_trip_for_resume():
+    from kaggle_utils.diagnostics import CollapseGuard
+
+    guard, _ = _replay([0.605, 0.45])
+    data = json.loads(json.dumps(guard.to_json()))
+    again = CollapseGuard.from_json(data)
+    assert again.history == guard.history and again.summary() == guard.summary() and again.state == "collapsed"
+    v = again.update(collapse_verdict([0.37] * 3, [0.222] * 3), 3)
+    assert v.collapsed and again.flagged_epochs == [1, 2, 3]
+    assert CollapseGuard.from_json(None).state == "healthy"
+
+
+def test_one_rule_defaults_for_train_guard_and_diagnose():
+    import inspect
+
+    from kaggle_utils.diagnostics import COLLAPSE_MAX_FG, COLLAPSE_MAX_RATIO, COLLAPSE_RECOVER_RATIO
+
+    params = inspect.signature(collapse_verdict).parameters
+    assert params["max_ratio"].default == COLLAPSE_MAX_RATIO == 2.0
+    assert params["recover_ratio"].default == COLLAPSE_RECOVER_RATIO == 1.5
+    assert params["max_fg"].default == COLLAPSE_MAX_FG == 0.5
+    v = collapse_verdict([0.36] * 3, [0.2] * 3)  # 1.8x: not flagged on its own, but noted
+    assert not v.collapsed and v.notes and "above the 1.5x" in v.notes[0] and "1.8x" in str(v)
+    assert collapse_verdict([0.28] * 3, [0.2] * 3).notes == []
+    assert v.stats["max_ratio"] == 2.0 and v.stats["recover_ratio"] == 1.5
