@@ -810,8 +810,13 @@ def _reduce(cols, bg, X, Y, Z, stop, target=-1, stats=None):
 
 @njit(cache=True, nogil=True)
 def _dim1_match(cols_c, lows_c, lows_ia, lows_ig, bg_c, birth_a, birth_g, Y, Z, n):
-    """Count comparison pairs (value-0 edge, value-1 face) whose image lows are both input births."""
+    """Count comparison pairs (value-0 edge, value-1 face) whose image lows are both input births.
+
+    With ``lows_ig`` of length 0, counts the pairs whose first image low alone is a birth of
+    ``birth_a`` and returns one past the column index of the last such pair instead.
+    """
     m = 0
+    last = 0
     for i in range(cols_c.shape[0]):
         e = lows_c[i]
         if e < 0:
@@ -819,10 +824,15 @@ def _dim1_match(cols_c, lows_c, lows_ia, lows_ig, bg_c, birth_a, birth_g, Y, Z, 
         if _face_value(bg_c, cols_c[i], Y, Z) == _edge_value(bg_c, e, Y, Z):
             continue
         ba = lows_ia[i]
+        if ba < 0 or not birth_a[ba]:
+            continue
+        if lows_ig.shape[0] == 0:
+            last = i + 1
+            continue
         bgl = lows_ig[i]
-        if ba >= 0 and bgl >= 0 and birth_a[ba] and birth_g[bgl]:
+        if bgl >= 0 and birth_g[bgl]:
             m += 1
-    return m
+    return last if lows_ig.shape[0] == 0 else m
 
 
 @njit(cache=True, nogil=True)
@@ -915,8 +925,12 @@ def _dim1_counts(bg_a, bg_g, bg_c, cleared, X, Y, Z, n_pairs_c) -> int:
         lows = _reduce(cols, bg, X, Y, Z, cols.shape[0])
         births.append(_k0_births(bg, lows, X, Y, Z)[0])
         del cols, lows
-    # image reductions only up to the last comparison-pair column
+    # image reductions only up to the last comparison-pair column, the GT's only up to the last
+    # one whose prediction image low is a prediction birth (no later pair can match)
     im_a = _reduce(cols_c, bg_a, X, Y, Z, stop)
+    stop = _dim1_match(cols_c, lows_c, im_a, im_a[:0], bg_c, births[0], births[0], Y, Z, n)
+    if stop == 0:
+        return 0
     im_g = _reduce(cols_c, bg_g, X, Y, Z, stop)
     return int(_dim1_match(cols_c, lows_c, im_a, im_g, bg_c, births[0], births[1], Y, Z, n))
 
