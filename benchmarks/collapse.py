@@ -100,7 +100,7 @@ def run_one(args: argparse.Namespace, name: str) -> dict:
     data = out / "data"
     results = {}
     for name, over in [(name, RUNS[name])]:
-        cfg = load_train_config(REPO / "configs" / "smoke-cpu.yaml", {**base_overrides(args), **over})
+        cfg = load_train_config("smoke-cpu", {**base_overrides(args), **over})
         t0 = time.time()
         res = train(cfg, data, out / name, fold=args.fold, progress=False)
         vals = [r for r in res.history if "val_dice" in r]

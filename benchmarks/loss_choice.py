@@ -1,6 +1,6 @@
 """Which loss should be the default? Short CPU trainings on the synthetic set, label 2 ignored in all of them.
 
-Every run uses ``configs/demo-cpu.yaml`` (slim resnet18 U-Net, 32^3 patches) on the same synthetic data and fold;
+Every run uses the shipped config ``demo-cpu`` (slim resnet18 U-Net, 32^3 patches) on the same synthetic data and fold;
 only the ``loss`` section differs. Reported: best and last local competition score on the validation volumes,
 Dice on labelled voxels, seconds. Runs go two at a time, one torch thread each (2 cores).
 
@@ -36,7 +36,7 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(1)
     over = {"train.epochs": args.epochs, "validation.every": args.every, "train.seed": args.seed, **VARIANTS[name]}
-    cfg = load_train_config(REPO / "configs" / "demo-cpu.yaml", over)
+    cfg = load_train_config("demo-cpu", over)
     t0 = time.time()
     res = train(cfg, Path(args.out) / "data", Path(args.out) / _slug(name), fold=0, progress=False)
     vals = [h for h in res.history if "val_score" in h]

@@ -15,7 +15,7 @@ Two parts:
 Run (after ``make .venv/.installed``)::
 
     python -m kaggle_utils synth --out /tmp/ppb/data --n-train 12 --n-test 0 --size 96 --n-scrolls 4 --seed 0
-    python -m kaggle_utils train --config configs/demo-cpu.yaml --fold 0 --data-dir /tmp/ppb/data --out /tmp/ppb/run
+    python -m kaggle_utils train --config demo-cpu --fold 0 --data-dir /tmp/ppb/data --out /tmp/ppb/run
     PYTHONPATH=. python benchmarks/postprocess.py --probs /tmp/ppb/run/oof --data-dir /tmp/ppb/data --timing-size 320
 """
 

@@ -171,17 +171,22 @@ def _args_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, default=None,
                    help="competition-layout folder with test.csv and test_images/ (default: Kaggle mount)")
     p.add_argument("--out", type=Path, default=Path("submission.zip"), help="submission zip to write")
-    p.add_argument("--config", type=Path, default=None,
-                   help="inference YAML (InferenceConfig keys, bare or under 'inference:'); default: the checkpoint's")
-    p.add_argument("--postprocess", type=Path, default=None,
-                   help="post-processing YAML (e.g. from 'tune'); default: the checkpoint's postprocess section")
+    p.add_argument("--config", default=None,
+                   help="inference YAML (InferenceConfig keys, bare or under 'inference:', e.g. a training config "
+                        "or a shipped name such as kaggle-t4); default: the checkpoint's")
+    p.add_argument("--postprocess", default=None,
+                   help="post-processing YAML (e.g. from 'tune', bare or under 'postprocess:'); default: the "
+                        "checkpoint's postprocess section")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--save-probs", type=Path, default=None,
                    help="also write per-volume float16 probabilities {id}.npy + {id}.json here")
     p.add_argument("--tta", choices=("none", "flips", "rot90", "flips+rot90"), default=None,
                    help="TTA preset (overrides the config)")
-    p.add_argument("--time-limit-s", type=float, default=9 * 3600 * 0.9,
-                   help="time budget; TTA passes are dropped when the run would not fit (default 29160 = 90%% of 9 h)")
+    p.add_argument("--time-limit-s", dest="time_limit_s", type=float, default=9 * 3600 * 0.9,
+                   help="time budget in seconds; TTA passes are dropped when the run would not fit "
+                        "(default 29160 = 90%% of 9 h)")
+    p.add_argument("--time-limit", dest="time_limit_s", type=float, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)  # another spelling, as train accepts it
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -189,7 +194,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     import logging
     import warnings
 
-    from .config import ConfigError, from_dict, load_yaml
+    from .config import load_config
     from .data import find_data_root
     from .inference import InferenceConfig
     from .models import CheckpointError
@@ -199,13 +204,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     inference_cfg = None
     if args.config is not None:
-        data = load_yaml(args.config)
-        if isinstance(data.get("inference"), dict):
-            data = data["inference"]
-        try:
-            inference_cfg = from_dict(InferenceConfig, data, "inference")
-        except ConfigError as exc:
-            raise ConfigError(f"{args.config}: {exc}") from None
+        inference_cfg = load_config(InferenceConfig, args.config, section="inference")
     pp_cfg = load_postprocess(args.postprocess) if args.postprocess is not None else None
     try:
         device = resolve_device(args.device)
@@ -297,7 +296,8 @@ def _run_validate_submission(args: argparse.Namespace) -> int:
 
 def _args_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True,
-                   help="training YAML (a file, or a shipped name: smoke-cpu, kaggle-t4, seed-v1, seed-v2)")
+                   help="training YAML: a file, or the name of a shipped config without a folder "
+                        "(kaggle-t4, smoke-cpu, demo-cpu, seed-v1, seed-v2)")
     p.add_argument("--fold", type=int, default=0, help="validation fold; -1 trains every fold in turn (RUN_DIR/fold{k})")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="competition-layout folder with train.csv (default: the Kaggle mount)")
@@ -306,8 +306,10 @@ def _args_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume-force", action="store_true",
                    help="--resume even when the config differs from last.pt's in keys that change training "
                         "(e.g. more --epochs stretch the LR schedule); the differing keys are logged")
-    p.add_argument("--time-limit", type=float, default=None,
-                   help="stop cleanly (checkpoint kept) before this many seconds have passed")
+    p.add_argument("--time-limit-s", dest="time_limit_s", type=float, default=None,
+                   help="stop cleanly (checkpoint kept) before this many seconds have passed (train.time_limit_s)")
+    p.add_argument("--time-limit", dest="time_limit_s", type=float, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)  # the old spelling
     p.add_argument("--epochs", type=int, default=None, help="override train.epochs")
     p.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: CUDA when available)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
@@ -325,7 +327,7 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.fold != -1:
         check_fold(args.fold, cfg.train.n_folds)  # ConfigError naming train.n_folds: one line, exit 2
     kwargs = dict(resume=args.resume or args.resume_force, allow_config_change=args.resume_force,
-                  time_limit=args.time_limit, device=args.device, progress=not args.no_progress)
+                  time_limit=args.time_limit_s, device=args.device, progress=not args.no_progress)
     data_dir = find_data_root(args.data_dir)
     if args.fold == -1:
         results = train_folds(cfg, data_dir, args.out, **kwargs)

@@ -2,27 +2,112 @@
 
 Every config section is a (nested) dataclass. :func:`from_dict` builds one from a plain dict and
 rejects unknown keys and wrong types with a :class:`ConfigError` naming the key path
-(e.g. ``train.optimizer.lr``), so a typo in a YAML file never silently falls back to a default.
+(e.g. ``train.optim.lr``), so a typo in a YAML file never silently falls back to a default.
+
+:func:`load_config` is the one YAML loader: every command and helper that reads a config file
+(training configs, ``predict --config``/``--postprocess``, ``tune --space``) goes through it.
+A config argument is resolved by :func:`resolve_config_path`: an existing file, or a path with a
+folder, is that file; a bare name such as ``kaggle-t4`` or ``kaggle-t4.yaml`` that is not a file
+is one of the configs shipped in the package (``kaggle_utils/configs/``, listed by
+:func:`shipped_configs`); anything else is a :class:`ConfigError` naming the path.
+
+Renamed keys stay readable: a dataclass lists ``{old: new}`` in a ``CONFIG_ALIASES`` class
+attribute, and :func:`from_dict` maps the old key with a :class:`ConfigDeprecationWarning` (also
+logged once, so a user of the CLI or a notebook sees it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
+import re
 import types
 import typing
+import warnings
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import yaml
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "load_yaml", "load_config", "save_config"]
+__all__ = [
+    "ConfigError",
+    "ConfigDeprecationWarning",
+    "SHIPPED_CONFIG_DIR",
+    "from_dict",
+    "to_dict",
+    "load_yaml",
+    "load_config",
+    "save_config",
+    "resolve_config_path",
+    "shipped_configs",
+    "warn_deprecated",
+    "canonical_dict",
+]
 
 T = TypeVar("T")
+
+#: The configs shipped in the wheel (``kaggle_utils/configs/*.yaml``); the only copy of them.
+SHIPPED_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+_log = logging.getLogger(__name__)
+_logged: set[str] = set()
+_quiet = False
 
 
 class ConfigError(ValueError):
     """A configuration value is unknown, missing or of the wrong type. The message names the key."""
+
+
+class ConfigDeprecationWarning(DeprecationWarning):
+    """An old config key or value was read; it still works, under its new name or value."""
+
+
+def warn_deprecated(message: str, stacklevel: int = 3) -> None:
+    """Report an old config key or value: a :class:`ConfigDeprecationWarning` each time, and a
+    ``WARNING`` log line of logger ``kaggle_utils.config`` once per message and process (Python
+    hides DeprecationWarnings outside ``__main__``; the log line reaches a CLI or notebook user)."""
+    if _quiet:
+        return
+    warnings.warn(message, ConfigDeprecationWarning, stacklevel=stacklevel)
+    if message not in _logged:
+        _logged.add(message)
+        _log.warning(message)
+
+
+@contextlib.contextmanager
+def _quietly() -> Iterator[None]:
+    global _quiet
+    old, _quiet = _quiet, True
+    try:
+        yield
+    finally:
+        _quiet = old
+
+
+def _apply_aliases(cls: type, data: dict, prefix: str) -> dict:
+    """``data`` with the old keys of ``cls.CONFIG_ALIASES`` renamed (a warning each)."""
+    aliases: dict[str, str] = getattr(cls, "CONFIG_ALIASES", None) or {}
+    if not aliases or not set(data) & set(aliases):
+        return data
+    where = f"{prefix}." if prefix else ""
+    out = dict(data)
+    for old, new in aliases.items():
+        if old not in out:
+            continue
+        if new in out:
+            raise ConfigError(f"{where}{old}: old name of {where}{new}; give only {where}{new}")
+        warn_deprecated(f"{where}{old} is deprecated: renamed {where}{new} (the old key still works)", stacklevel=5)
+        out[new] = out.pop(old)
+    return out
+
+
+def _names_its_key(message: str, prefix: str) -> bool:
+    """Whether ``message`` already starts with a key path (``train.epochs: ...``): no second prefix."""
+    if prefix:
+        return message.startswith((f"{prefix}.", f"{prefix}:", f"{prefix} "))
+    return re.match(r"^[A-Za-z_]\w*\.[A-Za-z_][\w.\[\]]*[: ]", message) is not None
 
 
 def _convert(value: Any, tp: Any, key: str) -> Any:
@@ -93,6 +178,7 @@ def from_dict(cls: type[T], data: dict | None, prefix: str = "") -> T:
         raise ConfigError(f"{prefix or cls.__name__}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    data = _apply_aliases(cls, data, prefix)
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = f"{prefix}." if prefix else ""
@@ -115,7 +201,10 @@ def from_dict(cls: type[T], data: dict | None, prefix: str = "") -> T:
     except (TypeError, ValueError) as exc:
         if isinstance(exc, ConfigError):
             raise
-        raise ConfigError(f"{prefix or cls.__name__}: {exc}") from None
+        message = str(exc)
+        if _names_its_key(message, prefix):
+            raise ConfigError(message) from None
+        raise ConfigError(f"{prefix or cls.__name__}: {message}") from None
 
 
 def to_dict(obj: Any) -> Any:
@@ -129,6 +218,39 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs shipped in the package (``kaggle-t4``, ``smoke-cpu``, ...), sorted."""
+    return sorted(p.stem for p in SHIPPED_CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    """The YAML file that a config argument names.
+
+    * an existing file, or any path with a folder in it (``configs/x.yaml``, ``./x.yaml``): that file;
+    * a bare name (``kaggle-t4`` or ``kaggle-t4.yaml``) that is not a file here: the shipped config
+      of that name (``kaggle_utils/configs/kaggle-t4.yaml``).
+
+    Raises:
+        ConfigError: the path does not exist (a bare name: nor is it a shipped config; the message
+            lists the shipped names), or is a folder.
+    """
+    text = os.fspath(path)
+    p = Path(text)
+    if p.is_file():
+        return p
+    if p.exists():
+        raise ConfigError(f"{text}: is a folder, not a config file")
+    has_folder = os.sep in text or (os.altsep is not None and os.altsep in text)
+    if not has_folder and text:
+        name = text if text.endswith((".yaml", ".yml")) else text + ".yaml"
+        shipped = SHIPPED_CONFIG_DIR / name
+        if shipped.is_file():
+            return shipped
+        raise ConfigError(f"{text}: config file not found, and not a shipped config name "
+                          f"({', '.join(shipped_configs())})")
+    raise ConfigError(f"{text}: config file not found")
 
 
 def load_yaml(path: str | os.PathLike) -> dict:
@@ -147,12 +269,83 @@ def load_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
-def load_config(cls: type[T], path: str | os.PathLike) -> T:
-    """Load dataclass ``cls`` from a YAML file; errors name the file and the key."""
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    node = data
+    *parents, last = key.split(".")
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[last] = value
+
+
+def load_config(
+    cls: type[T],
+    path: str | os.PathLike,
+    *,
+    section: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    transform: Callable[[dict, str], dict] | None = None,
+) -> T:
+    """Load dataclass ``cls`` from a YAML file or shipped config name: THE config loader.
+
+    Args:
+        cls: the dataclass (``TrainConfig``, ``PostprocessConfig``, ``InferenceConfig``, ...).
+        path: a YAML file or a shipped config name (see :func:`resolve_config_path`).
+        section: for one section of a whole config: the file may hold that section's keys bare
+            (as ``tune`` writes them) or under a top-level ``<section>:`` key (a training config);
+            key paths in messages start with ``<section>.``.
+        overrides: ``{"dotted.key": value}`` set on top of the file (``{"train.epochs": 3}``),
+            relative to ``cls``.
+        transform: ``f(mapping, prefix) -> mapping`` applied before :func:`from_dict` (``tune``
+            expands its ``{start, stop, step}`` ranges with it).
+
+    Raises:
+        ConfigError: one line naming the file and, where it is about a key, the key path.
+    """
+    resolved = resolve_config_path(path)
+    data = load_yaml(resolved)
+    prefix = section or ""
+    if section is not None and isinstance(data.get(section), dict):
+        data = data[section]
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value)
     try:
-        return from_dict(cls, load_yaml(path))
+        if transform is not None:
+            data = transform(data, prefix)
+        return from_dict(cls, data, prefix)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        raise ConfigError(f"{resolved}: {exc}") from None
+
+
+def canonical_dict(cls: type, data: dict) -> dict:
+    """``data`` (a stored config dict, e.g. a checkpoint's) with old key names and values replaced by
+    today's, quietly: the keys ``data`` holds, as :func:`to_dict` would write them. A dict that does
+    not load as ``cls`` is returned unchanged."""
+    try:
+        with _quietly(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConfigDeprecationWarning)
+            full = to_dict(from_dict(cls, data))
+    except (ConfigError, TypeError):
+        return data
+
+    def renamed(kind: type, d: dict) -> dict:
+        aliases = getattr(kind, "CONFIG_ALIASES", None) or {}
+        hints = typing.get_type_hints(kind) if dataclasses.is_dataclass(kind) else {}
+        out = {}
+        for k, v in d.items():
+            k = aliases.get(k, k)
+            sub = hints.get(k)
+            out[k] = renamed(sub, v) if isinstance(v, dict) and dataclasses.is_dataclass(sub) else v
+        return out
+
+    def keep(full_d: Any, held: Any) -> Any:
+        if isinstance(full_d, dict) and isinstance(held, dict):
+            return {k: keep(full_d[k], v) for k, v in held.items() if k in full_d}
+        return full_d
+
+    return keep(full, renamed(cls, data))
 
 
 def save_config(obj: Any, path: str | os.PathLike) -> None:

@@ -54,6 +54,8 @@ __all__ = [
     "predict_volume",
     "as_inference_config",
     "tta_transforms",
+    "AMP_MODES",
+    "normalize_amp",
     "resolve_amp_dtype",
     "predict_windows",
     "run_with_oom_fallback",
@@ -69,6 +71,39 @@ PLACEMENTS = ("even", "monai")
 BLENDS = ("gaussian", "constant")
 ENSEMBLES = ("probs", "logits")
 TTA_PRESETS = ("none", "flips", "rot90", "flips+rot90")
+
+#: The one mixed-precision vocabulary (``train.amp`` and ``inference.amp``): ``auto`` (float16
+#: autocast on CUDA, full precision on CPU), ``off`` (full precision; YAML ``off``/``false`` read as
+#: ``false`` mean the same), ``fp16`` (float16 on CUDA, bfloat16 on CPU) and ``bf16`` (bfloat16;
+#: float16 on a GPU without it). See :func:`resolve_amp_dtype`.
+AMP_MODES = ("auto", "off", "fp16", "bf16")
+
+#: Old spellings still read, with a deprecation warning: ``none`` (old ``train.amp``) and ``true``
+#: (old ``inference.amp``).
+_AMP_ALIASES: dict[Any, str] = {"none": "off", True: "fp16"}
+
+
+def normalize_amp(value: Any, key: str = "amp") -> str:
+    """One of :data:`AMP_MODES` for a config or argument value.
+
+    ``False`` (YAML ``off``/``false``/``no``) is ``"off"``; the old spellings ``"none"`` and ``True``
+    are mapped with a :class:`~kaggle_utils.config.ConfigDeprecationWarning` naming ``key``.
+
+    Raises:
+        ValueError: any other value (the message names ``key`` and the vocabulary).
+    """
+    if value is False or value is None:
+        return "off"
+    if isinstance(value, str) and value in AMP_MODES:
+        return value
+    if (value is True or isinstance(value, str)) and value in _AMP_ALIASES:
+        from .config import warn_deprecated
+
+        new = _AMP_ALIASES[value]
+        shown = "true" if value is True else repr(value)
+        warn_deprecated(f"{key}: {shown} is deprecated, use {new!r} (one vocabulary: {', '.join(AMP_MODES)})")
+        return new
+    raise ValueError(f"{key}: must be one of {', '.join(AMP_MODES)}, got {value!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,7 +122,9 @@ class InferenceConfig:
         blend: ``"gaussian"`` (sigma = ``sigma_scale`` * window) or ``"constant"``.
         sigma_scale: Gaussian sigma as a fraction of the window size.
         tta: preset name, one of :data:`TTA_PRESETS`.
-        amp: ``"auto"`` (float16 on CUDA, off on CPU), ``"bf16"``, ``"fp16"``, ``true`` or ``false``.
+        amp: mixed precision, one of :data:`AMP_MODES` (the same vocabulary as ``train.amp``):
+            ``auto`` (float16 on CUDA, full precision on CPU), ``off``, ``fp16`` or ``bf16``; the
+            old ``true`` still means ``fp16`` (with a deprecation warning).
         ensemble: average several models' ``"probs"`` or ``"logits"``.
         channels_last: run the models in ``torch.channels_last_3d`` memory format.
         placement: ``"even"`` (evenly spread windows) or ``"monai"`` (MONAI's placement).
@@ -99,7 +136,7 @@ class InferenceConfig:
     blend: Literal["gaussian", "constant"] = "gaussian"
     sigma_scale: float = 0.125
     tta: str = "none"
-    amp: bool | str = "auto"
+    amp: str | bool = "auto"
     ensemble: Literal["probs", "logits"] = "probs"
     channels_last: bool = False
     placement: Literal["even", "monai"] = "even"
@@ -114,8 +151,7 @@ class InferenceConfig:
             raise ValueError(f"inference.batch_size: must be >= 1, got {self.batch_size}")
         if self.tta not in TTA_PRESETS:
             raise ValueError(f"inference.tta: must be one of {list(TTA_PRESETS)}, got {self.tta!r}")
-        if not isinstance(self.amp, bool) and self.amp not in ("auto", "fp16", "bf16"):
-            raise ValueError(f"inference.amp: must be true, false, 'auto', 'fp16' or 'bf16', got {self.amp!r}")
+        self.amp = normalize_amp(self.amp, "inference.amp")
 
     def to_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`sliding_window_predict`."""
@@ -413,25 +449,26 @@ def tta_transforms(tta: str | Sequence[TTATransform] | None) -> list[TTATransfor
 # ----------------------------------------------------------------------------------------------
 
 
-def resolve_amp_dtype(amp: bool | str, device: torch.device | str) -> torch.dtype | None:
-    """Autocast dtype for ``amp`` on ``device``, or ``None`` for full precision.
+def resolve_amp_dtype(amp: bool | str | None, device: torch.device | str) -> torch.dtype | None:
+    """Autocast dtype for ``amp`` (:data:`AMP_MODES`, see :func:`normalize_amp`) on ``device``, or
+    ``None`` for full precision. Training and inference both use it.
 
-    ``"auto"``: float16 on CUDA, off on CPU. ``True``/``"fp16"``: float16 on CUDA, bfloat16 on CPU.
-    ``"bf16"``: bfloat16 where supported (falls back to float16 on CUDA without it). ``False``: off.
+    ``"auto"``: float16 on CUDA, off on CPU. ``"fp16"``: float16 on CUDA, bfloat16 on CPU (CPU
+    float16 autocast is slow). ``"bf16"``: bfloat16 where supported (float16 on a GPU without it).
+    ``"off"`` (or ``False``/``None``): full precision.
     """
     dev = torch.device(device)
-    if amp is False or amp is None:
+    mode = normalize_amp(amp)
+    if mode == "off":
         return None
-    if amp == "auto":
+    if mode == "auto":
         return torch.float16 if dev.type == "cuda" else None
-    if amp is True or amp == "fp16":
+    if mode == "fp16":
         return torch.float16 if dev.type == "cuda" else torch.bfloat16
-    if amp == "bf16":
-        if dev.type == "cuda" and not torch.cuda.is_bf16_supported():
-            warnings.warn("bfloat16 autocast not supported on this GPU; using float16", stacklevel=2)
-            return torch.float16
-        return torch.bfloat16
-    raise ValueError(f"amp must be True, False, 'auto', 'fp16' or 'bf16', got {amp!r}")
+    if dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        warnings.warn("bfloat16 autocast not supported on this GPU; using float16", stacklevel=2)
+        return torch.float16
+    return torch.bfloat16
 
 
 def _activate(x: torch.Tensor, activation: str | Callable | None) -> torch.Tensor:

@@ -19,8 +19,9 @@ A pipeline of small, optional steps, each a pure numpy/cc3d/scipy/scikit-image f
    only) and ``closing_xy`` (in the y-x plane only, 2nd/12th; :func:`directional_closing`).
 8. **skeleton** (9th) — ``skeleton_radius``: per-slice 2D skeletons thickened to this radius
    and OR-ed in (:func:`skeleton_rethicken`); never removes a voxel.
-9. **fill_holes** — pinholes: background voxels whose 4 neighbours in one axis plane (and so
-   also those whose 6 face neighbours) are all foreground (:func:`fill_pinholes`).
+9. **pinholes** — ``fill_pinholes`` (formerly ``fill_holes``): background voxels whose 4
+   neighbours in one axis plane (and so also those whose 6 face neighbours) are all foreground
+   (:func:`fill_pinholes`); larger holes are the cavity, sheet-patching and plug steps' job.
 10. **cavities** — enclosed background: 6-connected background components that do not touch
     the volume border and have at most ``max_cavity_size`` voxels (:func:`fill_cavities`).
 11. **dust** — remove 26-connected foreground components smaller than ``min_component_size``
@@ -44,7 +45,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import numpy as np
 
@@ -86,7 +87,8 @@ class PostprocessConfig:
             with ``prob > hysteresis_high``). Must be ``>= hysteresis_low``.
         min_component_size: remove 26-connected foreground components with fewer voxels
             (0 = off).
-        fill_holes: fill 1-voxel pinholes (see :func:`fill_pinholes`).
+        fill_pinholes: fill 1-voxel pinholes (see :func:`fill_pinholes`); the old key
+            ``fill_holes`` is read as this one, with a deprecation warning.
         max_cavity_size: fill enclosed background cavities (6-connected, not touching the
             border) of at most this many voxels (0 = off).
         closing_radius: binary closing with a ball of this radius in voxels (0 = off).
@@ -122,7 +124,7 @@ class PostprocessConfig:
     hysteresis_low: float | None = None
     hysteresis_high: float | None = None
     min_component_size: int = 0
-    fill_holes: bool = False
+    fill_pinholes: bool = False
     max_cavity_size: int = 0
     closing_radius: int = 0
     border: int = 0
@@ -141,6 +143,9 @@ class PostprocessConfig:
     sheet_limit: int = 40
     split_levels: tuple[float, ...] = ()
     split_min_size: int = 1000
+
+    #: Old key names still read (with a deprecation warning) by :func:`~kaggle_utils.config.from_dict`.
+    CONFIG_ALIASES: ClassVar[dict[str, str]] = {"fill_holes": "fill_pinholes"}
 
     def __post_init__(self) -> None:
         if (self.hysteresis_low is None) != (self.hysteresis_high is None):
@@ -880,7 +885,7 @@ def postprocess(prob: np.ndarray, cfg: PostprocessConfig | None = None) -> np.nd
         if source is not None:
             zero_border(source, cfg.border)
         mask = skeleton_rethicken(mask, cfg.skeleton_radius, source)
-    if cfg.fill_holes:
+    if cfg.fill_pinholes:
         mask = fill_pinholes(mask)
     if cfg.max_cavity_size > 0:
         mask = fill_cavities(mask, cfg.max_cavity_size)
@@ -898,19 +903,13 @@ def load_postprocess(path: str | os.PathLike) -> PostprocessConfig:
     """Read a :class:`PostprocessConfig` from YAML.
 
     Accepts either the bare mapping (as written by :func:`save_postprocess` and the ``tune``
-    command) or a full config with a top-level ``postprocess:`` section. Unknown keys raise
-    :class:`~kaggle_utils.config.ConfigError` naming the file and key.
+    command) or a full config with a top-level ``postprocess:`` section; ``path`` may also be a
+    shipped config name (:func:`kaggle_utils.config.load_config`, the one loader). Unknown keys
+    raise :class:`~kaggle_utils.config.ConfigError` naming the file and key.
     """
-    from .config import ConfigError, from_dict, load_yaml
+    from .config import load_config
 
-    data = load_yaml(path)
-    prefix = ""
-    if "postprocess" in data and isinstance(data["postprocess"], dict):
-        data, prefix = data["postprocess"], "postprocess"
-    try:
-        return from_dict(PostprocessConfig, data, prefix)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    return load_config(PostprocessConfig, path, section="postprocess")
 
 
 def save_postprocess(cfg: PostprocessConfig, path: str | os.PathLike) -> None:

@@ -73,13 +73,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import ConfigError, to_dict
+from .config import ConfigError, canonical_dict, to_dict
 from .data import IGNORE_LABEL, DataError, atomic_path, load_index, normalize_intensity, read_label, read_volume, \
-    split_fold, write_probs
+    make_folds, split_fold, write_probs
 from .environment import warn_slow_conv3d_amp
-from .inference import InferenceConfig
+from .inference import InferenceConfig, resolve_amp_dtype
 from .losses import build_loss
-from .models import build_model, model_divisor, save_checkpoint
+from .models import build_model, model_divisor, save_checkpoint, set_deep_supervision
 from .sampling import PatchDataset, augment_batch, check_labels, make_loader
 from .train_config import LABEL_MODES, LoopConfig, OptimConfig, TrainConfig, ValidationConfig, load_train_config
 
@@ -100,6 +100,7 @@ __all__ = [
     "validate_volumes",
     "check_fold",
     "split_train_val",
+    "assign_folds",
     "config_differences",
     "resolve_device",
     "train",
@@ -122,6 +123,7 @@ class StopReason(str, enum.Enum):
     EARLY_STOPPING = "early_stopping"
     COLLAPSE = "collapse"
     TIME_LIMIT = "time_limit"
+    TIME_BUDGET = "time_budget"
     CALLBACK = "callback"
 
     def __str__(self) -> str:
@@ -157,24 +159,44 @@ def apply_label_mode(label: torch.Tensor, mode: str) -> torch.Tensor:
 
 class LRSchedule:
     """The whole learning-rate schedule, stepped once per optimizer step: linear warmup, then
-    cosine, plateau or constant (``optim.schedule``).
+    cosine, poly, plateau or constant (``optim.schedule``).
 
     ``lr(step) = base_lr * factor``; warmup rises from 1 % to 100 % over ``warmup_steps``; cosine
-    then decays to ``min_lr_ratio`` at ``total_steps``; plateau multiplies by ``plateau_factor``
-    each time :meth:`observe` sees ``plateau_patience`` validations without improvement.
-    Has ``state_dict``/``load_state_dict`` of plain numbers for checkpoints.
+    then decays to ``min_lr_ratio`` at ``total_steps``; poly is nnU-Net's ``(1 - t)^poly_exponent``
+    (0 at the end); plateau multiplies by ``plateau_factor`` each time :meth:`observe` sees
+    ``plateau_patience`` validations without improvement.
+
+    With ``budget_s`` (a time budget for the training phase) ``t``, the fraction of the run done, is
+    the elapsed fraction of the budget (:meth:`elapsed`, carried across resumes) instead of
+    ``step / total_steps``. Has ``state_dict``/``load_state_dict`` of plain numbers for checkpoints.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int, epochs: int):
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int, epochs: int,
+                 budget_s: float | None = None, clock: Callable[[], float] = time.monotonic):
         self.optimizer = optimizer
         self.cfg = cfg
         self.warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
         self.total_steps = max(1, steps_per_epoch * epochs)
+        self.budget_s = budget_s
+        self.clock = clock
+        self.elapsed_before = 0.0
+        self.t0 = clock()
         self.step_count = 0
         self.plateau_scale = 1.0
         self.plateau_best = -math.inf
         self.plateau_bad = 0
         self._apply()
+
+    def elapsed(self) -> float:
+        """Seconds this schedule has run, earlier sessions of a resumed run included."""
+        return self.elapsed_before + self.clock() - self.t0
+
+    def fraction(self, step: int | None = None) -> float:
+        """``t`` in [0, 1]: the budget's elapsed fraction, or the share of post-warmup steps done."""
+        if self.budget_s is not None:
+            return min(1.0, max(0.0, self.elapsed() / self.budget_s))
+        s = self.step_count if step is None else step
+        return min(1.0, max(0.0, (s - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)))
 
     def factor(self, step: int | None = None) -> float:
         """Multiplier of ``optim.lr`` at optimizer step ``step`` (default: the current one)."""
@@ -183,8 +205,10 @@ class LRSchedule:
         if self.warmup_steps > 0 and s < self.warmup_steps:
             return 0.01 + 0.99 * s / self.warmup_steps
         if c.schedule == "cosine":
-            t = min(1.0, (s - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+            t = self.fraction(s)
             return c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+        if c.schedule == "poly":
+            return (1.0 - self.fraction(s)) ** c.poly_exponent
         if c.schedule == "plateau":
             return max(c.min_lr_ratio, self.plateau_scale)
         return 1.0
@@ -220,9 +244,10 @@ class LRSchedule:
 
     def state_dict(self) -> dict:
         return {"step_count": self.step_count, "plateau_scale": self.plateau_scale,
-                "plateau_best": self.plateau_best, "plateau_bad": self.plateau_bad}
+                "plateau_best": self.plateau_best, "plateau_bad": self.plateau_bad, "elapsed": self.elapsed()}
 
     def load_state_dict(self, state: dict) -> None:
+        self.elapsed_before, self.t0 = float(state.get("elapsed", 0.0)), self.clock()
         self.step_count = int(state["step_count"])
         self.plateau_scale = float(state["plateau_scale"])
         self.plateau_best = float(state["plateau_best"])
@@ -280,9 +305,9 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _autocast(device: torch.device, amp: str):
-    if amp == "none":
+    dtype = resolve_amp_dtype(amp, device)  # the one vocabulary of train.amp and inference.amp
+    if dtype is None:
         return contextlib.nullcontext()
-    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
@@ -307,7 +332,7 @@ def _validation_inference(cfg: TrainConfig) -> InferenceConfig:
     v = cfg.validation
     return dataclasses.replace(
         cfg.inference, patch_size=tuple(v.patch_size or cfg.sampler.patch_size), overlap=v.overlap,
-        batch_size=v.batch_size, tta="none", amp=cfg.train.amp != "none" and cfg.train.amp,
+        batch_size=v.batch_size, tta="none", amp=cfg.train.amp,
         ensemble="probs", channels_last=False,
     )
 
@@ -654,7 +679,9 @@ class RunState:
         history: one metrics row per completed epoch.
         best_score, best_epoch, bad_validations: model selection and early stopping.
         stopped: why the run ended (:class:`StopReason`).
-        t_start, limit, epoch_times: the time budget of this call (``time.monotonic`` seconds).
+        t_start, limit, epoch_times: the time limit of this call (``time.monotonic`` seconds).
+        budget, budget_done: ``train.time_budget_s`` of the whole run and whether its training
+            phase is over (see :func:`_budget_spent`).
         progress: tqdm bars.
     """
 
@@ -684,6 +711,8 @@ class RunState:
     bad_validations: int = 0
     stopped: StopReason = StopReason.COMPLETED
     epoch_times: list[float] = field(default_factory=list)
+    budget: float | None = None
+    budget_done: bool = False
 
     @property
     def device(self) -> torch.device:
@@ -735,27 +764,48 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
-def check_fold(fold: int, n_folds: int) -> None:
-    """Raise :class:`ConfigError` (one line naming ``train.n_folds``) unless ``0 <= fold < n_folds``."""
-    if not 0 <= fold < n_folds:
+def check_fold(fold: int | str, n_folds: int) -> None:
+    """Raise :class:`ConfigError` (one line naming ``train.n_folds``) unless ``0 <= fold < n_folds``
+    or ``fold`` is ``"all"`` (every volume trained on, none held out)."""
+    if fold == "all":
+        return
+    if not isinstance(fold, int) or not 0 <= fold < n_folds:
         folds = "fold 0 only (train.n_folds 1 holds no fold out)" if n_folds == 1 else f"0..{n_folds - 1}"
         raise ConfigError(f"fold {fold}: not a fold of train.n_folds {n_folds}; use {folds} "
                           f"(on the CLI, --fold -1 trains every fold)")
 
 
-def split_train_val(index: Any, fold: int, n_folds: int) -> tuple[Any, Any]:
+def split_train_val(index: Any, fold: int | str, n_folds: int) -> tuple[Any, Any]:
     """``(train_index, val_index)`` of ``fold``: scroll-grouped folds (``data.split_fold``), or with
-    ``n_folds`` 1 every volume for training and none held out.
+    ``fold`` ``"all"`` or ``n_folds`` 1 every volume for training and none held out.
 
     Raises:
         ConfigError: ``fold`` is not one of the folds.
         DataError: fewer scrolls than folds (the message says which ``train.n_folds`` works).
     """
     check_fold(fold, n_folds)
-    if n_folds == 1:
+    if fold == "all" or n_folds == 1:
         return index, index.subset([])
     try:
         return split_fold(index, fold, n_folds)
+    except DataError as exc:
+        raise DataError(f"{exc} (train.n_folds in the config; 1 trains on every volume without a held-out fold)"
+                        ) from None
+
+
+def assign_folds(index: Any, n_folds: int) -> dict[str, int]:
+    """``{volume_id: fold}`` for ``train.n_folds``: the scroll-grouped folds of ``data.make_folds``,
+    or with ``n_folds`` 1 every volume in fold 0 (trained on; none held out, see :func:`split_train_val`).
+
+    Raises:
+        ConfigError: ``n_folds`` below 1.
+        DataError: fewer scrolls than folds (the message says which ``train.n_folds`` works).
+    """
+    check_fold(0, n_folds)
+    if n_folds == 1:
+        return {r.id: 0 for r in index}
+    try:
+        return make_folds(index, n_folds)
     except DataError as exc:
         raise DataError(f"{exc} (train.n_folds in the config; 1 trains on every volume without a held-out fold)"
                         ) from None
@@ -784,7 +834,13 @@ def _load_data(cfg: TrainConfig, data_dir: str | os.PathLike, fold: int, dist: _
     index = load_index(data_dir, "train")
     train_idx, val_idx = split_train_val(index, fold, cfg.train.n_folds)
     vc = cfg.validation
-    val_records = list(val_idx)[: vc.n_volumes] if vc.n_volumes is not None else list(val_idx)
+    candidates = list(val_idx)
+    if not val_idx.records and vc.ids:  # no held-out fold: validate (in-sample) on the listed ids
+        missing = sorted(set(vc.ids) - {r.id for r in index})
+        if missing:
+            raise ConfigError(f"validation.ids: {missing[:5]} not in {data_dir}/train.csv")
+        candidates = list(index.subset(vc.ids))
+    val_records = candidates[: vc.n_volumes] if vc.n_volumes is not None else candidates
     if cfg.train.check_labels:
         error: DataError | None = None
         if dist.main:
@@ -800,7 +856,7 @@ def _load_data(cfg: TrainConfig, data_dir: str | os.PathLike, fold: int, dist: _
     return train_idx, val_idx, val_records
 
 
-def _set_up(cfg: TrainConfig, data_dir: str | os.PathLike, run_dir: Path, fold: int, dist: _Dist,
+def _set_up(cfg: TrainConfig, data_dir: str | os.PathLike, run_dir: Path, fold: int | str, dist: _Dist,
             limit: float | None, t_start: float, progress: bool) -> RunState:
     """Data, loader, model, loss, optimizer, schedule, scaler and EMA of a fresh run (seeded by ``train.seed``)."""
     tc, dev = cfg.train, dist.device
@@ -813,13 +869,20 @@ def _set_up(cfg: TrainConfig, data_dir: str | os.PathLike, run_dir: Path, fold: 
     steps_per_epoch = math.ceil(len(loader) / cfg.optim.accumulate)
 
     _seed_everything(tc.seed)
-    model = build_model(cfg.model).to(dev)
+    model = build_model(cfg.model)
+    if tc.init_from:
+        _init_from(model, cfg, tc.init_from)
+    set_deep_supervision(model, cfg.loss.deep_supervision)
+    model = model.to(dev)
     if dist.main:
-        warn_slow_conv3d_amp(dev, tc.amp != "none")
+        warn_slow_conv3d_amp(dev, resolve_amp_dtype(tc.amp, dev) is not None)
     loss_fn = build_loss(cfg.loss).to(dev)
     optimizer = _build_optimizer(model, cfg.optim)
-    schedule = LRSchedule(optimizer, cfg.optim, steps_per_epoch, tc.epochs)
-    scaler = torch.amp.GradScaler(dev.type, enabled=tc.amp == "fp16")
+    budget = tc.time_budget_s
+    schedule = LRSchedule(optimizer, cfg.optim, steps_per_epoch, tc.epochs,
+                          budget_s=None if budget is None else budget * (1 - tc.budget_reserve))
+    schedule.t0 = t_start  # the budget counts from the call's start (data loading included)
+    scaler = torch.amp.GradScaler(dev.type, enabled=resolve_amp_dtype(tc.amp, dev) == torch.float16)
     ema = None
     if tc.ema:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -828,7 +891,38 @@ def _set_up(cfg: TrainConfig, data_dir: str | os.PathLike, run_dir: Path, fold: 
     return RunState(cfg=cfg, fold=fold, run_dir=run_dir, dist=dist, train_idx=train_idx, val_idx=val_idx,
                     val_records=val_records, dataset=dataset, loader=loader, model=model, train_model=model,
                     loss_fn=loss_fn, optimizer=optimizer, schedule=schedule, scaler=scaler, ema=ema,
-                    t_start=t_start, limit=limit, progress=progress)
+                    t_start=t_start, limit=limit, progress=progress, budget=budget)
+
+
+def _init_from(model: nn.Module, cfg: TrainConfig, path: str | os.PathLike) -> None:
+    """Load another run's weights (its EMA weights when it kept them) into ``model`` (``train.init_from``).
+
+    Any checkpoint of :func:`~kaggle_utils.models.save_checkpoint` or ``export`` of the same network
+    works; the patch size may differ (the networks are fully convolutional).
+
+    Raises:
+        CheckpointError: the file is missing or not a kaggle_utils checkpoint.
+        ConfigError: its weights belong to another network (both are named).
+    """
+    from .config import from_dict
+    from .models import ModelConfig, _torch_load, describe_model
+
+    path = Path(path)
+    ckpt = _torch_load(path)
+    state = ckpt["ema"] if isinstance(ckpt.get("ema"), dict) else ckpt["model"]
+    state = {k.removeprefix("module."): v.float() if torch.is_tensor(v) and v.is_floating_point() else v
+             for k, v in state.items()}
+    theirs = ckpt.get("model_config") or (ckpt.get("config") or {}).get("model")
+    try:
+        other = describe_model(from_dict(ModelConfig, dict(theirs), "model")) if theirs else "an unknown network"
+    except (ConfigError, ValueError, TypeError):
+        other = "an unreadable model config"
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ConfigError(f"train.init_from: {path} holds {other}, which does not fit model "
+                          f"{describe_model(cfg.model)} ({_first_line(exc)[:160]})") from None
+    logger.info(f"initialized the weights from {path} ({other})")
 
 
 def _read_last(state: RunState, allow_config_change: bool) -> dict:
@@ -839,7 +933,8 @@ def _read_last(state: RunState, allow_config_change: bool) -> dict:
         saved = ckpt["config"]
     except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is reported the same way
         raise DataError(f"{path}: not a readable training checkpoint ({_first_line(exc)})") from None
-    diffs = [d for d in config_differences(saved, to_dict(state.cfg)) if d[0] not in RESUME_SAFE_KEYS]
+    diffs = [d for d in config_differences(canonical_dict(TrainConfig, saved), to_dict(state.cfg))
+             if d[0] not in RESUME_SAFE_KEYS]  # canonical: old key names/values (train.amp none) are no change
     if diffs:
         shown = ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in diffs[:8]) + (
             f" and {len(diffs) - 8} more" if len(diffs) > 8 else "")
@@ -1278,7 +1373,7 @@ def torchrun_command(nproc: int, config: str | os.PathLike, data_dir: str | os.P
                      python: str | None = None, allow_config_change: bool = False) -> list[str]:
     """The command that trains one fold on ``nproc`` processes: ``python -m torch.distributed.run
     --standalone --nproc_per_node N -m kaggle_utils train --config CFG --fold K --data-dir D --out RUN
-    --no-progress [--epochs E] [--resume | --resume-force] [--time-limit S] [--device DEV]``
+    --no-progress [--epochs E] [--resume | --resume-force] [--time-limit-s S] [--device DEV]``
     (``--resume-force`` with ``allow_config_change``).
 
     ``python -m torch.distributed.run`` is ``torchrun`` run by this interpreter (the notebook's).
@@ -1296,7 +1391,7 @@ def torchrun_command(nproc: int, config: str | os.PathLike, data_dir: str | os.P
     elif resume:
         cmd.append("--resume")
     if time_limit is not None:
-        cmd += ["--time-limit", f"{float(time_limit):.0f}"]
+        cmd += ["--time-limit-s", f"{float(time_limit):.0f}"]
     if device is not None:
         cmd += ["--device", str(device)]
     return cmd

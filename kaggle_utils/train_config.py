@@ -3,21 +3,21 @@
 :class:`TrainConfig` holds the sections ``model``, ``loss``, ``sampler``, ``augment``, ``optim``
 (:class:`OptimConfig`), ``train`` (:class:`LoopConfig`), ``validation`` (:class:`ValidationConfig`),
 ``inference`` and ``postprocess``; :func:`load_train_config` reads it from a YAML file or a
-shipped config name. Every name here is also importable from :mod:`kaggle_utils.train`.
+shipped config name (through :func:`kaggle_utils.config.load_config`, the one loader). Every name
+here is also importable from :mod:`kaggle_utils.train`.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
-from .config import ConfigError, from_dict
+from .config import load_config
 from .data import IGNORE_LABEL
-from .inference import InferenceConfig
+from .inference import InferenceConfig, normalize_amp
 from .losses import LossConfig
-from .models import ModelConfig, model_divisor, validate_patch_size
+from .models import NNUNET_ARCHITECTURES, ModelConfig, model_divisor, validate_patch_size
 from .postprocess import PostprocessConfig
 from .sampling import AugmentConfig, SamplerConfig
 
@@ -45,7 +45,10 @@ class OptimConfig:
         warmup_epochs: linear warmup from ``lr / 100`` over this many epochs (fractions allowed).
         schedule: after warmup, ``cosine`` (down to ``lr * min_lr_ratio`` at the last epoch),
             ``plateau`` (multiply by ``plateau_factor`` when the validation score has not improved
-            for ``plateau_patience`` validations) or ``constant``.
+            for ``plateau_patience`` validations), ``poly`` (nnU-Net's ``lr * (1 - t)^poly_exponent``,
+            ``t`` the fraction of the run done, reaching 0 at the end) or ``constant``. With
+            ``train.time_budget_s`` the fraction done is the budget's elapsed fraction.
+        poly_exponent: exponent of the ``poly`` schedule (nnU-Net: 0.9).
         min_lr_ratio: floor of the learning rate as a fraction of ``lr``.
         plateau_factor: decay factor of the ``plateau`` schedule.
         plateau_patience: validations without improvement before a ``plateau`` decay.
@@ -58,7 +61,8 @@ class OptimConfig:
     weight_decay: float = 1e-4
     momentum: float = 0.9
     warmup_epochs: float = 1.0
-    schedule: Literal["cosine", "plateau", "constant"] = "cosine"
+    schedule: Literal["cosine", "plateau", "constant", "poly"] = "cosine"
+    poly_exponent: float = 0.9
     min_lr_ratio: float = 0.01
     plateau_factor: float = 0.5
     plateau_patience: int = 2
@@ -84,8 +88,11 @@ class LoopConfig:
         epochs: number of epochs; an epoch is ``sampler.patches_per_epoch`` patches (per rank).
         batch_size: patches per forward pass (per rank).
         num_workers: DataLoader worker processes (0: load in the main process).
-        amp: mixed precision: ``none``, ``fp16`` (float16 autocast + GradScaler, T4/V100) or
-            ``bf16`` (bfloat16 autocast, A100/H100, CPUs).
+        amp: mixed precision, one of :data:`~kaggle_utils.inference.AMP_MODES` (the same
+            vocabulary as ``inference.amp``): ``off`` (full precision; YAML ``off``/``false``),
+            ``auto`` (float16 on CUDA, full precision on CPU), ``fp16`` (float16 autocast +
+            GradScaler on CUDA, T4/V100; bfloat16 on CPU) or ``bf16`` (bfloat16 autocast, A100/H100,
+            CPUs). The old ``none`` still means ``off`` (with a deprecation warning).
         ema: keep an exponential moving average of the weights; validation, ``best.pt`` and the
             OOF predictions use it.
         ema_decay: EMA decay per optimizer step.
@@ -98,7 +105,18 @@ class LoopConfig:
             counted as surface: the original bug that collapses) or ``background`` (label 2 counted
             as background).
         time_limit_s: stop cleanly (checkpoint kept) before this many seconds of this session;
-            the CLI's ``--time-limit`` overrides it.
+            the CLI's ``--time-limit-s`` overrides it.
+        time_budget_s: plan the run to end inside this many seconds (CLI ``--time-budget``): the
+            learning-rate schedule follows the budget's elapsed fraction instead of epochs
+            (``train.epochs`` becomes an upper bound), training stops when the time left is needed for
+            the final validation, checkpoints and out-of-fold probabilities, and the run ends (stop
+            reason ``time_budget``) with an annealed model. Unlike ``time_limit_s`` (a hard stop of a run
+            meant to be resumed), a budgeted run is finished when it stops.
+        budget_reserve: fraction of ``time_budget_s`` kept for the final validation and out-of-fold
+            predictions (more when a measured validation says so).
+        init_from: start from this checkpoint's weights (``best.pt``, ``last.pt`` or an exported
+            ``model.pt`` of the same network; CLI ``--init-from``) with a new optimizer and schedule,
+            e.g. a 128^3 model fine-tuned at 192^3. Ignored when resuming.
         augment: apply ``augment`` on the training device to whole batches (``augment_batch``).
         deterministic: cuDNN deterministic kernels (needed for bitwise resume on GPU).
         check_labels: read every training and validation label once before the first epoch
@@ -109,18 +127,22 @@ class LoopConfig:
     epochs: int = 50
     batch_size: int = 2
     num_workers: int = 2
-    amp: Literal["none", "fp16", "bf16"] = "none"
+    amp: str | bool = "off"
     ema: bool = False
     ema_decay: float = 0.999
     seed: int = 0
     n_folds: int = 5
     label_mode: Literal["ignore", "foreground", "background"] = "ignore"
     time_limit_s: float | None = None
+    time_budget_s: float | None = None
+    budget_reserve: float = 0.1
+    init_from: str | None = None
     augment: bool = True
     deterministic: bool = True
     check_labels: bool = True
 
     def __post_init__(self) -> None:
+        self.amp = normalize_amp(self.amp, "train.amp")
         if self.n_folds < 1:
             raise ValueError(f"train.n_folds: must be >= 1 (1: no held-out fold, train on every volume), "
                              f"got {self.n_folds}")
@@ -132,6 +154,10 @@ class LoopConfig:
             raise ValueError(f"train.batch_size: must be >= 1, got {self.batch_size}")
         if not 0 < self.ema_decay < 1:
             raise ValueError(f"train.ema_decay: must be in (0, 1), got {self.ema_decay}")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise ValueError(f"train.time_budget_s: must be > 0 seconds, got {self.time_budget_s}")
+        if not 0 <= self.budget_reserve < 1:
+            raise ValueError(f"train.budget_reserve: must be in [0, 1), got {self.budget_reserve}")
 
 
 @dataclass
@@ -157,6 +183,8 @@ class ValidationConfig:
             labelled voxels exceeds this multiple of the labelled surface share.
         collapse_max_fg: ... or exceeds this absolute share.
         write_oof: write out-of-fold probabilities of all validation volumes at the end of the fold.
+        ids: with ``--fold all`` (or ``train.n_folds`` 1), the volume ids to validate on (they are
+            also trained on: an in-sample check, not a held-out score); ``null``: no validation.
     """
 
     every: int = 1
@@ -172,6 +200,7 @@ class ValidationConfig:
     collapse_max_ratio: float = 3.0
     collapse_max_fg: float = 0.5
     write_oof: bool = True
+    ids: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.every < 1:
@@ -216,6 +245,9 @@ class TrainConfig:
         if self.validation.patch_size is not None:
             validate_patch_size(self.validation.patch_size, div, "validation.patch_size")
         validate_patch_size(self.inference.patch_size, div, "inference.patch_size")
+        if self.loss.deep_supervision and self.model.arch not in NNUNET_ARCHITECTURES:
+            raise ValueError(f"loss.deep_supervision: needs an nnU-Net network (model.arch one of "
+                             f"{list(NNUNET_ARCHITECTURES)}), not {self.model.arch}")
         if self.train.label_mode == "ignore" and self.loss.ignore_label != IGNORE_LABEL:
             raise ValueError(
                 f"loss.ignore_label: must be {IGNORE_LABEL} with train.label_mode 'ignore' "
@@ -224,29 +256,14 @@ class TrainConfig:
 
 
 def load_train_config(path: str | os.PathLike, overrides: dict | None = None) -> TrainConfig:
-    """Load a :class:`TrainConfig` from YAML; errors are :class:`ConfigError` naming file and key.
+    """Load a :class:`TrainConfig` from YAML; errors are :class:`~kaggle_utils.config.ConfigError`
+    naming the file and key.
 
     Args:
-        path: YAML file; a bare name such as ``smoke-cpu`` or ``smoke-cpu.yaml`` that is not a file
-            is looked up among the configs shipped in the package (``kaggle_utils/configs``).
+        path: a YAML file (an existing file, or any path with a folder), or the name of a shipped
+            config without a folder: ``kaggle-t4`` or ``kaggle-t4.yaml`` is
+            ``kaggle_utils/configs/kaggle-t4.yaml`` (:func:`kaggle_utils.config.shipped_configs`).
+            A path that does not exist is an error naming it, never replaced by a shipped copy.
         overrides: ``{"section.key": value}`` applied on top (e.g. ``{"train.epochs": 3}``).
     """
-    from .config import load_yaml
-
-    p = Path(path)
-    if not p.is_file():
-        shipped = Path(__file__).parent / "configs" / (p.name if p.suffix else p.name + ".yaml")
-        if shipped.is_file():
-            p = shipped
-    data = load_yaml(p)
-    for key, value in (overrides or {}).items():
-        node = data
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    try:
-        return from_dict(TrainConfig, data)
-    except ConfigError as exc:
-        raise ConfigError(f"{p}: {exc}") from None
-
+    return load_config(TrainConfig, path, overrides=overrides)

@@ -44,11 +44,11 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, ClassVar, Iterable, Literal, Sequence
 
 import numpy as np
 
-from .config import ConfigError, from_dict, load_yaml
+from .config import ConfigError, from_dict, load_config
 from .data import DataError
 from .postprocess import PostprocessConfig, postprocess
 
@@ -71,7 +71,7 @@ log = logging.getLogger(__name__)
 PARTS = ("score", "topo_score", "surface_dice", "voi_score")
 #: parameters visited by coordinate descent, in this order (the threshold last: it interacts with all)
 #: parameters visited by coordinate descent, in this order (the threshold last: it interacts with all)
-BASIC_COORDINATES = ("min_component_size", "closing_radius", "fill_holes", "max_cavity_size", "border")
+BASIC_COORDINATES = ("min_component_size", "closing_radius", "fill_pinholes", "max_cavity_size", "border")
 #: the winners' post-processing steps (``postprocess.py``); searched only where the space lists
 #: two or more values, so the default space searches exactly what it did before they existed
 WINNER_COORDINATES = ("sheets", "sheet_closing", "sheet_max_hole", "hole_plug", "z_prune", "closing_z", "closing_xy",
@@ -202,7 +202,7 @@ class SearchSpace:
             ``threshold`` in the first stage (empty: hysteresis is not searched).
         min_component_size: dust sizes (voxels, 26-connected; 0 = off).
         closing_radius: closing ball radii (0 = off).
-        fill_holes: pinhole filling on/off.
+        fill_pinholes: pinhole filling on/off (old key ``fill_holes``: read with a deprecation warning).
         max_cavity_size: largest enclosed cavity filled (0 = off).
         border: voxels zeroed on each face (0 = off).
         sheets, sheet_closing, sheet_max_hole, hole_plug, z_prune, closing_z, closing_xy,
@@ -222,7 +222,7 @@ class SearchSpace:
     hysteresis_low: list[float] = field(default_factory=list)
     min_component_size: list[int] = field(default_factory=lambda: [0, 200, 1000, 5000, 20000])
     closing_radius: list[int] = field(default_factory=lambda: [0, 1, 2])
-    fill_holes: list[bool] = field(default_factory=lambda: [False, True])
+    fill_pinholes: list[bool] = field(default_factory=lambda: [False, True])
     max_cavity_size: list[int] = field(default_factory=lambda: [0, 100, 1000])
     border: list[int] = field(default_factory=lambda: [0, 3])
     sheets: list[bool] = field(default_factory=list)
@@ -242,27 +242,30 @@ class SearchSpace:
     rounds: int = 2
     n_random: int = 40
 
+    #: Old key names still read (with a deprecation warning) by :func:`~kaggle_utils.config.from_dict`.
+    CONFIG_ALIASES: ClassVar[dict[str, str]] = {"fill_holes": "fill_pinholes"}
+
     def __post_init__(self) -> None:
         if not self.threshold:
-            raise ValueError("search space: 'threshold' needs at least one value")
+            raise ValueError("tune.threshold: needs at least one value")
         for name in ("threshold", "hysteresis_low"):
             bad = [v for v in getattr(self, name) if not 0.0 <= v <= 1.0]
             if bad:
-                raise ValueError(f"search space: {name} values must be in [0, 1], got {bad}")
+                raise ValueError(f"tune.{name}: values must be in [0, 1], got {bad}")
         for name in ("min_component_size", "closing_radius", "max_cavity_size", "border", "sheet_closing",
                      "sheet_max_hole", "closing_z", "closing_xy", "opening_radius", "ridge_sigma", "skeleton_radius"):
             bad = [v for v in getattr(self, name) if v < 0]
             if bad:
-                raise ValueError(f"search space: {name} values must be >= 0, got {bad}")
+                raise ValueError(f"tune.{name}: values must be >= 0, got {bad}")
         bad = [v for v in self.skeleton_threshold if v is not None and not 0.0 <= v <= 1.0]
         if bad:
-            raise ValueError(f"search space: skeleton_threshold values must be in [0, 1] or null, got {bad}")
+            raise ValueError(f"tune.skeleton_threshold: values must be in [0, 1] or null, got {bad}")
         self.split_levels = [tuple(float(x) for x in v) for v in self.split_levels]
         for v in self.split_levels:
             if list(v) != sorted(v) or any(not 0 < x < 1 for x in v):
-                raise ValueError(f"search space: each split_levels entry must be increasing values in (0, 1), got {list(v)}")
+                raise ValueError(f"tune.split_levels: each entry must be increasing values in (0, 1), got {list(v)}")
         if self.rounds < 1 or self.n_random < 1:
-            raise ValueError("search space: rounds and n_random must be >= 1")
+            raise ValueError("tune.rounds and tune.n_random: must be >= 1")
 
 
 _RANGE_KEYS = {"start", "stop", "step"}
@@ -295,20 +298,19 @@ def _expand_ranges(data: dict, where: str) -> dict:
 def load_search_space(path: str | os.PathLike | None = None, data: dict | None = None) -> SearchSpace:
     """Build a :class:`SearchSpace` from a YAML file (or a dict); ``None`` for both: the defaults.
 
-    Accepts the bare mapping or a top-level ``tune:`` section. Unknown keys raise
-    :class:`~kaggle_utils.config.ConfigError` naming the file and key.
+    Accepts the bare mapping or a top-level ``tune:`` section (read by
+    :func:`kaggle_utils.config.load_config`, the one loader). Unknown keys raise
+    :class:`~kaggle_utils.config.ConfigError` naming the file and the ``tune.`` key.
     """
     if path is None and data is None:
         return SearchSpace()
-    where = f"{path}: " if path is not None else ""
-    raw = load_yaml(path) if path is not None else dict(data or {})
-    prefix = ""
-    if "tune" in raw and isinstance(raw["tune"], dict):
-        raw, prefix = raw["tune"], "tune"
-    try:
-        return from_dict(SearchSpace, _expand_ranges(raw, f"{prefix}." if prefix else ""), prefix)
-    except ConfigError as exc:
-        raise ConfigError(f"{where}{exc}") from None
+    if path is not None:
+        return load_config(SearchSpace, path, section="tune",
+                           transform=lambda raw, prefix: _expand_ranges(raw, f"{prefix}."))
+    raw = dict(data or {})
+    if isinstance(raw.get("tune"), dict):
+        raw = raw["tune"]
+    return from_dict(SearchSpace, _expand_ranges(raw, "tune."), "tune")
 
 
 #: A search space that tries each of the winners' post-processing steps (``load_search_space(data=
@@ -538,7 +540,7 @@ def _describe(cfg: PostprocessConfig) -> str:
                         ("border", "border")):
         if getattr(cfg, name):
             parts.append(f"{short} {getattr(cfg, name)}")
-    if cfg.fill_holes:
+    if cfg.fill_pinholes:
         parts.append("holes")
     if cfg.sheets:
         parts.append(f"sheets (close {cfg.sheet_closing}, holes <= {cfg.sheet_max_hole})")

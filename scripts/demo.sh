@@ -13,8 +13,8 @@ echo "== 1/6 synthetic competition data"
 $KU synth --out "$OUT/data" --n-train 10 --n-test 3 --size 96 --n-scrolls 4 --seed 0 --preview "$OUT/preview.png"
 echo "== 2/6 check-data"
 $KU check-data "$OUT/data" | tail -5
-echo "== 3/6 train (configs/demo-cpu.yaml, fold 0)"
-$KU train --config configs/demo-cpu.yaml --fold 0 --data-dir "$OUT/data" --out "$OUT/run"
+echo "== 3/6 train (shipped config demo-cpu, fold 0)"
+$KU train --config demo-cpu --fold 0 --data-dir "$OUT/data" --out "$OUT/run"
 echo "== 4/6 predict -> $OUT/submission.zip"
 $KU predict --checkpoint "$OUT/run/best.pt" --data-dir "$OUT/data" --out "$OUT/submission.zip" --device cpu
 $KU validate-submission "$OUT/submission.zip" --data-dir "$OUT/data"

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 $PY -m kaggle_utils synth --out "$OUT/data" --n-train 6 --n-test 2 --size 64 --n-scrolls 3 --seed 0
 $PY -m papermill notebooks/train.ipynb "$OUT/train.ipynb" --cwd . \
-    -p DATA_DIR "$OUT/data" -p CONFIG configs/smoke-cpu.yaml -p FOLD 0 -p OUT_DIR "$OUT/run" -p SMOKE True \
+    -p DATA_DIR "$OUT/data" -p CONFIG smoke-cpu -p FOLD 0 -p OUT_DIR "$OUT/run" -p SMOKE True \
     -p INPUT_DIR "$OUT/input"
 $PY -m papermill notebooks/submit.ipynb "$OUT/submit.ipynb" --cwd . \
     -p DATA_DIR "$OUT/data" -y "CHECKPOINTS: ['$OUT/run/fold0/best.pt']" -p OUT "$OUT/submission.zip" -p DEVICE cpu -p REPORT_PNG "$OUT/submission_report.png" \

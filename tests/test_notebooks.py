@@ -79,7 +79,7 @@ def test_train_then_submit_notebooks(tmp_path):
     run = tmp_path / "run"
     papermill.execute_notebook(
         str(REPO / "notebooks" / "train.ipynb"), str(tmp_path / "train.out.ipynb"), cwd=str(REPO),
-        parameters={"DATA_DIR": str(data), "CONFIG": "configs/smoke-cpu.yaml", "FOLD": 0, "EPOCHS": 1,
+        parameters={"DATA_DIR": str(data), "CONFIG": "smoke-cpu", "FOLD": 0, "EPOCHS": 1,
                     "SMOKE": True, "OUT_DIR": str(run), "TIME_LIMIT_S": 1800, "INPUT_DIR": str(tmp_path / "input")},
         progress_bar=False, kernel_name="python3",
     )

@@ -37,7 +37,7 @@ def test_threshold_boundary_is_strict():
 def test_output_dtype_shape_values():
     rng = np.random.default_rng(0)
     prob = rng.random((7, 9, 11), dtype=np.float32)
-    cfg = PostprocessConfig(threshold=0.3, min_component_size=3, fill_holes=True,
+    cfg = PostprocessConfig(threshold=0.3, min_component_size=3, fill_pinholes=True,
                             max_cavity_size=5, closing_radius=1, border=1)
     out = postprocess(prob, cfg)
     assert out.dtype == np.uint8
@@ -204,7 +204,7 @@ def test_border_zeroing():
 
 def test_yaml_round_trip(tmp_path):
     cfg = PostprocessConfig(threshold=0.3, hysteresis_low=0.2, hysteresis_high=0.7,
-                            min_component_size=1000, fill_holes=True, max_cavity_size=50,
+                            min_component_size=1000, fill_pinholes=True, max_cavity_size=50,
                             closing_radius=1, border=3)
     path = tmp_path / "pp.yaml"
     save_postprocess(cfg, path)

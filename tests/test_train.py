@@ -259,12 +259,13 @@ def test_bad_config_names_the_key(tmp_path, yaml_text, key):
 
 
 def test_shipped_configs_load_and_are_packaged():
-    names = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
-    assert {"smoke-cpu.yaml", "kaggle-t4.yaml", "seed-v1.yaml", "seed-v2.yaml"} <= set(names)
+    names = sorted(p.name for p in (REPO / "kaggle_utils" / "configs").glob("*.yaml"))
+    assert {"smoke-cpu.yaml", "kaggle-t4.yaml", "seed-v1.yaml", "seed-v2.yaml", "demo-cpu.yaml"} <= set(names)
+    assert not (REPO / "configs").exists()  # one copy of the shipped configs: the package's
     for name in names:
-        cfg = load_train_config(REPO / "configs" / name)
-        assert to_dict(load_train_config(name)) == to_dict(cfg)  # the packaged copy is identical
-        assert (REPO / "kaggle_utils" / "configs" / name).read_text() == (REPO / "configs" / name).read_text()
+        cfg = load_train_config(REPO / "kaggle_utils" / "configs" / name)
+        assert to_dict(load_train_config(name)) == to_dict(cfg)  # by name, with or without .yaml
+        assert to_dict(load_train_config(name.removesuffix(".yaml"))) == to_dict(cfg)
     assert load_train_config("seed-v2").train.label_mode == "foreground"
     assert load_train_config("seed-v2").loss.name == "seed-v2"
     assert load_train_config("kaggle-t4").train.amp == "fp16"

@@ -63,7 +63,7 @@ def volumes():
 
 
 SMALL_SPACE = dict(threshold={"start": 0.2, "stop": 0.6, "step": 0.05}, min_component_size=[0, 5, 1000000],
-                   closing_radius=[0], fill_holes=[False], max_cavity_size=[0], border=[0, 3])
+                   closing_radius=[0], fill_pinholes=[False], max_cavity_size=[0], border=[0, 3])
 
 
 def test_known_optimum_found_and_yaml_round_trip(volumes, tmp_path):
@@ -121,7 +121,7 @@ def test_parallel_matches_serial_and_random_search(volumes):
 def test_hysteresis_grid(volumes):
     probs, labels = volumes
     space = load_search_space(data=dict(threshold=[0.4, 0.5], hysteresis_low=[0.3], min_component_size=[0],
-                                        closing_radius=[0], fill_holes=[False], max_cavity_size=[0], border=[0]))
+                                        closing_radius=[0], fill_pinholes=[False], max_cavity_size=[0], border=[0]))
     res = tune(probs[:1], labels[:1], space, progress=False)
     hyst = [c.cfg for c in res.candidates if c.cfg.uses_hysteresis]
     assert hyst and all(c.hysteresis_low == 0.3 and c.hysteresis_high == c.threshold for c in hyst)
@@ -186,7 +186,7 @@ def test_cli_tune(volumes, tmp_path, capsys):
     _write_layout(tmp_path, probs, labels, fold_value=lambda p: [0, 1])
     space = tmp_path / "space.yaml"
     space.write_text("threshold: [0.35, 0.4, 0.45]\nmin_component_size: [0, 5]\nclosing_radius: [0]\n"
-                     "fill_holes: [false]\nmax_cavity_size: [0]\nborder: [0]\n")
+                     "fill_pinholes: [false]\nmax_cavity_size: [0]\nborder: [0]\n")
     out, png = tmp_path / "best-postprocess.yaml", tmp_path / "tune.png"
     rc = main(["tune", "--probs", str(tmp_path / "run"), "--data-dir", str(tmp_path), "--space", str(space),
                "--workers", "1", "--out", str(out), "--plot", str(png), "--no-progress"])
@@ -221,7 +221,7 @@ def test_winners_steps_are_searched_and_chosen_when_they_help(volumes, tmp_path)
     probs, labels = volumes
     # no dust removal on offer: only z-pruning (or opening) can remove the one-voxel specks
     space = load_search_space(data=dict(threshold=[0.4], min_component_size=[0], closing_radius=[0],
-                                        fill_holes=[False], max_cavity_size=[0], border=[0], z_prune=[False, True],
+                                        fill_pinholes=[False], max_cavity_size=[0], border=[0], z_prune=[False, True],
                                         hole_plug=[False, True], rounds=1))
     res = tune(probs, labels, space, progress=False)
     tried = {(c.cfg.z_prune, c.cfg.hole_plug) for c in res.candidates}
