@@ -222,7 +222,12 @@ def ratio_report(runs_by_seed: dict[str, dict]) -> dict:
                 # the guard sees the mean shares (the per-volume spread is not in collapse.json)
                 guard.update(collapse_verdict([h["val_fg_pct"] / 100], [h["val_label_fg_pct"] / 100]), h["epoch"])
             last = _validations(r)[-1]
+            streak = longest = 0
+            for h in guard.history:
+                streak = streak + 1 if h["collapsed"] else 0
+                longest = max(longest, streak)
             guards.append({"seed": seed, "run": name, "state": guard.state, "flagged": guard.flagged_epochs,
+                           "longest_streak": longest,
                            "best_score": r["best_score"], "final_score": last.get("val_score"),
                            "summary": guard.summary()})
     return {"rows": rows, "guard": guards}
@@ -246,9 +251,10 @@ def print_ratio_report(rep: dict) -> None:
             print(f"{name:8}: all {v.size} validations: min {v.min():.2f} median {np.median(v):.2f} max {v.max():.2f}"
                   f"; last 3 epochs: min {last.min():.2f} median {np.median(last):.2f} max {last.max():.2f}")
     print()
-    print(f"{'seed':>5} {'run':8} {'state':>10} {'best':>6} {'final':>6}  guard summary")
+    print(f"{'seed':>5} {'run':8} {'state':>10} {'streak':>6} {'best':>6} {'final':>6}  guard summary")
     for g in rep["guard"]:
-        print(f"{g['seed']:>5} {g['run']:8} {g['state']:>10} {g['best_score']:6.3f} {g['final_score']:6.3f}  {g['summary']}")
+        print(f"{g['seed']:>5} {g['run']:8} {g['state']:>10} {g['longest_streak']:6d} {g['best_score']:6.3f} "
+              f"{g['final_score']:6.3f}  {g['summary']}")
 
 
 def plot_ratios(rep: dict, png: Path) -> None:

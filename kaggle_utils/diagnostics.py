@@ -34,6 +34,7 @@ __all__ = [
     "COLLAPSE_MAX_RATIO",
     "COLLAPSE_RECOVER_RATIO",
     "COLLAPSE_MAX_FG",
+    "COLLAPSE_STOP_AFTER",
     "CollapseVerdict",
     "CollapseGuard",
     "fg_fraction",
@@ -66,6 +67,9 @@ COLLAPSE_MAX_RATIO = 2.0
 COLLAPSE_RECOVER_RATIO = 1.5
 #: Flag ``foreground`` collapse above this absolute predicted share of labelled voxels.
 COLLAPSE_MAX_FG = 0.5
+#: Flagged validations in a row before :meth:`CollapseGuard.should_stop` says stop (healthy runs
+#: were flagged for at most 2 in a row while young; collapsed ones for 8 or more).
+COLLAPSE_STOP_AFTER = 3
 
 
 @dataclass
@@ -241,6 +245,10 @@ class CollapseGuard:
     def was_flagged(self) -> bool:
         """Whether any validation so far was flagged (stays True after a recovery)."""
         return bool(self.flagged_epochs)
+
+    def should_stop(self, after: int = COLLAPSE_STOP_AFTER) -> bool:
+        """Whether the latest ``after`` validations were all flagged (for ``on_collapse: stop``)."""
+        return self.consecutive >= after
 
     def update(self, verdict: CollapseVerdict, epoch: int | None = None) -> CollapseVerdict:
         """Record one validation's verdict; return it, made collapsed while a flagged run is not recovered.

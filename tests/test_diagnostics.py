@@ -233,6 +233,7 @@ def test_guard_keeps_a_run_flagged_until_it_recovers():
     assert "not recovered" in verdicts[1].reasons[0] and "1.9x" in verdicts[1].reasons[0]
     assert "flagged since epoch 1" in verdicts[2].reasons[0] and "1.7x" in verdicts[2].reasons[0]
     assert guard.state == "collapsed" and guard.flagged_epochs == [1, 2, 3] and guard.consecutive == 3
+    assert guard.should_stop() and not guard.should_stop(after=4)
     assert guard.summary().startswith("collapse guard: COLLAPSED: flagged at epoch(s) 1, 2, 3")
     # without the guard, those two validations read "healthy": what the summary used to say
     assert not collapse_verdict([0.43] * 3, [0.222] * 3).collapsed
@@ -244,6 +245,7 @@ def test_guard_recovery_is_explicit_and_the_summary_remembers():
     assert [v.collapsed for v in verdicts] == [False, True, True, False, False, False]
     assert any("recovered: 1.29x <= 1.5x (flagged at epoch(s) 2, 3)" in n for n in verdicts[3].notes)
     assert guard.state == "recovered" and guard.consecutive == 0 and guard.was_flagged
+    assert not guard.should_stop()
     text = guard.summary()
     assert "FLAGGED EARLIER" in text and "epoch(s) 2, 3" in text and "since epoch 4" in text and "max 3.12x" in text
 
