@@ -319,7 +319,9 @@ def test_resolve_amp_dtype():
     assert resolve_amp_dtype("auto", "cpu") is None
     assert resolve_amp_dtype("auto", "cuda") is torch.float16
     assert resolve_amp_dtype(False, "cuda") is None
-    assert resolve_amp_dtype(True, "cpu") is torch.bfloat16
+    with pytest.warns(DeprecationWarning, match="use 'fp16'"):  # old inference.amp spelling
+        assert resolve_amp_dtype(True, "cpu") is torch.bfloat16
+    assert resolve_amp_dtype("fp16", "cpu") is torch.bfloat16
     with pytest.raises(ValueError, match="amp"):
         resolve_amp_dtype("int8", "cpu")
 
@@ -368,7 +370,7 @@ def test_amp_bfloat16_on_cpu_close_to_float32():
     net = conv_net(9)
     vol = rand_volume((40, 40, 40), seed=9)
     full = sliding_window_predict(net, vol, 32, device="cpu", amp=False)
-    half = sliding_window_predict(net, vol, 32, device="cpu", amp=True)  # bfloat16 autocast on CPU
+    half = sliding_window_predict(net, vol, 32, device="cpu", amp="fp16")  # bfloat16 autocast on CPU
     assert half.dtype == np.float32
     np.testing.assert_allclose(half, full, atol=2e-2, rtol=0)
 
