@@ -202,3 +202,44 @@ def test_search_space_field_names_follow_postprocess():
     pp = {f.name for f in dataclasses.fields(PostprocessConfig)}
     space = {f.name for f in dataclasses.fields(SearchSpace)} - {"base", "method", "rounds", "n_random"}
     assert space <= pp and "fill_pinholes" in space
+
+
+# ---------------------------------------------------------------------------------- CLI, folds
+
+
+def test_time_limit_flag_has_one_spelling_and_the_old_one_still_parses(capsys):
+    from kaggle_utils.cli import build_parser
+
+    parser = build_parser()
+    for cmd in (["train", "--config", "smoke-cpu", "--out", "run"], ["predict", "--checkpoint", "m.pt"]):
+        assert parser.parse_args([*cmd, "--time-limit-s", "60"]).time_limit_s == 60.0
+        assert parser.parse_args([*cmd, "--time-limit", "61"]).time_limit_s == 61.0  # hidden old spelling
+    assert parser.parse_args(["train", "--config", "smoke-cpu", "--out", "run"]).time_limit_s is None
+    assert parser.parse_args(["predict", "--checkpoint", "m.pt"]).time_limit_s == pytest.approx(29160.0)
+    for command in ("train", "predict"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, "--help"])
+        shown = capsys.readouterr().out
+        assert "--time-limit-s" in shown and "--time-limit " not in shown
+
+
+def test_train_torchrun_command_uses_the_one_spelling():
+    from kaggle_utils.train import torchrun_command
+
+    cmd = torchrun_command(2, "kaggle-t4", "d", "o", 0, time_limit=100)
+    assert cmd[cmd.index("--time-limit-s") + 1] == "100"
+
+
+def test_assign_folds_accepts_one_fold(tmp_path):
+    from kaggle_utils.data import DataError, load_index, make_folds
+    from kaggle_utils.train import assign_folds
+
+    (tmp_path / "train.csv").write_text("id,scroll_id\n" + "".join(f"{i},{s}\n" for i, s in
+                                                                    [(1, "a"), (2, "a"), (3, "b"), (4, "c")]))
+    index = load_index(tmp_path, "train", check_files=False)
+    assert assign_folds(index, 1) == {"1": 0, "2": 0, "3": 0, "4": 0}  # n_folds 1: none held out
+    assert assign_folds(index, 3) == make_folds(index, 3)
+    with pytest.raises(DataError, match="train.n_folds"):
+        assign_folds(index, 4)  # 3 scrolls
+    with pytest.raises(ConfigError, match="train.n_folds"):
+        assign_folds(index, 0)
