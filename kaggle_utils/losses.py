@@ -20,6 +20,15 @@ All arithmetic runs in float32 with autocast disabled inside the loss, so the te
 Terms (registry names): ``dice``, ``bce``, ``focal``, ``boundary``, ``cldice``,
 ``skeleton_recall``, ``connectivity``, ``variance``, ``entropy``. Combine them with
 :class:`CompositeLoss` or :func:`build_loss` (presets ``"default"``, ``"seed-v1"``, ``"seed-v2"``).
+
+Deep supervision (``loss.deep_supervision: true``, nnU-Net's): :class:`DeepSupervisionLoss` applies
+the composite to every decoder output of an nnU-Net network with :func:`deep_supervision_weights`
+(``1/2^k`` normalised, the lowest resolution weighted 0) and labels reduced by
+:func:`downsample_label`: a low-resolution voxel is *ignored* when any voxel of its block is ignored
+(max-pool of the ignore mask), else *surface* when any voxel of its block is surface (max-pool of
+the foreground), else background. Ignore therefore only grows with the scale, never shrinks: no
+ignored voxel ever becomes supervised, and a 1–3 voxel thick sheet survives at 1/16 resolution
+(nearest-neighbour sampling, nnU-Net's choice, would drop it from most blocks).
 """
 
 from __future__ import annotations
@@ -63,6 +72,9 @@ __all__ = [
     "VarianceRegularizer",
     "EntropyRegularizer",
     "CompositeLoss",
+    "DeepSupervisionLoss",
+    "deep_supervision_weights",
+    "downsample_label",
     "LossConfig",
     "build_loss",
 ]
@@ -619,6 +631,107 @@ class CompositeLoss(nn.Module):
         return f"weights={self.weights}, ignore_label={self.ignore_label}"
 
 
+def deep_supervision_weights(n: int) -> list[float]:
+    """nnU-Net's deep-supervision weights of ``n`` outputs, highest resolution first.
+
+    ``w_k = 1 / 2^k``, the lowest resolution set to 0 (when ``n > 1``), normalised to sum 1; for
+    ``n = 5``: ``[0.5333, 0.2667, 0.1333, 0.0667, 0]``.
+    """
+    if n < 1:
+        raise ValueError(f"deep supervision needs at least one output, got {n}")
+    w = [1.0 / 2**k for k in range(n)]
+    if n > 1:
+        w[-1] = 0.0
+    total = sum(w)
+    return [x / total for x in w]
+
+
+def downsample_label(target: Tensor, shape: tuple[int, ...] | torch.Size, ignore_label: int | None = 2) -> Tensor:
+    """Reduce integer labels ``(B,1,Z,Y,X)`` to ``shape`` (``(Z', Y', X')``, each edge dividing the label's).
+
+    Block rule: ignored if any voxel of the block is ``ignore_label`` (max-pool of the ignore mask),
+    else 1 if any voxel is foreground (non-zero), else 0. An ignored voxel never turns into a
+    supervised one at a lower resolution.
+
+    Returns:
+        tensor of ``target``'s dtype, ``(B, 1, *shape)``.
+
+    Raises:
+        ValueError: an edge of ``shape`` does not divide the label's edge.
+    """
+    full = tuple(target.shape[-3:])
+    shape = tuple(int(s) for s in shape[-3:])
+    if shape == full:
+        return target
+    if any(s < 1 or f % s for f, s in zip(full, shape)):
+        raise ValueError(f"deep supervision: output shape {shape} does not divide the label shape {full}")
+    kernel = tuple(f // s for f, s in zip(full, shape))
+    if ignore_label is None:
+        ign = torch.zeros_like(target, dtype=torch.bool)
+    else:
+        ign = target == ignore_label
+    fg = (target != 0) & ~ign
+    pool = lambda m: F.max_pool3d(m.float(), kernel, kernel) > 0  # noqa: E731
+    ign_s, fg_s = pool(ign), pool(fg)
+    out = fg_s.to(target.dtype)
+    if ignore_label is not None:
+        out = torch.where(ign_s, torch.full_like(out, ignore_label), out)
+    return out
+
+
+class DeepSupervisionLoss(nn.Module):
+    """A :class:`CompositeLoss` summed over the decoder outputs of a deep-supervised network.
+
+    ``total = Σ_k w_k · loss(outputs[k], downsample_label(target, outputs[k].shape))`` with
+    ``w = deep_supervision_weights(len(outputs))``; outputs with weight 0 are not computed. A single
+    tensor (validation, smp-3d networks) is passed to the composite unchanged.
+
+    Args:
+        loss: the composite applied at every scale (its ``ignore_label`` is used to reduce labels).
+
+    Shape:
+        ``forward(outputs: list of (B,1,Z/s_k,Y/s_k,X/s_k) float logits, highest resolution first, or
+        one (B,1,Z,Y,X) tensor; target (B,1,Z,Y,X) uint8/int; dist=None)`` →
+        ``(total scalar float32, parts {name: detached scalar})``, each part the same weighted sum
+        over scales as the total.
+    """
+
+    def __init__(self, loss: CompositeLoss) -> None:
+        super().__init__()
+        self.loss = loss
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """The composite's term weights (the loss parts logged per epoch)."""
+        return self.loss.weights
+
+    @property
+    def ignore_label(self) -> int | None:
+        return self.loss.ignore_label
+
+    def forward(self, outputs: Tensor | list[Tensor] | tuple[Tensor, ...], target: Tensor,
+                dist: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        if torch.is_tensor(outputs):
+            return self.loss(outputs, target, dist)
+        outputs = list(outputs)
+        total: Tensor | None = None
+        parts: dict[str, Tensor] = {}
+        for k, (w, logits) in enumerate(zip(deep_supervision_weights(len(outputs)), outputs)):
+            if w == 0.0:  # kept in the graph with zero gradient (DistributedDataParallel expects every head)
+                total = total + 0.0 * logits.float().sum() if total is not None else 0.0 * logits.float().sum()
+                continue
+            t_k = downsample_label(target, logits.shape[-3:], self.loss.ignore_label)
+            value, p = self.loss(logits, t_k, dist if k == 0 else None)
+            total = w * value if total is None else total + w * value
+            for name, v in p.items():
+                parts[name] = w * v if name not in parts else parts[name] + w * v
+        assert total is not None  # weight 0 only for the last of several outputs
+        return total, parts
+
+    def extra_repr(self) -> str:
+        return "deep supervision (nnU-Net weights 1/2^k, lowest resolution 0)"
+
+
 def _normalized(w: dict[str, float]) -> dict[str, float]:
     s = sum(w.values())
     return {k: v / s for k, v in w.items()}
@@ -651,6 +764,8 @@ class LossConfig:
     ``name`` picks a preset (``default``, ``seed-v1``, ``seed-v2``); ``weights`` replaces the
     preset's weights (or stands alone when ``name`` is None); every other field left ``None``
     keeps the preset's or the term's default. ``ignore_label: null`` disables the ignore mask.
+    ``deep_supervision: true`` applies the loss to every decoder output of an nnU-Net network
+    (:class:`DeepSupervisionLoss`); validation and inference use the full-resolution output only.
     """
 
     name: str | None = "default"
@@ -664,6 +779,7 @@ class LossConfig:
     cldice_iters: int | None = None
     variance_form: RegForm | None = None
     entropy_form: RegForm | None = None
+    deep_supervision: bool = False
 
 
 _KWARG_FIELDS = (
@@ -672,7 +788,7 @@ _KWARG_FIELDS = (
 )
 
 
-def _from_config(cfg: LossConfig) -> CompositeLoss:
+def _from_config(cfg: LossConfig) -> CompositeLoss | DeepSupervisionLoss:
     weights: dict[str, float] | None = None
     kwargs: dict[str, Any] = {}
     if cfg.name is not None:
@@ -686,11 +802,13 @@ def _from_config(cfg: LossConfig) -> CompositeLoss:
     for f in _KWARG_FIELDS:
         if getattr(cfg, f) is not None:
             kwargs[f] = getattr(cfg, f)
-    return CompositeLoss(weights, cfg.ignore_label, **kwargs)
+    loss = CompositeLoss(weights, cfg.ignore_label, **kwargs)
+    return DeepSupervisionLoss(loss) if cfg.deep_supervision else loss
 
 
-def build_loss(spec: str | dict | LossConfig, ignore_label: int | None = 2) -> CompositeLoss:
-    """Build a :class:`CompositeLoss` from a preset name, a weights dict, or a config section.
+def build_loss(spec: str | dict | LossConfig, ignore_label: int | None = 2) -> CompositeLoss | DeepSupervisionLoss:
+    """Build a :class:`CompositeLoss` from a preset name, a weights dict, or a config section
+    (a :class:`DeepSupervisionLoss` around it when the section sets ``deep_supervision``).
 
     Args:
         spec: ``"default"`` | ``"seed-v1"`` | ``"seed-v2"``; a ``{term: weight}`` dict (keys all in

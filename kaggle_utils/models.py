@@ -1,4 +1,17 @@
-"""3D segmentation models (segmentation-models-pytorch-3d), patch-size checks and checkpoints.
+"""3D segmentation models (segmentation-models-pytorch-3d and nnU-Net's networks), patch-size checks
+and checkpoints.
+
+Two families, one :class:`ModelConfig`:
+
+* smp-3d encoder/decoder networks (``arch`` ``Unet``, ``UnetPlusPlus``, ``FPN``, ``MAnet``,
+  ``Linknet`` with an ``encoder`` of :data:`KNOWN_ENCODERS`);
+* nnU-Net's networks from ``dynamic-network-architectures`` (``arch`` ``ResEncUNet``, the residual
+  encoder U-Net of nnU-Net's ResEnc presets that won this competition, and ``PlainConvUNet``, nnU-Net's
+  default U-Net), sized by a ``preset`` of :data:`NNUNET_PRESETS` (``resenc-m`` for 128³, ``resenc-l``
+  for 192³, ``resenc-xl`` for 256³ with 7 stages, ``plain-m``) whose every field can be overridden
+  (``n_stages``, ``features_per_stage``, ``strides``, ``n_blocks_per_stage``, ...). The preset is
+  resolved into explicit fields when the config is built, so a checkpoint's ``model_config`` describes
+  the network completely and rebuilds it without the preset table.
 
 A model maps a normalized CT patch ``float32 (B, 1, Z, Y, X)`` to surface logits
 ``float32 (B, 1, Z, Y, X)`` (one channel, no activation). It is described by a :class:`ModelConfig`
@@ -17,6 +30,7 @@ scheduler, scaler, RNG or history. :func:`load_checkpoint` reads both kinds.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -28,9 +42,14 @@ from torch import nn
 
 __all__ = [
     "ARCHITECTURES",
+    "NNUNET_ARCHITECTURES",
+    "NNUNET_PRESETS",
+    "NNUNet",
+    "set_deep_supervision",
     "KNOWN_ENCODERS",
     "ModelConfig",
     "build_model",
+    "describe_model",
     "model_divisor",
     "validate_patch_size",
     "CheckpointError",
@@ -43,8 +62,33 @@ __all__ = [
     "unwrap_model",
 ]
 
-#: Decoder architectures of segmentation-models-pytorch-3d that build and run on 3D patches.
-ARCHITECTURES = ("Unet", "UnetPlusPlus", "FPN", "MAnet", "Linknet")
+#: nnU-Net's networks (``dynamic-network-architectures``): residual-encoder and plain-conv U-Nets.
+NNUNET_ARCHITECTURES = ("ResEncUNet", "PlainConvUNet")
+
+#: Decoder architectures that build and run on 3D patches: smp-3d's, then nnU-Net's.
+ARCHITECTURES = ("Unet", "UnetPlusPlus", "FPN", "MAnet", "Linknet") + NNUNET_ARCHITECTURES
+
+_RESENC_6 = dict(n_stages=6, features_per_stage=[32, 64, 128, 256, 320, 320], strides=[1, 2, 2, 2, 2, 2],
+                 n_blocks_per_stage=[1, 3, 4, 6, 6, 6], n_conv_per_stage_decoder=[1, 1, 1, 1, 1])
+
+#: nnU-Net plans for an isotropic patch (nnunetv2 ResEnc presets; 3x3x3 kernels, InstanceNorm3d affine
+#: eps 1e-5, LeakyReLU 0.01, conv bias): ``resenc-m`` is the 128^3 network of the 1st place (~9-11 GB
+#: at batch 2), ``resenc-l`` the same 6-stage network planned for 192^3 (24 GB class), ``resenc-xl``
+#: the 7-stage network nnU-Net plans for a 256^3 patch; ``plain-m`` nnU-Net's default 3d_fullres U-Net
+#: (2 convs per stage) for 128^3. ``patch_size`` is the patch each plan was made for (documentation; the
+#: sampler's patch size decides).
+NNUNET_PRESETS: dict[str, dict[str, Any]] = {
+    "resenc-m": dict(arch="ResEncUNet", patch_size=128, **_RESENC_6),
+    "resenc-l": dict(arch="ResEncUNet", patch_size=192, **_RESENC_6),
+    "resenc-xl": dict(arch="ResEncUNet", patch_size=256, n_stages=7,
+                      features_per_stage=[32, 64, 128, 256, 320, 320, 320], strides=[1, 2, 2, 2, 2, 2, 2],
+                      n_blocks_per_stage=[1, 3, 4, 6, 6, 6, 6], n_conv_per_stage_decoder=[1, 1, 1, 1, 1, 1]),
+    "plain-m": dict(arch="PlainConvUNet", patch_size=128, n_stages=6,
+                    features_per_stage=[32, 64, 128, 256, 320, 320], strides=[1, 2, 2, 2, 2, 2],
+                    n_blocks_per_stage=[2, 2, 2, 2, 2, 2], n_conv_per_stage_decoder=[2, 2, 2, 2, 2]),
+}
+_DEFAULT_PRESET = {"ResEncUNet": "resenc-m", "PlainConvUNet": "plain-m"}
+_NNUNET_FIELDS = ("n_stages", "features_per_stage", "strides", "n_blocks_per_stage", "n_conv_per_stage_decoder")
 
 #: Encoders checked to build and run forward/backward in 3D with one input channel.
 KNOWN_ENCODERS = (
@@ -89,6 +133,21 @@ class ModelConfig:
             ``None`` uses smp's default (256, 128, 64, 32, 16). Smaller is much faster on CPU.
         in_channels: input channels (1: the CT intensity).
         classes: output channels (1: one surface logit).
+        preset: nnU-Net archs only: a :data:`NNUNET_PRESETS` name (default ``resenc-m`` for
+            ``ResEncUNet``, ``plain-m`` for ``PlainConvUNet``); fields below left ``null`` take its values.
+        n_stages: nnU-Net archs: resolution stages (encoder stages; the decoder has one less).
+        features_per_stage: nnU-Net archs: channels of each stage, ``n_stages`` values.
+        strides: nnU-Net archs: isotropic downsampling stride of each stage (the first is 1); every
+            patch edge must be a multiple of their product (:func:`model_divisor`).
+        n_blocks_per_stage: residual blocks (``ResEncUNet``) or convolutions (``PlainConvUNet``) per
+            encoder stage, ``n_stages`` values.
+        n_conv_per_stage_decoder: convolutions per decoder stage, ``n_stages - 1`` values.
+        kernel_size: nnU-Net archs: isotropic convolution kernel (3).
+        conv_bias: nnU-Net archs: convolutions with a bias (nnU-Net: on).
+        norm_eps: nnU-Net archs: ``InstanceNorm3d(affine=True, eps=norm_eps)``.
+        negative_slope: nnU-Net archs: ``LeakyReLU(negative_slope)``.
+
+    For the nnU-Net archs ``encoder``, ``encoder_weights`` and ``decoder_channels`` are not used.
     """
 
     arch: str = "Unet"
@@ -98,10 +157,25 @@ class ModelConfig:
     decoder_channels: list[int] | None = None
     in_channels: int = 1
     classes: int = 1
+    preset: str | None = None
+    n_stages: int | None = None
+    features_per_stage: list[int] | None = None
+    strides: list[int] | None = None
+    n_blocks_per_stage: list[int] | None = None
+    n_conv_per_stage_decoder: list[int] | None = None
+    kernel_size: int = 3
+    conv_bias: bool = True
+    norm_eps: float = 1e-5
+    negative_slope: float = 0.01
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"model.arch: unknown architecture {self.arch!r}; choose one of {list(ARCHITECTURES)}")
+        if self.arch in NNUNET_ARCHITECTURES:
+            self._resolve_nnunet()
+        elif self.preset is not None:
+            raise ValueError(f"model.preset: {self.preset!r} is for the nnU-Net archs {list(NNUNET_ARCHITECTURES)}, "
+                             f"not {self.arch}")
         if self.encoder not in KNOWN_ENCODERS:
             raise ValueError(
                 f"model.encoder: {self.encoder!r} is not a known-good 3D encoder; choose one of {list(KNOWN_ENCODERS)}"
@@ -113,9 +187,44 @@ class ModelConfig:
         if self.in_channels < 1 or self.classes < 1:
             raise ValueError("model.in_channels and model.classes must be >= 1")
 
+    def _resolve_nnunet(self) -> None:
+        """Fill the ``null`` nnU-Net fields from the preset and check their lengths (``ValueError`` naming the key)."""
+        name = self.preset or _DEFAULT_PRESET[self.arch]
+        if name not in NNUNET_PRESETS:
+            raise ValueError(f"model.preset: unknown preset {name!r}; choose one of {sorted(NNUNET_PRESETS)}")
+        plan = NNUNET_PRESETS[name]
+        if plan["arch"] != self.arch:
+            raise ValueError(f"model.preset: {name!r} is a {plan['arch']} preset, not a {self.arch} one")
+        self.preset = name
+        if self.n_stages is None:
+            self.n_stages = len(self.features_per_stage) if self.features_per_stage else plan["n_stages"]
+        n = int(self.n_stages)
+        if n < 2:
+            raise ValueError(f"model.n_stages: must be >= 2, got {n}")
+        for key in _NNUNET_FIELDS[1:]:
+            want = n - 1 if key == "n_conv_per_stage_decoder" else n
+            value = getattr(self, key)
+            if value is None:  # the preset's values, cut or extended (last value repeated) to n stages
+                base = list(plan[key])
+                value = base[:want] + [base[-1]] * max(0, want - len(base))
+            value = [int(v) for v in value]
+            if len(value) != want:
+                raise ValueError(f"model.{key}: needs {want} values for n_stages {n}, got {value}")
+            if any(v < 1 for v in value):
+                raise ValueError(f"model.{key}: every value must be >= 1, got {value}")
+            setattr(self, key, value)
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ValueError(f"model.kernel_size: must be an odd number >= 1, got {self.kernel_size}")
+
 
 def model_divisor(cfg: ModelConfig | None = None) -> int:
-    """Every patch edge must be a multiple of this: 32 (5 encoder stages, each halving every edge)."""
+    """Every patch edge must be a multiple of this: the network's total downsampling.
+
+    32 for the smp-3d networks (5 encoder stages, each halving every edge); the product of
+    ``strides`` for the nnU-Net archs (32 for ``resenc-m``/``resenc-l``, 64 for ``resenc-xl``).
+    """
+    if cfg is not None and cfg.arch in NNUNET_ARCHITECTURES and cfg.strides:
+        return int(math.prod(cfg.strides))
     return 32
 
 
@@ -165,15 +274,79 @@ def _load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+class NNUNet(nn.Module):
+    """An nnU-Net network (``dynamic-network-architectures``) with switchable deep supervision.
+
+    The decoder always holds one segmentation head per stage (so the state dict does not depend on
+    deep supervision). In ``train()`` mode with :attr:`deep_supervision` on, ``forward`` returns one
+    logits tensor per decoder stage, highest resolution first (``(B, classes, Z/s_k, Y/s_k, X/s_k)``,
+    ``s_0 = 1``); otherwise (evaluation, validation, inference) only the full-resolution logits
+    ``float32 (B, classes, Z, Y, X)``, as every other model here.
+
+    Args:
+        net: a ``ResidualEncoderUNet`` or ``PlainConvUNet`` built with ``deep_supervision=True``.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.deep_supervision = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        ds = self.deep_supervision and self.training
+        self.net.decoder.deep_supervision = ds
+        out = self.net(x)
+        return list(out) if ds else out
+
+
+def set_deep_supervision(model: nn.Module, enabled: bool) -> bool:
+    """Switch deep supervision of an :class:`NNUNet` (inside any DDP/compile/EMA wrapper) on or off.
+
+    Returns:
+        whether ``model`` supports it (``False`` for the smp-3d networks: nothing changed).
+    """
+    inner = unwrap_model(model)
+    if isinstance(inner, NNUNet):
+        inner.deep_supervision = bool(enabled)
+        return True
+    return False
+
+
+def _build_nnunet(cfg: ModelConfig) -> nn.Module:
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
+
+    common = dict(
+        input_channels=cfg.in_channels, n_stages=cfg.n_stages, features_per_stage=list(cfg.features_per_stage),
+        conv_op=nn.Conv3d, kernel_sizes=[[cfg.kernel_size] * 3] * cfg.n_stages,
+        strides=[[s] * 3 for s in cfg.strides], num_classes=cfg.classes,
+        n_conv_per_stage_decoder=list(cfg.n_conv_per_stage_decoder), conv_bias=cfg.conv_bias,
+        norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": cfg.norm_eps, "affine": True},
+        dropout_op=None, dropout_op_kwargs=None, nonlin=nn.LeakyReLU,
+        nonlin_kwargs={"negative_slope": cfg.negative_slope, "inplace": True}, deep_supervision=True,
+    )
+    if cfg.arch == "ResEncUNet":
+        net = ResidualEncoderUNet(n_blocks_per_stage=list(cfg.n_blocks_per_stage), **common)
+    else:
+        net = PlainConvUNet(n_conv_per_stage=list(cfg.n_blocks_per_stage), **common)
+    net.apply(net.initialize)  # nnU-Net's He init (and zeroed last norm of each residual block)
+    return NNUNet(net)
+
+
 def build_model(cfg: ModelConfig | None = None) -> nn.Module:
     """Build the network described by ``cfg`` (defaults: resnet18 U-Net, random init).
 
     Returns:
         ``nn.Module`` mapping ``float32 (B, in_channels, Z, Y, X)`` to logits
         ``float32 (B, classes, Z, Y, X)``; edges must pass :func:`validate_patch_size` with
-        :func:`model_divisor`.
+        :func:`model_divisor`. The nnU-Net archs return an :class:`NNUNet` (a list of logits per
+        decoder stage in training mode once :func:`set_deep_supervision` switched it on).
     """
     cfg = cfg or ModelConfig()
+    if cfg.arch in NNUNET_ARCHITECTURES:
+        model = _build_nnunet(cfg)
+        if cfg.weights_path:
+            _load_weights(model, cfg)
+        return model
     # its first import draws from torch's RNG: fork it, so a process's first model is initialized as every later one
     with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         warnings.simplefilter("ignore", FutureWarning)  # smp-3d imports torch.jit.script users
@@ -189,13 +362,27 @@ def build_model(cfg: ModelConfig | None = None) -> nn.Module:
         kwargs["decoder_channels"] = list(cfg.decoder_channels or (256, 128, 64, 32, 16))
     model = getattr(smp, cfg.arch)(**kwargs)
     if cfg.weights_path:
-        missing, unexpected = model.load_state_dict(_load_state(cfg.weights_path), strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"model.weights_path: {cfg.weights_path} does not fit {cfg.arch}/{cfg.encoder}: "
-                f"{len(missing)} missing key(s) e.g. {missing[:3]}, {len(unexpected)} unexpected e.g. {unexpected[:3]}"
-            )
+        _load_weights(model, cfg)
     return model
+
+
+def _load_weights(model: nn.Module, cfg: ModelConfig) -> None:
+    state = _load_state(cfg.weights_path)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # same keys, other shapes
+        first = (str(exc).strip().splitlines() or [""])[-1].strip()[:200]
+        raise ValueError(f"model.weights_path: {cfg.weights_path} does not fit {describe_model(cfg)}: {first}") from None
+    if missing or unexpected:
+        raise ValueError(
+            f"model.weights_path: {cfg.weights_path} does not fit {describe_model(cfg)}: "
+            f"{len(missing)} missing key(s) e.g. {missing[:3]}, {len(unexpected)} unexpected e.g. {unexpected[:3]}"
+        )
+
+
+def describe_model(cfg: ModelConfig) -> str:
+    """``ResEncUNet/resenc-m`` or ``Unet/resnet18``: the network in a few characters, for messages."""
+    return f"{cfg.arch}/{cfg.preset if cfg.arch in NNUNET_ARCHITECTURES else cfg.encoder}"
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -279,7 +466,8 @@ def load_checkpoint(
     ckpt = _torch_load(path, map_location)
     cfg_dict = ckpt.get("config") or {}
     model_dict = dict(_model_config_dict(path, ckpt), weights_path=None, encoder_weights=None)
-    model = build_model(from_dict(ModelConfig, model_dict, "model"))
+    model_cfg = from_dict(ModelConfig, model_dict, "model")
+    model = build_model(model_cfg)
     state = ckpt["ema"] if use_ema and isinstance(ckpt.get("ema"), dict) else ckpt["model"]
     state = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() and v.dtype != torch.float32 else v
              for k, v in state.items()}
@@ -287,7 +475,7 @@ def load_checkpoint(
         model.load_state_dict(state)
     except RuntimeError as exc:
         first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(f"{path}: weights do not fit {model_dict.get('arch')}/{model_dict.get('encoder')} "
+        raise CheckpointError(f"{path}: weights do not fit {describe_model(model_cfg)} "
                               f"({first})") from None
     model.to(map_location).eval()
     return model, cfg_dict, ckpt

@@ -123,8 +123,8 @@ class StopReason(str, enum.Enum):
     EARLY_STOPPING = "early_stopping"
     COLLAPSE = "collapse"
     TIME_LIMIT = "time_limit"
-    TIME_BUDGET = "time_budget"
     CALLBACK = "callback"
+    TIME_BUDGET = "time_budget"
 
     def __str__(self) -> str:
         return self.value
@@ -417,7 +417,7 @@ class TrainResult:
 
     Attributes:
         run_dir: the run folder (``last.pt``, ``best.pt``, ``train.log``, ``metrics.*``, ``oof/``).
-        fold: validation fold.
+        fold: validation fold, or ``"all"``.
         epochs_completed: epochs finished (counting those of a resumed run).
         best_epoch: epoch (1-based) of ``best.pt``; ``None`` before any validation.
         best_score: its selection metric (competition score, or Dice when ``n_score`` is 0).
@@ -428,7 +428,7 @@ class TrainResult:
     """
 
     run_dir: Path
-    fold: int
+    fold: int | str
     epochs_completed: int
     best_epoch: int | None
     best_score: float | None
@@ -469,7 +469,8 @@ class TrainResult:
             history = []
             if (run_dir / "metrics.jsonl").is_file():
                 history = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-            return cls(run_dir, int(data["fold"]), int(data["epochs_completed"]), data["best_epoch"],
+            fold = data["fold"] if data["fold"] == "all" else int(data["fold"])
+            return cls(run_dir, fold, int(data["epochs_completed"]), data["best_epoch"],
                        data["best_score"], _stop_reason(str(data["stopped"])), history,
                        Path(data["oof_dir"]) if data.get("oof_dir") else None)
         except FileNotFoundError:
@@ -658,7 +659,7 @@ _BROADCAST_REASONS: tuple[StopReason | None, ...] = (None, StopReason.COLLAPSE, 
                                                      StopReason.CALLBACK)
 
 # keys a resumed run may change without allow_config_change: they do not alter the trajectory
-RESUME_SAFE_KEYS = frozenset({"train.time_limit_s", "train.num_workers", "train.check_labels",
+RESUME_SAFE_KEYS = frozenset({"train.time_limit_s", "train.num_workers", "train.check_labels", "train.init_from",
                               "sampler.cache_bytes", "sampler.cache_dir", "validation.write_oof"})
 
 
@@ -686,7 +687,7 @@ class RunState:
     """
 
     cfg: TrainConfig
-    fold: int
+    fold: int | str
     run_dir: Path
     dist: "_Dist"
     train_idx: Any
@@ -984,8 +985,12 @@ def _resume(state: RunState, allow_config_change: bool = False) -> None:
 def _wrap_ddp(state: RunState) -> None:
     if state.dist.world > 1:
         dev = state.device
+        from .models import NNUNet
+
+        # without deep supervision an nnU-Net's lower-resolution heads take no part in the loss
+        unused = isinstance(state.model, NNUNet) and not state.cfg.loss.deep_supervision
         state.train_model = nn.parallel.DistributedDataParallel(
-            state.model, device_ids=[dev.index] if dev.type == "cuda" else None)
+            state.model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=unused)
 
 
 def _out_of_time_before(state: RunState, epoch: int) -> bool:
@@ -996,6 +1001,37 @@ def _out_of_time_before(state: RunState, epoch: int) -> bool:
         state.log(f"time limit {state.limit:.0f}s: stopping before epoch {epoch + 1} (last.pt holds epoch {epoch})")
         return True
     return False
+
+
+def _budget_spent(state: RunState) -> bool:
+    """Whether the training phase of ``train.time_budget_s`` is over (the schedule's budget reached);
+    sets ``state.budget_done``; the same answer on every rank."""
+    if state.budget is None or state.budget_done:
+        return state.budget_done
+    sched = state.schedule
+    state.budget_done = bool(state.dist.broadcast_flag(int(sched.elapsed() >= (sched.budget_s or 0.0))))
+    return state.budget_done
+
+
+def _plan_budget(state: RunState, val_seconds: float) -> None:
+    """Shorten the training phase of a budgeted run when a measured validation says that the final
+    validation, checkpoints and out-of-fold predictions need more than ``train.budget_reserve``.
+
+    The estimate: one validation, plus the out-of-fold pass over every held-out volume with the
+    ``inference`` TTA passes and overlap, plus 30 % slack. Rank 0 measures; every rank gets its plan.
+    """
+    if state.budget is None:
+        return
+    from .inference import tta_transforms
+
+    cfg = state.cfg
+    n_val = max(1, len(state.val_records))
+    overlap_cost = ((1 - cfg.validation.overlap) / (1 - cfg.inference.overlap)) ** 3
+    oof = 0.0
+    if cfg.validation.write_oof:
+        oof = val_seconds / n_val * len(state.val_idx) * len(tta_transforms(cfg.inference.tta)) * overlap_cost
+    reserve = max(cfg.train.budget_reserve * state.budget, 1.3 * (val_seconds + oof))
+    state.schedule.budget_s = max(0.05 * state.budget, state.budget - reserve)
 
 
 def _train_step(state: RunState, i: int, image: torch.Tensor, label: torch.Tensor,
@@ -1013,8 +1049,9 @@ def _train_step(state: RunState, i: int, image: torch.Tensor, label: torch.Tenso
     no_sync = not last_micro and state.dist.world > 1
     with state.train_model.no_sync() if no_sync else contextlib.nullcontext():
         with _autocast(dev, cfg.train.amp):
-            logits = state.train_model(image)
-        total, parts = state.loss_fn(logits.float(), target)
+            out = state.train_model(image)  # one tensor, or one per decoder stage (deep supervision)
+        logits = [o.float() for o in out] if isinstance(out, (list, tuple)) else out.float()
+        total, parts = state.loss_fn(logits, target)
         state.scaler.scale(total / accumulate).backward()
     if last_micro:
         if cfg.optim.grad_clip is not None:
@@ -1052,6 +1089,8 @@ def _train_epoch(state: RunState, epoch: int) -> dict | None:
                 state.log(f"time limit {state.limit:.0f}s reached inside epoch {epoch + 1}: abandoned it; "
                           f"last.pt holds epoch {epoch}")
                 return None
+            if _budget_spent(state):
+                break
             parts = _train_step(state, i, image, label, aug_gen)
             for n in names:
                 sums[n] += float(parts[n])
@@ -1059,6 +1098,7 @@ def _train_epoch(state: RunState, epoch: int) -> dict | None:
             bar.set_postfix(loss=f"{sums['total'] / n_batches:.4f}")
     finally:
         bar.close()
+    _budget_spent(state)  # a budget spent by the epoch's last batch ends the run after this epoch
     means = dist.mean({n: sums[n] / max(n_batches, 1) for n in names})
     row: dict[str, Any] = {"epoch": epoch + 1, "lr": state.schedule.lr, "train_loss": means["total"]}
     row.update({f"train_{n}": means[n] for n in names if n != "total"})
@@ -1069,11 +1109,13 @@ def _validate_and_select(state: RunState, epoch: int, row: dict) -> tuple[bool, 
     """Validate after epoch ``epoch`` when due (rank 0), add the numbers to ``row``, keep the best
     score, feed the plateau schedule. Returns ``(improved, stop reason: collapse / early stopping / None)``."""
     cfg, vc = state.cfg, state.cfg.validation
-    due = (epoch + 1) % vc.every == 0 or epoch + 1 == cfg.train.epochs
+    due = (epoch + 1) % vc.every == 0 or epoch + 1 == cfg.train.epochs or state.budget_done
     improved, reason = False, None
     if due and state.dist.main and state.val_records:
+        t_val = time.monotonic()
         summary, per_volume = validate_volumes(state.eval_model, state.val_records, cfg, state.device,
                                                progress=state.progress)
+        _plan_budget(state, time.monotonic() - t_val)
         state.model.train()
         row.update(summary)
         with open(state.run_dir / "val_volumes.jsonl", "a") as fh:
@@ -1095,6 +1137,10 @@ def _validate_and_select(state: RunState, epoch: int, row: dict) -> tuple[bool, 
             reason = StopReason.EARLY_STOPPING
     if state.dist.world > 1 and cfg.optim.schedule == "plateau":  # rank 0 observed the score
         state.schedule.set_plateau_scale(state.dist.broadcast(state.schedule.plateau_scale))
+    if state.dist.world > 1 and state.budget is not None:  # rank 0 measured the validation
+        state.schedule.budget_s = state.dist.broadcast(float(state.schedule.budget_s or 0.0))
+    if due:
+        _budget_spent(state)  # a shorter plan may end the run now: after this epoch, validated
     return improved, reason
 
 
@@ -1141,6 +1187,11 @@ def _run_epochs(state: RunState, on_epoch_end: Callable[[dict], bool | None] | N
         if on_epoch_end is not None and on_epoch_end(dict(row)) and reason is None:
             reason = StopReason.CALLBACK
         reason = _agree_on_stop(state, reason)
+        if reason is None and state.budget_done:
+            reason = StopReason.TIME_BUDGET
+            state.log(f"time budget {state.budget:.0f}s: training phase ended at {state.schedule.elapsed():.0f}s "
+                      f"(planned {state.schedule.budget_s:.0f}s, lr factor {state.schedule.factor():.3f}) after epoch "
+                      f"{state.epoch}, validated; the rest of the budget is for out-of-fold predictions")
         if reason is not None:
             state.stopped = reason
             return
@@ -1198,7 +1249,7 @@ def train(
     cfg: TrainConfig,
     data_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
-    fold: int = 0,
+    fold: int | str = 0,
     resume: bool = False,
     time_limit: float | None = None,
     device: str | torch.device | None = None,
@@ -1206,6 +1257,8 @@ def train(
     on_epoch_end: Callable[[dict], bool | None] | None = None,
     verbose: bool = True,
     allow_config_change: bool = False,
+    time_budget: float | None = None,
+    init_from: str | os.PathLike | None = None,
 ) -> TrainResult:
     """Train one fold; the function behind ``python -m kaggle_utils train`` and the notebooks.
 
@@ -1214,11 +1267,19 @@ def train(
         data_dir: competition-layout folder (``train.csv``, ``train_images/``, ``train_labels/``).
         out_dir: run folder (created); checkpoints, logs and OOF predictions go here.
         fold: validation fold in ``0 .. train.n_folds-1`` (scroll-grouped, ``data.split_fold``;
-            with ``train.n_folds`` 1, fold 0 trains on every volume, nothing held out).
+            with ``train.n_folds`` 1, fold 0 trains on every volume, nothing held out), or ``"all"``:
+            every volume trained on, nothing held out (the final model of the winners), validated
+            in-sample on ``validation.ids`` when listed.
         resume: continue from ``out_dir/last.pt`` exactly where it stopped (same weights, optimizer,
             scheduler, RNG and history as an uninterrupted run); starts fresh if there is none.
         time_limit: seconds this call may run (overrides ``train.time_limit_s``); the run stops
-            before an epoch that would not fit, or abandons the current one, keeping ``last.pt``.
+            before an epoch that would not fit, or abandons the current one, keeping ``last.pt``:
+            a hard stop of a run meant to be resumed.
+        time_budget: seconds the whole run may take (overrides ``train.time_budget_s``): the LR
+            schedule follows the budget's elapsed fraction and the run ends inside it, finished
+            (annealed, validated, ``best.pt``/``last.pt``, out-of-fold probabilities).
+        init_from: start from this checkpoint's weights (overrides ``train.init_from``), new optimizer
+            and schedule; any patch size.
         device: ``"cuda"``, ``"cpu"``...; default CUDA when available (per-rank GPU under torchrun).
         progress: tqdm bars within epochs and validation.
         on_epoch_end: called with each epoch's metrics row after its checkpoint is written;
@@ -1240,6 +1301,7 @@ def train(
     """
     t_start = time.monotonic()
     check_fold(fold, cfg.train.n_folds)
+    cfg = _with_overrides(cfg, time_budget, init_from)
     run_dir = Path(out_dir)
     dist = _Dist(device)
     handlers = _attach_log_handlers(run_dir, verbose) if dist.main else []
@@ -1258,14 +1320,33 @@ def train(
         state.log(f"fold {fold}: {len(state.train_idx)} training volume(s), {len(state.val_idx)} validation "
                   f"volume(s) ({len(state.val_records)} validated); {len(state.loader)} batch(es)/epoch x "
                   f"{dist.world} rank(s) on {dev}; label_mode {cfg.train.label_mode}, loss {state.loss_fn.weights}")
-        if cfg.train.n_folds == 1:
-            state.log("train.n_folds 1: no held-out fold; no validation, early stopping, best.pt or out-of-fold "
-                      "predictions")
+        if not state.val_idx.records:
+            state.log(("--fold all" if fold == "all" else "train.n_folds 1") + ": no held-out fold; "
+                      + (f"validating in-sample on validation.ids ({len(state.val_records)})" if state.val_records
+                         else "no validation, early stopping, best.pt") + ", no out-of-fold predictions")
         _run_epochs(state, on_epoch_end)
         return _finish(state)
     finally:
         _detach_log_handlers(handlers)
         dist.close()
+
+
+def _with_overrides(cfg: TrainConfig, time_budget: float | None, init_from: str | os.PathLike | None
+                    ) -> TrainConfig:
+    """``cfg`` with ``train.time_budget_s`` / ``train.init_from`` replaced when given (checked as in YAML)."""
+    import dataclasses
+
+    changes: dict[str, Any] = {}
+    if time_budget is not None:
+        changes["time_budget_s"] = float(time_budget)
+    if init_from is not None:
+        changes["init_from"] = str(init_from)
+    if not changes:
+        return cfg
+    try:
+        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def train_folds(cfg: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.PathLike,

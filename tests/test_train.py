@@ -376,7 +376,8 @@ def test_train_torchrun_runs_the_cli_on_two_gloo_processes(data_dir, tmp_path, c
 def test_stop_reasons_are_the_old_strings(tmp_path):
     from kaggle_utils.train import StopReason
 
-    assert [r.value for r in StopReason] == ["completed", "early_stopping", "collapse", "time_limit", "callback"]
+    assert [r.value for r in StopReason] == ["completed", "early_stopping", "collapse", "time_limit", "callback",
+                                             "time_budget"]
     r = TrainResult(tmp_path, fold=0, epochs_completed=1, best_epoch=None, best_score=None,
                     stopped=StopReason.EARLY_STOPPING)
     assert r.stopped == "early_stopping" and f"{r.stopped}" == str(r.stopped) == "early_stopping"
