@@ -1317,18 +1317,25 @@ def train(
         elif resume:
             state.warn(f"--resume: no {state.last_path}, starting a fresh run")
         _wrap_ddp(state)
-        state.log(f"fold {fold}: {len(state.train_idx)} training volume(s), {len(state.val_idx)} validation "
-                  f"volume(s) ({len(state.val_records)} validated); {len(state.loader)} batch(es)/epoch x "
-                  f"{dist.world} rank(s) on {dev}; label_mode {cfg.train.label_mode}, loss {state.loss_fn.weights}")
-        if not state.val_idx.records:
-            state.log(("--fold all" if fold == "all" else "train.n_folds 1") + ": no held-out fold; "
-                      + (f"validating in-sample on validation.ids ({len(state.val_records)})" if state.val_records
-                         else "no validation, early stopping, best.pt") + ", no out-of-fold predictions")
+        _log_split(state)
         _run_epochs(state, on_epoch_end)
         return _finish(state)
     finally:
         _detach_log_handlers(handlers)
         dist.close()
+
+
+def _log_split(state: RunState) -> None:
+    """The run's data, batches and loss in one line; what a run without a held-out fold does in another."""
+    fold, dist = state.fold, state.dist
+    state.log(f"fold {fold}: {len(state.train_idx)} training volume(s), {len(state.val_idx)} validation "
+              f"volume(s) ({len(state.val_records)} validated); {len(state.loader)} batch(es)/epoch x "
+              f"{dist.world} rank(s) on {dist.device}; label_mode {state.cfg.train.label_mode}, "
+              f"loss {state.loss_fn.weights}" + (" with deep supervision" if state.cfg.loss.deep_supervision else ""))
+    if not state.val_idx.records:
+        state.log(("--fold all" if fold == "all" else "train.n_folds 1") + ": no held-out fold; "
+                  + (f"validating in-sample on validation.ids ({len(state.val_records)})" if state.val_records
+                     else "no validation, early stopping, best.pt") + ", no out-of-fold predictions")
 
 
 def _with_overrides(cfg: TrainConfig, time_budget: float | None, init_from: str | os.PathLike | None
