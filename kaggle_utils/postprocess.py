@@ -469,23 +469,74 @@ def ridge_filter(mask: np.ndarray, prob: np.ndarray, sigma: float, ratio: float 
         return mask.copy()
     crop, sl = _pad_crop(mask, int(np.ceil(4 * sigma)))
     p = np.asarray(prob[sl], dtype=np.float32)
-    where = np.nonzero(crop)
-    h = np.empty((len(where[0]), 3, 3), dtype=np.float32)
-    for i in range(3):
-        for j in range(i, 3):
-            order = [0, 0, 0]
-            order[i] += 1
-            order[j] += 1
-            d = ndimage.gaussian_filter(p, sigma, order=order, mode="nearest")[where]
-            h[:, i, j] = d
-            h[:, j, i] = d
-    ev = np.linalg.eigvalsh(h)  # ascending
-    keep = (ev[:, 0] < 0) & (-ev[:, 0] >= ratio * np.maximum(np.abs(ev[:, 1]), np.abs(ev[:, 2])))
+    flat = np.flatnonzero(crop)
+    # the six second derivatives as separable passes sharing their first stages (15 1D passes
+    # instead of 18; each equal to ndimage.gaussian_filter(p, sigma, order=...), which runs the
+    # same float32 passes axis by axis), kept only at the mask's voxels
+    h = np.empty((len(flat), 6), dtype=np.float32)  # xx, xy, xz, yy, yz, zz of (axis0, axis1, axis2)
+    column = {(2, 0, 0): 0, (1, 1, 0): 1, (1, 0, 1): 2, (0, 2, 0): 3, (0, 1, 1): 4, (0, 0, 2): 5}
+    for a in range(3):
+        pa = ndimage.gaussian_filter1d(p, sigma, axis=0, order=a, mode="nearest")
+        for b in range(3 - a):
+            pab = ndimage.gaussian_filter1d(pa, sigma, axis=1, order=b, mode="nearest")
+            c = 2 - a - b
+            h[:, column[(a, b, c)]] = ndimage.gaussian_filter1d(pab, sigma, axis=2, order=c, mode="nearest").ravel()[flat]
+            del pab
+        del pa
+    keep = _sheet_like(h, ratio)
+    sub = np.zeros(crop.size, dtype=bool)
+    sub[flat[keep]] = True
     out = np.zeros_like(mask)
-    sub = np.zeros_like(crop)
-    sub[tuple(w[keep] for w in where)] = True
-    out[sl] = sub
+    out[sl] = sub.reshape(crop.shape)
     return out
+
+
+def _sheet_like(h: np.ndarray, ratio: float) -> np.ndarray:
+    """``bool (N,)``: ``l1 < 0 and -l1 >= ratio * max(|l2|, |l3|)`` for the Hessians in ``h``.
+
+    ``h``: ``float32 (N, 6)`` entries ``xx, xy, xz, yy, yz, zz``. The eigenvalues come from the
+    closed form (:func:`_sym3_eigvals`, vectorized, ~20x faster than LAPACK on millions of 3x3
+    matrices); the few voxels within 1e-4 of the matrix norm of either decision boundary are
+    decided again with ``numpy.linalg.eigvalsh`` on the float32 matrix, so the result is the one
+    ``eigvalsh`` alone gives.
+    """
+    ev = _sym3_eigvals(h)
+    l1, big = ev[:, 0], np.maximum(np.abs(ev[:, 1]), np.abs(ev[:, 2]))
+    keep = (l1 < 0) & (-l1 >= ratio * big)
+    tol = 1e-4 * np.maximum(np.abs(ev).max(axis=1), np.finfo(np.float32).tiny)
+    near = (np.abs(l1) <= tol) | (np.abs(-l1 - ratio * big) <= tol * (1.0 + ratio))
+    if near.any():
+        hn = h[near]
+        m = np.empty((len(hn), 3, 3), dtype=np.float32)
+        for (i, j), k in {(0, 0): 0, (0, 1): 1, (0, 2): 2, (1, 1): 3, (1, 2): 4, (2, 2): 5}.items():
+            m[:, i, j] = hn[:, k]
+            m[:, j, i] = hn[:, k]
+        evn = np.linalg.eigvalsh(m)  # ascending
+        keep[near] = (evn[:, 0] < 0) & (-evn[:, 0] >= ratio * np.maximum(np.abs(evn[:, 1]), np.abs(evn[:, 2])))
+    return keep
+
+
+def _sym3_eigvals(h: np.ndarray) -> np.ndarray:
+    """Ascending eigenvalues of symmetric 3x3 matrices, closed form (trigonometric), ``float64 (N, 3)``.
+
+    ``h`` holds the six distinct entries as ``(N, 6)`` columns ``xx, xy, xz, yy, yz, zz``.
+    Accurate to ~1e-7 of the matrix norm (near-equal eigenvalues lose the most); callers that
+    need LAPACK's answer re-check the entries close to a decision boundary with ``eigvalsh``.
+    """
+    a, b, c, d, e, f = (h[:, k].astype(np.float64) for k in range(6))
+    q = (a + d + f) / 3.0
+    p1 = b * b + c * c + e * e
+    aq, dq, fq = a - q, d - q, f - q
+    p2 = aq * aq + dq * dq + fq * fq + 2.0 * p1
+    p = np.sqrt(p2 / 6.0)
+    safe = np.where(p > 0, p, 1.0)
+    # det((H - qI) / p) / 2
+    r = (aq * (dq * fq - e * e) - b * (b * fq - e * c) + c * (b * e - dq * c)) / (2.0 * safe**3)
+    phi = np.arccos(np.clip(r, -1.0, 1.0)) / 3.0
+    l3 = q + 2.0 * p * np.cos(phi)
+    l1 = q + 2.0 * p * np.cos(phi + 2.0 * np.pi / 3.0)
+    l2 = 3.0 * q - l1 - l3
+    return np.stack([l1, l2, l3], axis=1)
 
 
 def skeleton_rethicken(mask: np.ndarray, radius: float = 1.5, source: np.ndarray | None = None) -> np.ndarray:
@@ -693,8 +744,10 @@ def patch_sheet_holes(sheet: np.ndarray, max_hole: int) -> np.ndarray:
         return out
     depth = s.shape[0]
     idx = np.arange(depth, dtype=np.float32)[:, None, None]
-    lo = np.where(s, idx, np.inf).min(axis=0)
-    hi = np.where(s, idx, -np.inf).max(axis=0)
+    # first and last sheet voxel of each column (inf/-inf where the column is empty), without
+    # two float copies of the box
+    lo = np.where(proj, np.argmax(s, axis=0), np.inf).astype(np.float32)
+    hi = np.where(proj, depth - 1 - np.argmax(s[::-1], axis=0), -np.inf).astype(np.float32)
     fill = np.zeros(proj.shape, dtype=bool)
     for k, sl in enumerate(ndimage.find_objects(holes), start=1):
         if sl is None or not ok[k]:
@@ -704,17 +757,18 @@ def patch_sheet_holes(sheet: np.ndarray, max_hole: int) -> np.ndarray:
         ring = ndimage.binary_dilation(hole, structure=np.ones((3, 3), bool)) & proj[sl]
         pts = np.argwhere(ring)
         tgt = np.argwhere(hole)
-        for arr in (lo, hi):
-            vals = arr[sl][ring]
-            try:
-                est = griddata(pts, vals, tgt, method="linear")
-            except Exception:  # collinear ring (Qhull): nearest value instead
-                est = np.full(len(tgt), np.nan)
-            bad = np.isnan(est)
-            if bad.any():
-                est[bad] = griddata(pts, vals, tgt[bad], method="nearest")
+        # lo and hi as two columns of one interpolation (one triangulation per hole)
+        vals = np.stack([lo[sl][ring], hi[sl][ring]], axis=1)
+        try:
+            est = griddata(pts, vals, tgt, method="linear")
+        except Exception:  # collinear ring (Qhull): nearest value instead
+            est = np.full((len(tgt), 2), np.nan)
+        bad = np.isnan(est[:, 0])
+        if bad.any():
+            est[bad] = griddata(pts, vals, tgt[bad], method="nearest")
+        for col, arr in enumerate((lo, hi)):
             sub = arr[sl]
-            sub[hole] = est
+            sub[hole] = est[:, col]
         fill[sl] |= hole
     lo_r = np.floor(lo + 0.5)
     hi_r = np.floor(hi + 0.5)
@@ -737,10 +791,11 @@ def _sheet_fix(sheet: np.ndarray, closing: int, max_hole: int, plug: bool) -> np
     """One sheet (a padded bounding box): closing, patching, plug, tunnel-count safety check."""
     closed = binary_closing(sheet, closing) if closing > 0 else sheet
     patched = patch_sheet_holes(closed, max_hole)
+    same = not (patched != closed).any()  # nothing patched: one plug, no tunnel counts
     if plug:
         closed = plug_holes(closed)
-        patched = plug_holes(patched)
-    if max_hole > 0 and (patched != closed).any() and tunnel_count(patched) > tunnel_count(closed):
+        patched = closed if same else plug_holes(patched)
+    if max_hole > 0 and not same and (patched != closed).any() and tunnel_count(patched) > tunnel_count(closed):
         return closed
     return patched
 

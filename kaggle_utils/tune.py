@@ -62,6 +62,7 @@ __all__ = [
     "load_labels",
     "load_search_space",
     "WINNERS_SPACE",
+    "halving_schedule",
     "tune",
     "plot_threshold_curves",
 ]
@@ -212,10 +213,16 @@ class SearchSpace:
             :data:`WINNERS_SPACE` is a space that tries each of them.
         base: starting values of the fields not yet searched.
         method: ``"coordinate"`` (coordinate descent, repeated up to ``rounds`` times until
-            nothing changes) or ``"random"`` (``n_random`` random combinations around the
-            first-stage best threshold).
+            nothing changes), ``"random"`` (``n_random`` random combinations around the
+            first-stage best threshold), ``"halving"`` (successive halving over a fixed pool:
+            the threshold grid plus ``n_random`` random combinations, see
+            :func:`halving_schedule`) or ``"exhaustive"`` (the same pool, every candidate on
+            every volume: the reference that halving approximates).
         rounds: coordinate-descent passes at most.
-        n_random: candidates of the random search.
+        n_random: candidates of the random search (and random part of the halving pool).
+        halving_eta: successive halving keeps the best ``1 / halving_eta`` of the candidates at
+            each rung and gives the survivors ``halving_eta`` times as many volumes.
+        halving_min_volumes: volumes of the first rung (spread over folds/scrolls).
     """
 
     threshold: list[float] = field(default_factory=lambda: _frange(0.2, 0.6, 0.05))
@@ -238,9 +245,11 @@ class SearchSpace:
     skeleton_threshold: list[float | None] = field(default_factory=list)
     split_levels: list[tuple[float, ...]] = field(default_factory=list)
     base: PostprocessConfig = field(default_factory=PostprocessConfig)
-    method: Literal["coordinate", "random"] = "coordinate"
+    method: Literal["coordinate", "random", "halving", "exhaustive"] = "coordinate"
     rounds: int = 2
     n_random: int = 40
+    halving_eta: int = 3
+    halving_min_volumes: int = 2
 
     #: Old key names still read (with a deprecation warning) by :func:`~kaggle_utils.config.from_dict`.
     CONFIG_ALIASES: ClassVar[dict[str, str]] = {"fill_holes": "fill_pinholes"}
@@ -266,6 +275,11 @@ class SearchSpace:
                 raise ValueError(f"tune.split_levels: each entry must be increasing values in (0, 1), got {list(v)}")
         if self.rounds < 1 or self.n_random < 1:
             raise ValueError("tune.rounds and tune.n_random: must be >= 1")
+        if self.method not in ("coordinate", "random", "halving", "exhaustive"):
+            raise ValueError(f"tune.method: must be coordinate, random, halving or exhaustive, got {self.method!r}")
+        if self.halving_eta < 2 or self.halving_min_volumes < 1:
+            raise ValueError(f"tune.halving_eta and tune.halving_min_volumes: must be >= 2 and >= 1, got "
+                             f"{self.halving_eta} and {self.halving_min_volumes}")
 
 
 _RANGE_KEYS = {"start", "stop", "step"}
@@ -351,6 +365,7 @@ class _Evaluator:
         self.probs = probs
         self.labels = labels
         self.cache: dict[tuple[int, bytes], tuple[float, float, float, float]] = {}
+        self._f32: tuple[int, np.ndarray] | None = None  # the last volume as float32 (tasks come volume by volume)
 
     def __call__(self, cfg: PostprocessConfig, i: int) -> tuple[tuple[float, float, float, float], float, float]:
         import hashlib
@@ -359,7 +374,9 @@ class _Evaluator:
 
         t0 = time.perf_counter()
         # float32 as in predict, which thresholds the float32 probabilities before they are saved
-        mask = postprocess(np.asarray(self.probs[i], dtype=np.float32), cfg)
+        if self._f32 is None or self._f32[0] != i:
+            self._f32 = (i, np.asarray(self.probs[i], dtype=np.float32))
+        mask = postprocess(self._f32[1], cfg)
         label = self.labels[i]
         mask[label == 2] = 0  # the scorer ignores these voxels; doing it here makes the cache key exact
         digest = hashlib.blake2b(np.packbits(mask).tobytes(), digest_size=16).digest()
@@ -600,43 +617,53 @@ class _Runner:
         if self.pool is not None:
             self.pool.shutdown()
 
-    def mean(self, cfg: PostprocessConfig) -> float:
-        return float(self.rows[self.index[_key(cfg)]][:, 0].mean())
+    def mean(self, cfg: PostprocessConfig, vols: Sequence[int] | None = None) -> float:
+        row = self.rows[self.index[_key(cfg)]]
+        return float(row[:, 0].mean() if vols is None else row[list(vols), 0].mean())
 
-    def evaluate(self, cfgs: Iterable[PostprocessConfig], stage: str) -> list[float]:
-        """Mean score of each config (new ones are evaluated, in parallel)."""
+    @property
+    def n_pairs(self) -> int:
+        """(candidate, volume) pairs scored so far."""
+        return int(sum(np.isfinite(r[:, 0]).sum() for r in self.rows))
+
+    def evaluate(self, cfgs: Iterable[PostprocessConfig], stage: str, vols: Sequence[int] | None = None
+                 ) -> list[float]:
+        """Mean score of each config over ``vols`` (default: all volumes); missing pairs are
+        evaluated (in parallel, volume by volume so a worker reuses its float32 copy)."""
         cfgs = list(cfgs)
-        new = []
+        vols = list(range(self.n)) if vols is None else list(vols)
         for c in cfgs:
-            k = _key(c)
-            if k not in self.index and all(_key(x) != k for x in new):
-                new.append(c)
-        if new:
-            self.bar.total += len(new) * self.n
-            self.bar.refresh()
-            self.bar.set_postfix_str(stage)
-            res = np.zeros((len(new), self.n, 4))
-            tasks = [(a, i) for a in range(len(new)) for i in range(self.n)]
-            if self.pool is not None:
-                futs = {self.pool.submit(_work, new[a], i): (a, i) for a, i in tasks}
-                from concurrent.futures import as_completed
-
-                for f in as_completed(futs):
-                    a, i = futs[f]
-                    self._store(res, a, i, f.result())
-            else:
-                for a, i in tasks:
-                    self._store(res, a, i, self.local(new[a], i))  # type: ignore[misc]
-            for a, c in enumerate(new):
+            if _key(c) not in self.index:
                 self.index[_key(c)] = len(self.cfgs)
                 self.cfgs.append(c)
                 self.stages.append(stage)
-                self.rows.append(res[a])
-        return [self.mean(c) for c in cfgs]
+                self.rows.append(np.full((self.n, 4), np.nan))
+        todo: list[tuple[int, int]] = []
+        seen = set()
+        for i in vols:
+            for c in cfgs:
+                j = self.index[_key(c)]
+                if np.isnan(self.rows[j][i, 0]) and (j, i) not in seen:
+                    seen.add((j, i))
+                    todo.append((j, i))
+        if todo:
+            self.bar.total += len(todo)
+            self.bar.refresh()
+            self.bar.set_postfix_str(stage)
+            if self.pool is not None:
+                futs = {self.pool.submit(_work, self.cfgs[j], i): (j, i) for j, i in todo}
+                from concurrent.futures import as_completed
 
-    def _store(self, res: np.ndarray, a: int, i: int, out) -> None:
+                for f in as_completed(futs):
+                    self._store(*futs[f], f.result())
+            else:
+                for j, i in todo:
+                    self._store(j, i, self.local(self.cfgs[j], i))  # type: ignore[misc]
+        return [self.mean(c, vols) for c in cfgs]
+
+    def _store(self, j: int, i: int, out) -> None:
         parts, t_pp, t_score = out
-        res[a, i] = parts
+        self.rows[j][i] = parts
         self.timings["postprocess"] += t_pp
         self.timings["score"] += t_score
         self.bar.update(1)
@@ -708,6 +735,72 @@ def _random_search(run: _Runner, space: SearchSpace, best: PostprocessConfig, be
     return _best_of(cfgs, means, best, best_s)
 
 
+def _pool(space: SearchSpace, seed: int) -> list[PostprocessConfig]:
+    """Candidates of ``halving``/``exhaustive``: the threshold grid, then ``n_random`` random combinations.
+
+    A random combination draws every searched field (two or more values) and the threshold
+    (with a hysteresis low, when the space has any) around ``space.base``; duplicates are dropped.
+    """
+    rng = random.Random(seed)
+    lows: list[float | None] = [None] + list(space.hysteresis_low)
+    out = {_key(c): c for c in _first_stage(space)}
+    names = [n for n in BASIC_COORDINATES + WINNER_COORDINATES if len(_values(space, n, space.base)) > 1]
+    for _ in range(space.n_random):
+        c = dataclasses.replace(space.base, **{n: rng.choice(_values(space, n, space.base)) for n in names})
+        t = rng.choice(space.threshold)
+        c = _with_threshold(c, t, rng.choice([x for x in lows if x is None or x < t]))
+        out.setdefault(_key(c), c)
+    return list(out.values())
+
+
+def _volume_order(groups: Sequence[Any], seed: int) -> list[int]:
+    """Volume indices shuffled (``seed``) and interleaved across ``groups`` (folds or scrolls),
+    so the first rungs of successive halving see every group."""
+    rng = random.Random(seed)
+    by: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        by.setdefault(str(g), []).append(i)
+    lists = [by[k] for k in sorted(by)]
+    for lst in lists:
+        rng.shuffle(lst)
+    rng.shuffle(lists)
+    order = []
+    for k in range(max(len(x) for x in lists)):
+        order += [x[k] for x in lists if k < len(x)]
+    return order
+
+
+def halving_schedule(n_candidates: int, n_volumes: int, eta: int = 3, min_volumes: int = 2) -> list[tuple[int, int]]:
+    """Rungs of successive halving: ``[(candidates, volumes), ...]``.
+
+    The first rung scores all candidates on ``min_volumes`` volumes; each next rung keeps the
+    best ``ceil(candidates / eta)`` and scores them on ``eta`` times as many volumes; the last
+    rung has every volume (its best is the answer). With one volume, or few candidates, there is
+    a single rung: the exhaustive search.
+    """
+    rungs = []
+    c, v = max(int(n_candidates), 1), min(max(int(min_volumes), 1), n_volumes)
+    while v < n_volumes and c > 1:
+        rungs.append((c, v))
+        c, v = -(-c // eta), min(v * eta, n_volumes)
+    rungs.append((c, n_volumes))
+    return rungs
+
+
+def _halving(run: _Runner, space: SearchSpace, cands: list[PostprocessConfig], order: Sequence[int]):
+    """Successive halving over ``cands`` (volumes added in ``order``): the best on all volumes."""
+    alive = list(cands)
+    rungs = halving_schedule(len(cands), len(order), space.halving_eta, space.halving_min_volumes)
+    for r, (_, v) in enumerate(rungs):
+        vols = list(order[:v])
+        means = run.evaluate(alive, f"halving {r + 1}/{len(rungs)} ({v} vol)", vols)
+        if r + 1 < len(rungs):
+            keep = rungs[r + 1][0]
+            rank = sorted(range(len(alive)), key=lambda a: -means[a])  # stable: ties keep pool order
+            alive = [alive[a] for a in sorted(rank[:keep])]
+    return _best_of(alive, means)
+
+
 def tune(
     probs: Sequence[ProbVolume],
     labels: Sequence[np.ndarray],
@@ -746,34 +839,44 @@ def tune(
     t0 = time.perf_counter()
     run = _Runner([p.prob for p in probs], labels, max(1, int(workers)), progress)
     try:
-        stage1 = _first_stage(space)
-        best, best_s = _best_of(stage1, run.evaluate(stage1, "grid"))
-        if space.method == "random":
-            best, best_s = _random_search(run, space, best, best_s, seed)
+        if space.method in ("halving", "exhaustive"):
+            cands = _pool(space, seed)
+            if space.method == "halving":
+                best, best_s = _halving(run, space, cands, _volume_order(_folds(probs)[0], seed))
+            else:
+                best, best_s = _best_of(cands, run.evaluate(cands, "exhaustive"))
         else:
-            best, best_s = _coordinate_descent(run, space, best, best_s)
+            stage1 = _first_stage(space)
+            best, best_s = _best_of(stage1, run.evaluate(stage1, "grid"))
+            if space.method == "random":
+                best, best_s = _random_search(run, space, best, best_s, seed)
+            else:
+                best, best_s = _coordinate_descent(run, space, best, best_s)
         # the threshold curve of the final settings, for the plot (usually already evaluated)
         run.evaluate([_with_threshold(best, t) for t in space.threshold], "curve")
     finally:
         run.close()
     wall = time.perf_counter() - t0
 
-    scores = np.stack(run.rows)
+    n_pairs = run.n_pairs
+    full = [j for j, r in enumerate(run.rows) if np.isfinite(r[:, 0]).all()]  # halving drops the others
+    scores = np.stack([run.rows[j] for j in full])
+    cfgs = [run.cfgs[j] for j in full]
     ids = [p.id for p in probs]
     scrolls = [p.scroll_id for p in probs]
-    candidates = [CandidateResult(c, s, *(float(x) for x in run.rows[j].mean(axis=0)))
-                  for j, (c, s) in enumerate(zip(run.cfgs, run.stages))]
-    b = run.index[_key(best)]
+    candidates = [CandidateResult(run.cfgs[j], run.stages[j], *(float(x) for x in run.rows[j].mean(axis=0)))
+                  for j in full]
+    b = full.index(run.index[_key(best)])
     per_scroll = {}
     for s in sorted(set(scrolls)):
         sel = np.array([x == s for x in scrolls])
         per_scroll[s] = dict(zip(PARTS, (float(v) for v in scores[b][sel].mean(axis=0))))
     folds, source = _folds(probs)
-    guard = _fold_guard(scores, folds, b, run.cfgs)
+    guard = _fold_guard(scores, folds, b, cfgs)
     return TuneResult(
         best=best, best_score=float(best_s), candidates=candidates, scores=scores, ids=ids, scroll_ids=scrolls,
         folds=folds, per_scroll=per_scroll, fold_guard=guard, fold_source=source,
-        timings={**run.timings, "wall": wall}, n_tasks=int(scores.shape[0] * scores.shape[1]),
+        timings={**run.timings, "wall": wall}, n_tasks=n_pairs,
     )
 
 

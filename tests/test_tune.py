@@ -252,3 +252,43 @@ def test_winners_space_yaml_ranges_and_errors(tmp_path):
     path.write_text("opening_radius: [-1]\n")
     with pytest.raises((ConfigError, ValueError), match="opening_radius"):
         load_search_space(path)
+
+
+# ---- successive halving -------------------------------------------------------------------------
+
+
+def test_halving_schedule_known_rungs():
+    from kaggle_utils.tune import halving_schedule
+
+    assert halving_schedule(27, 8, eta=3, min_volumes=1) == [(27, 1), (9, 3), (3, 8)]
+    assert halving_schedule(10, 4, eta=2, min_volumes=1) == [(10, 1), (5, 2), (3, 4)]
+    assert halving_schedule(10, 1, eta=2) == [(10, 1)]          # one volume: exhaustive
+    assert halving_schedule(1, 5, eta=3) == [(1, 5)]            # one candidate: all volumes at once
+    for c, v in halving_schedule(100, 37, eta=3, min_volumes=2):
+        assert 1 <= c <= 100 and 1 <= v <= 37
+
+
+def test_halving_finds_the_exhaustive_winner_with_fewer_pairs(volumes):
+    """A small problem whose exhaustive winner is known (threshold 0.4 + dust 5 scores 1.0)."""
+    probs, labels = volumes
+    data = dict(SMALL_SPACE, threshold=[0.3, 0.35, 0.4, 0.45, 0.5], min_component_size=[0, 5], border=[0],
+                n_random=40, halving_eta=2, halving_min_volumes=1)
+    full = tune(probs, labels, load_search_space(data=dict(data, method="exhaustive")), progress=False)
+    assert full.best.threshold == pytest.approx(TRUE_T) and full.best.min_component_size == 5
+    assert full.best_score == pytest.approx(1.0)
+    n_pool = len(full.candidates)
+    assert full.n_tasks == n_pool * len(probs)
+    half = tune(probs, labels, load_search_space(data=dict(data, method="halving")), progress=False)
+    assert half.best == full.best and half.best_score == pytest.approx(full.best_score)
+    assert half.n_tasks < full.n_tasks  # rungs of 1, 2, 4 volumes: far fewer (candidate, volume) pairs
+    # only candidates scored on every volume are reported (the fold guard needs complete rows)
+    assert np.isfinite(half.scores).all() and half.scores.shape[1] == len(probs)
+    assert len(half.candidates) < n_pool
+    assert half.fold_guard and all(g.n_volumes == 2 for g in half.fold_guard)
+
+
+def test_halving_rejects_bad_settings():
+    with pytest.raises(ValueError, match="halving_eta"):
+        SearchSpace(halving_eta=1)
+    with pytest.raises(ValueError, match="tune.method"):
+        SearchSpace(method="bayes")  # type: ignore[arg-type]
