@@ -380,7 +380,10 @@ def _args_tune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", type=Path, default=None, help="also save score vs threshold (overall, per scroll) PNG")
     p.add_argument("--json", type=Path, default=None, help="also write every candidate and the fold guard as JSON")
     p.add_argument("--top", type=int, default=15, help="candidates shown in the table")
-    p.add_argument("--seed", type=int, default=0, help="seed of method: random")
+    p.add_argument("--seed", type=int, default=0, help="seed of methods random, halving and exhaustive")
+    p.add_argument("--method", choices=("coordinate", "random", "halving", "exhaustive"), default=None,
+                   help="search method (overrides the space's 'method'); halving: successive halving, "
+                        "a fraction of exhaustive's (candidate, volume) pairs")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 
 
@@ -390,6 +393,8 @@ def _run_tune(args: argparse.Namespace) -> int:
     from .tune import load_labels, load_probs, load_search_space, plot_threshold_curves, tune
 
     space = load_search_space(args.space)
+    if args.method is not None:
+        space.method = args.method
     probs = load_probs(args.probs)
     labels = load_labels(find_data_root(args.data_dir), [p.id for p in probs])
     result = tune(probs, labels, space, workers=args.workers, seed=args.seed, progress=not args.no_progress)
