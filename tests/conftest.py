@@ -35,3 +35,14 @@ def no_imagecodecs(monkeypatch):
     with pytest.raises(KeyError, match="imagecodecs"):
         tifffile.imwrite(io.BytesIO(), np.zeros((2, 2, 2), np.uint8), compression="lzw")
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_train_data(tmp_path_factory):
+    """A competition-layout folder of synthetic data, made once per test session and shared
+    (read-only: copy it before changing anything): 3 training volumes of 64^3 from 3 scrolls (so
+    ``train.n_folds: 3`` works) and 1 test volume, seed 0. Used by the training and prediction tests."""
+    from kaggle_utils.synthetic import generate_dataset
+
+    return generate_dataset(tmp_path_factory.mktemp("tiny_train_data"), n_train=3, n_test=1, size=64, n_scrolls=3,
+                            seed=0)

@@ -81,6 +81,7 @@ def _raw(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+@pytest.mark.slow  # full_ckpt writes and reads a ~200 MB training checkpoint (about 25 s on 2 cores)
 def test_export_keeps_only_what_inference_needs(tmp_path, full_ckpt):
     out = export_checkpoint(full_ckpt, tmp_path / "model.pt")
     raw, full = _raw(out), _raw(full_ckpt)
@@ -96,6 +97,7 @@ def test_export_keeps_only_what_inference_needs(tmp_path, full_ckpt):
     assert out.stat().st_size < full_ckpt.stat().st_size / 2
 
 
+@pytest.mark.slow  # full_ckpt writes and reads a ~200 MB training checkpoint (about 25 s on 2 cores)
 def test_export_round_trip_same_predictions(tmp_path, full_ckpt):
     fp32 = export_checkpoint(full_ckpt, tmp_path / "model.pt")
     fp16 = export_checkpoint(full_ckpt, tmp_path / "model16.pt", fp16=True)
@@ -156,6 +158,7 @@ def test_export_without_ema_uses_model_weights(tmp_path):
         assert torch.equal(raw["model"][k], v.half() if v.is_floating_point() else v), k
 
 
+@pytest.mark.slow  # full_ckpt writes and reads a ~200 MB training checkpoint (about 25 s on 2 cores)
 def test_cli_export(tmp_path, full_ckpt, capsys):
     out = tmp_path / "model.pt"
     assert main(["export", str(full_ckpt), "--out", str(out), "--fp16"]) == 0

@@ -41,15 +41,14 @@ def _test_set_of(data_dir: Path, ids: list[str], dst: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_oof_probabilities_equal_predict_save_probs(tmp_path):
+def test_oof_probabilities_equal_predict_save_probs(tmp_path, tiny_train_data):
     """``ensemble: logits`` with rot90 TTA: train used to drop ``ensemble`` for its out-of-fold
     probabilities (max |diff| 0.0005 on this tiny model), so tune saw other probabilities than predict."""
     from kaggle_utils.cli import main
     from kaggle_utils.config import from_dict
-    from kaggle_utils.synthetic import generate_dataset
     from kaggle_utils.train import TrainConfig, train
 
-    data = generate_dataset(tmp_path / "syn", n_train=3, n_test=1, size=64, n_scrolls=3, seed=0)
+    data = tiny_train_data
     cfg = from_dict(TrainConfig, json.loads(json.dumps(TINY)))
     train(cfg, data, tmp_path / "run", fold=0, device="cpu", progress=False, verbose=False)
     oof = sorted((tmp_path / "run" / "oof").glob("*.npy"))

@@ -58,10 +58,8 @@ def tiny_cfg(**sections) -> TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from kaggle_utils.synthetic import generate_dataset
-
-    return generate_dataset(tmp_path_factory.mktemp("syn"), n_train=3, n_test=1, size=64, n_scrolls=3, seed=0)
+def data_dir(tiny_train_data):
+    return tiny_train_data  # conftest: 3 train volumes of 64^3 from 3 scrolls, shared with test_predict
 
 
 @pytest.mark.slow
