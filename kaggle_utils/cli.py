@@ -298,7 +298,9 @@ def _args_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True,
                    help="training YAML: a file, or the name of a shipped config without a folder "
                         "(kaggle-t4, smoke-cpu, demo-cpu, seed-v1, seed-v2)")
-    p.add_argument("--fold", type=int, default=0, help="validation fold; -1 trains every fold in turn (RUN_DIR/fold{k})")
+    p.add_argument("--fold", type=_fold_arg, default=0,
+                   help="validation fold; -1 trains every fold in turn (RUN_DIR/fold{k}); 'all' trains on every "
+                        "volume with none held out (validation only on validation.ids, if listed)")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="competition-layout folder with train.csv (default: the Kaggle mount)")
     p.add_argument("--out", required=True, type=Path, help="run folder (last.pt, best.pt, train.log, metrics, oof/)")
@@ -310,9 +312,27 @@ def _args_train(p: argparse.ArgumentParser) -> None:
                    help="stop cleanly (checkpoint kept) before this many seconds have passed (train.time_limit_s)")
     p.add_argument("--time-limit", dest="time_limit_s", type=float, default=argparse.SUPPRESS,
                    help=argparse.SUPPRESS)  # the old spelling
+    p.add_argument("--time-budget", type=float, default=None, metavar="S",
+                   help="plan the whole run to end inside S seconds (train.time_budget_s): the LR schedule follows "
+                        "the budget's elapsed fraction, and the run ends finished: annealed, validated, best.pt, "
+                        "last.pt, out-of-fold probabilities. --time-limit-s is instead a hard stop of a run meant "
+                        "to be resumed")
+    p.add_argument("--init-from", default=None, metavar="CKPT",
+                   help="start from this checkpoint's weights (train.init_from; same network, any patch size) with "
+                        "a new optimizer and schedule, e.g. fine-tune a 128^3 model at 192^3")
     p.add_argument("--epochs", type=int, default=None, help="override train.epochs")
     p.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: CUDA when available)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+
+
+def _fold_arg(value: str) -> int | str:
+    """``--fold``: an integer, or ``all``."""
+    if value.strip().lower() == "all":
+        return "all"
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a fold number, -1 or 'all'") from None
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -327,7 +347,8 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.fold != -1:
         check_fold(args.fold, cfg.train.n_folds)  # ConfigError naming train.n_folds: one line, exit 2
     kwargs = dict(resume=args.resume or args.resume_force, allow_config_change=args.resume_force,
-                  time_limit=args.time_limit_s, device=args.device, progress=not args.no_progress)
+                  time_limit=args.time_limit_s, device=args.device, progress=not args.no_progress,
+                  time_budget=args.time_budget, init_from=args.init_from)
     data_dir = find_data_root(args.data_dir)
     if args.fold == -1:
         results = train_folds(cfg, data_dir, args.out, **kwargs)

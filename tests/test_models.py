@@ -94,3 +94,91 @@ def test_load_checkpoint_rejects_foreign_file(tmp_path):
     torch.save({"foo": 1}, tmp_path / "x.pt")
     with pytest.raises(ValueError, match="not a kaggle_utils checkpoint"):
         load_checkpoint(tmp_path / "x.pt")
+
+
+# ----------------------------------------------------------------------------------------------
+# nnU-Net networks (dynamic-network-architectures)
+# ----------------------------------------------------------------------------------------------
+
+from kaggle_utils.models import NNUNET_PRESETS, NNUNet, model_divisor, set_deep_supervision  # noqa: E402
+
+
+@pytest.mark.slow
+def test_resenc_m_builds_at_full_size_with_nnunet_settings():
+    cfg = ModelConfig(arch="ResEncUNet", preset="resenc-m")
+    full = build_model(cfg)
+    assert 90e6 < sum(p.numel() for p in full.parameters()) < 110e6  # nnU-Net ResEnc M: ~102 M parameters
+    norms = [m for m in full.modules() if isinstance(m, torch.nn.InstanceNorm3d)]
+    assert norms and all(m.affine and m.eps == 1e-5 for m in norms)
+    assert all(m.negative_slope == 0.01 for m in full.modules() if isinstance(m, torch.nn.LeakyReLU))
+    convs = [m for m in full.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert all(m.bias is not None for m in convs if m.kernel_size == (3, 3, 3))
+
+
+@pytest.mark.parametrize("preset", sorted(NNUNET_PRESETS))
+def test_nnunet_preset_and_a_tiny_variant_trains_a_step(preset):
+    plan = NNUNET_PRESETS[preset]
+    cfg = ModelConfig(arch=plan["arch"], preset=preset)
+    assert cfg.n_stages == plan["n_stages"] and cfg.features_per_stage == plan["features_per_stage"]
+    assert model_divisor(cfg) == 2 ** (plan["n_stages"] - 1)
+    assert plan["patch_size"] % model_divisor(cfg) == 0
+    # the same stage structure with 4..16 channels trains a step on a patch of twice the divisor
+    tiny = ModelConfig(arch=plan["arch"], preset=preset,
+                       features_per_stage=[min(8, 2 * 2 ** k) for k in range(plan["n_stages"])])
+    model = build_model(tiny)
+    set_deep_supervision(model, True)
+    model.train()
+    edge = model_divisor(tiny)  # x twice as long: instance norm needs more than one voxel at the bottleneck
+    x = torch.randn(1, 1, edge, edge, 2 * edge)
+    outs = model(x)
+    assert len(outs) == plan["n_stages"] - 1 and outs[0].shape == (1, 1, edge, edge, 2 * edge)
+    assert [o.shape[-1] for o in outs] == [edge // 2 ** k for k in range(plan["n_stages"] - 1)]
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
+    sum(o.float().mean() for o in outs).backward()
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        assert model(x).shape == (1, 1, edge, edge, 2 * edge)  # evaluation: full resolution only
+
+
+def test_nnunet_fields_override_the_preset_and_are_checked():
+    cfg = ModelConfig(arch="ResEncUNet", n_stages=4, features_per_stage=[4, 8, 16, 16])
+    assert cfg.strides == [1, 2, 2, 2] and cfg.n_blocks_per_stage == [1, 3, 4, 6]
+    assert cfg.n_conv_per_stage_decoder == [1, 1, 1] and model_divisor(cfg) == 8
+    with pytest.raises(ValueError, match="model.n_blocks_per_stage: needs 4 values"):
+        ModelConfig(arch="ResEncUNet", n_stages=4, n_blocks_per_stage=[1, 1])
+    with pytest.raises(ValueError, match="model.preset: unknown preset 'resenc-q'"):
+        ModelConfig(arch="ResEncUNet", preset="resenc-q")
+    with pytest.raises(ValueError, match="PlainConvUNet preset"):
+        ModelConfig(arch="ResEncUNet", preset="plain-m")
+    with pytest.raises(ValueError, match="model.preset"):
+        ModelConfig(arch="Unet", preset="resenc-m")
+
+
+def test_patch_size_checked_against_the_real_divisor():
+    from kaggle_utils.train_config import TrainConfig
+
+    xl = {"model": {"arch": "ResEncUNet", "preset": "resenc-xl"}, "sampler": {"patch_size": [96, 96, 96]},
+          "inference": {"patch_size": [128, 128, 128]}}
+    with pytest.raises(ConfigError, match="sampler.patch_size: every edge must be a positive multiple of 64"):
+        from_dict(TrainConfig, xl)
+    xl["sampler"]["patch_size"] = [64, 128, 64]
+    assert list(from_dict(TrainConfig, xl).sampler.patch_size) == [64, 128, 64]
+
+
+def test_resenc_checkpoint_and_export_rebuild_from_the_file_alone(tmp_path):
+    from kaggle_utils.config import to_dict
+    from kaggle_utils.models import export_checkpoint
+
+    cfg = ModelConfig(arch="ResEncUNet", n_stages=3, features_per_stage=[4, 8, 8])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    save_checkpoint(tmp_path / "best.pt", model=model, model_config=to_dict(cfg), config={"model": to_dict(cfg)})
+    saved = torch.load(tmp_path / "best.pt", weights_only=True)["model_config"]
+    assert saved["n_blocks_per_stage"] == [1, 3, 4] and saved["strides"] == [1, 2, 2]  # preset resolved
+    x = torch.randn(1, 1, 16, 16, 16)
+    for path in (tmp_path / "best.pt", export_checkpoint(tmp_path / "best.pt", tmp_path / "model.pt")):
+        loaded, _, _ = load_checkpoint(path)
+        assert isinstance(loaded, NNUNet)
+        with torch.no_grad():
+            assert torch.allclose(loaded(x), model(x), atol=1e-6)
