@@ -110,6 +110,10 @@ def run_recipe(name: str, data_dir: Path, out: Path, budget: float) -> dict:
     result = train(cfg, data_dir, out / name, fold="all", progress=False, verbose=False,
                    time_budget=budget if planned else None, time_limit=None if planned else budget)
     seconds = time.monotonic() - t0
+    if not (out / name / "last.pt").is_file():  # the hard limit ended the first epoch: nothing to score
+        return {"recipe": name, "steps": 0, "epochs": 0, "train_s": seconds, "stopped": str(result.stopped),
+                "load_before": load_before, "load_after": os.getloadavg()[0], "score": float("nan"),
+                "topo": float("nan"), "sd": float("nan"), "voi": float("nan"), "n_test": 0}
     ckpt = torch.load(out / name / "last.pt", map_location="cpu", weights_only=True)
     steps = int(ckpt["scheduler"]["step_count"])
     row = {"recipe": name, "steps": steps, "epochs": result.epochs_completed, "train_s": seconds,

@@ -132,7 +132,7 @@ def test_nnunet_preset_and_a_tiny_variant_trains_a_step(preset):
     x = torch.randn(1, 1, edge, edge, 2 * edge)
     outs = model(x)
     assert len(outs) == plan["n_stages"] - 1 and outs[0].shape == (1, 1, edge, edge, 2 * edge)
-    assert [o.shape[-1] for o in outs] == [edge // 2 ** k for k in range(plan["n_stages"] - 1)]
+    assert [o.shape[-3] for o in outs] == [edge // 2 ** k for k in range(plan["n_stages"] - 1)]
     opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
     sum(o.float().mean() for o in outs).backward()
     opt.step()
