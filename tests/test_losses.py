@@ -360,3 +360,68 @@ def test_functional_cores_match_modules():
     assert torch.allclose(L.cldice_loss(m, 3), L.ClDiceLoss(3)(x, t))
     assert torch.allclose(L.boundary_loss(m, L.signed_distance_map(t)), L.BoundaryLoss()(x, t))
     assert np.isfinite(L.connectivity_loss(m).item())
+
+
+# ----------------------------------------------------------------------------------------------
+# Deep supervision
+# ----------------------------------------------------------------------------------------------
+
+
+def test_deep_supervision_weights_are_nnunets():
+    from kaggle_utils.losses import deep_supervision_weights
+
+    w = deep_supervision_weights(5)
+    assert w == pytest.approx([8 / 15, 4 / 15, 2 / 15, 1 / 15, 0.0])
+    assert deep_supervision_weights(1) == [1.0]
+
+
+def test_downsample_label_keeps_ignore_and_thin_surface():
+    from kaggle_utils.losses import downsample_label
+
+    t = torch.zeros(1, 1, 4, 4, 4, dtype=torch.uint8)
+    t[0, 0, 0, 0, 0] = 2          # one ignore voxel in block (0,0,0)
+    t[0, 0, 0, 0, 1] = 1          # ...and a surface voxel in the same block: ignore wins
+    t[0, 0, 3, 3, 3] = 1          # a lone surface voxel in block (1,1,1): kept
+    d = downsample_label(t, (2, 2, 2))
+    assert d.dtype == torch.uint8 and d.shape == (1, 1, 2, 2, 2)
+    assert d[0, 0, 0, 0, 0] == 2 and d[0, 0, 1, 1, 1] == 1 and int(d.sum()) == 3
+    # no ignored voxel becomes supervised: every block with an ignore voxel is ignored
+    g = torch.Generator().manual_seed(0)
+    r = torch.randint(0, 3, (2, 1, 8, 8, 8), generator=g).to(torch.uint8)
+    d = downsample_label(r, (2, 2, 2))
+    blocks = r.reshape(2, 1, 2, 4, 2, 4, 2, 4).permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(2, 1, 2, 2, 2, -1)
+    assert torch.equal(d == 2, (blocks == 2).any(-1))
+
+
+def test_deep_supervision_ignore_voxels_change_no_loss_and_no_gradient_at_any_scale():
+    from kaggle_utils.losses import DeepSupervisionLoss, LossConfig, build_loss, downsample_label
+
+    loss = build_loss(LossConfig(name="default", deep_supervision=True))
+    assert isinstance(loss, DeepSupervisionLoss)
+    g = torch.Generator().manual_seed(1)
+    target = torch.randint(0, 3, (2, 1, 16, 16, 16), generator=g).to(torch.uint8)
+    target[:, :, 4:12, 4:12, 4:12] = torch.randint(0, 2, (2, 1, 8, 8, 8), generator=g).to(torch.uint8)
+    shapes = [16, 8, 4, 2]
+    base = [torch.randn(2, 1, s, s, s, generator=g) for s in shapes]
+
+    def run(outs):
+        outs = [o.clone().requires_grad_(True) for o in outs]
+        total, _ = loss(outs, target)
+        total.backward()
+        return total.detach(), [o.grad for o in outs]
+
+    t0, g0 = run(base)
+    changed = []
+    for o in base:
+        ign = downsample_label(target, o.shape[-3:]) == 2
+        assert ign.any()
+        changed.append(torch.where(ign, o + 50 * torch.randn(o.shape, generator=g), o))
+    t1, g1 = run(changed)
+    assert torch.allclose(t0, t1, atol=1e-6)
+    for a, b, o in zip(g0, g1, base):
+        assert torch.allclose(a, b, atol=1e-7)
+        assert torch.all(a[downsample_label(target, o.shape[-3:]) == 2] == 0)
+    assert torch.all(g0[-1] == 0)  # the lowest resolution is weighted 0
+    # one tensor (validation) is the plain composite
+    single, _ = loss(base[0], target)
+    assert torch.allclose(single, loss.loss(base[0], target)[0])
