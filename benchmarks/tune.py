@@ -11,10 +11,19 @@ out-of-fold format (``{id}.npy`` float16 + ``{id}.json``), and times
   post-processing and of scoring inside the workers (``TuneResult.timings``).
 
 ``--method random --n-candidates 100`` runs the 9-threshold grid and then random candidates up to
-100 in all (fewer when random draws repeat). Examples::
+100 in all (fewer when random draws repeat).
+
+``--compare-halving``: successive halving (``tune --method halving``) against the exhaustive search
+of the same pool (the threshold grid + random candidates, ``--n-candidates`` in all): both are run
+for real once (wall time, (candidate, volume) pairs), then halving is replayed on the exhaustive
+score matrix for ``--repeats`` volume orders (seeds) on the full set and on random subsets of
+``--subset`` of the volumes, counting how often it picks the exhaustive winner of that set and how
+far below the winner its pick scores. Examples::
 
     # the benchmark of BENCHMARKS.md ("Tuning")
     taskset -c 0,1 python benchmarks/tune.py --n-volumes 20 --size 160 --n-candidates 100 --workers 2
+    # halving vs exhaustive (BENCHMARKS.md "Tuning")
+    taskset -c 0,1 python benchmarks/tune.py --n-volumes 12 --size 96 --n-candidates 60 --compare-halving
     # the README figure
     python benchmarks/tune.py --n-volumes 12 --size 96 --method coordinate --plot docs/img/tune_threshold.png
 """
@@ -34,7 +43,16 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kaggle_utils.synthetic import SCROLL_IDS, make_volume  # noqa: E402
-from kaggle_utils.tune import SearchSpace, load_probs, plot_threshold_curves, tune  # noqa: E402
+from kaggle_utils.tune import (  # noqa: E402
+    SearchSpace,
+    _halving,
+    _key,
+    _volume_order,
+    halving_schedule,
+    load_probs,
+    plot_threshold_curves,
+    tune,
+)
 
 
 def simulate_prob(label: np.ndarray, seed: int, sharpness: float, noise: float, blur: float) -> np.ndarray:
@@ -81,6 +99,54 @@ def build(out: Path, n_volumes: int, size: int, n_scrolls: int, seed: int) -> tu
     return labels, t_write
 
 
+class _Replay:
+    """Stands in for tune's runner: means from a known ``(candidates, volumes)`` score matrix."""
+
+    def __init__(self, cfgs, scores: np.ndarray, vols: list[int]):
+        self.row = {_key(c): j for j, c in enumerate(cfgs)}
+        self.scores, self.vols, self.pairs = scores, vols, set()
+
+    def evaluate(self, cfgs, stage, vols=None):
+        vols = [self.vols[i] for i in (range(len(self.vols)) if vols is None else vols)]
+        self.pairs |= {(self.row[_key(c)], v) for c in cfgs for v in vols}
+        return [float(self.scores[self.row[_key(c)], vols].mean()) for c in cfgs]
+
+
+def compare_halving(probs, labels, space: SearchSpace, workers: int, repeats: int, subset: float, seed: int) -> None:
+    """Real halving and exhaustive runs, then replays of halving on the exhaustive score matrix."""
+    space.method = "exhaustive"
+    full = tune(probs, labels, space, workers=workers, seed=seed, progress=False)
+    space.method = "halving"
+    half = tune(probs, labels, space, workers=workers, seed=seed, progress=False)
+    n_pool = len(full.candidates)
+    print(f"pool {n_pool} candidates x {len(probs)} volumes; halving eta {space.halving_eta}, first rung "
+          f"{space.halving_min_volumes} volume(s): rungs {halving_schedule(n_pool, len(probs), space.halving_eta, space.halving_min_volumes)}")
+    print("| search | wall s | (candidate, volume) pairs | best score | same pick as exhaustive |")
+    print("|---|---|---|---|---|")
+    print(f"| exhaustive | {full.timings['wall']:.1f} | {full.n_tasks} | {full.best_score:.4f} | - |")
+    print(f"| halving | {half.timings['wall']:.1f} | {half.n_tasks} | {half.best_score:.4f} | "
+          f"{'yes' if _key(half.best) == _key(full.best) else 'no'} |")
+    cfgs = [c.cfg for c in full.candidates]
+    mat = full.scores[:, :, 0]
+    groups = [p.fold for p in probs]
+    rng = np.random.default_rng(seed)
+    for label, frac in (("all volumes", 1.0), (f"random {int(round(100 * subset))}% subsets", subset)):
+        hits, gaps, pairs = 0, [], []
+        for r in range(repeats):
+            k = max(2, int(round(frac * len(probs))))
+            vols = sorted(rng.choice(len(probs), size=k, replace=False).tolist()) if frac < 1 else list(range(len(probs)))
+            replay = _Replay(cfgs, mat, vols)
+            pick, _ = _halving(replay, space, cfgs, _volume_order([groups[v] for v in vols], seed + 1 + r))
+            means = mat[:, vols].mean(axis=1)
+            winner = int(np.argmax(means))
+            hits += int(replay.row[_key(pick)] == winner)
+            gaps.append(float(means[winner] - means[replay.row[_key(pick)]]))
+            pairs.append(len(replay.pairs) / (len(cfgs) * len(vols)))
+        print(f"replay, {label}: {repeats} volume orders; halving picks the exhaustive winner {hits}/{repeats}; "
+              f"score below the winner: mean {np.mean(gaps):.4f}, max {np.max(gaps):.4f}; pairs scored "
+              f"{100 * np.mean(pairs):.0f}% of exhaustive's")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-volumes", type=int, default=20)
@@ -92,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", type=Path, default=None, help="save the threshold plot here")
     ap.add_argument("--table", action="store_true", help="print the tune table too")
+    ap.add_argument("--compare-halving", action="store_true", help="halving vs exhaustive on the same pool")
+    ap.add_argument("--repeats", type=int, default=20, help="--compare-halving: replayed volume orders")
+    ap.add_argument("--subset", type=float, default=0.75, help="--compare-halving: share of volumes per subset")
+    ap.add_argument("--eta", type=int, default=3, help="--compare-halving: halving_eta")
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -104,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
             p.prob = np.ascontiguousarray(p.prob)
         t_load = time.perf_counter() - t1
         space = SearchSpace()
+        if args.compare_halving:
+            space.n_random = max(1, args.n_candidates - len(space.threshold))
+            space.halving_eta = args.eta
+            compare_halving(probs, labels, space, args.workers, args.repeats, args.subset, args.seed)
+            return 0
         if args.method == "random":
             space.method = "random"
             space.n_random = max(1, args.n_candidates - len(space.threshold))

@@ -43,6 +43,8 @@ Measured effects (score parts and seconds per 320^3 volume) are in ``BENCHMARKS.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 from dataclasses import dataclass
 from typing import ClassVar, Sequence
@@ -177,6 +179,28 @@ class PostprocessConfig:
 # ----------------------------------------------------------------------------------------------
 # Steps (each: (Z, Y, X) array in, bool (Z, Y, X) out)
 # ----------------------------------------------------------------------------------------------
+
+
+def _one_blas_thread(fn):
+    """Run ``fn`` with BLAS/LAPACK limited to one thread (``threadpoolctl``; a no-op without it).
+
+    Post-processing calls LAPACK on tiny matrices (Delaunay transforms in ``griddata``, 3x3
+    eigenvalues); with a multi-threaded OpenBLAS on a busy machine each call can take 100x its
+    single-threaded time (measured: 0.7 s instead of 3 ms per 32-point ``Delaunay.transform``).
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # not in every wheel set (Kaggle has it with scikit-learn)
+            ctx = contextlib.nullcontext()
+        else:
+            ctx = threadpool_limits(1, user_api="blas")
+        with ctx:
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _check_3d(arr: np.ndarray, name: str) -> np.ndarray:
@@ -440,6 +464,7 @@ def prune_z_specks(mask: np.ndarray, axis: int = 0) -> np.ndarray:
     return np.moveaxis(m & support, 0, axis).copy()
 
 
+@_one_blas_thread
 def ridge_filter(mask: np.ndarray, prob: np.ndarray, sigma: float, ratio: float = 2.0) -> np.ndarray:
     """Hessian ridge filter (3rd place): keep the voxels of ``mask`` where ``prob`` looks like a sheet.
 
@@ -703,6 +728,7 @@ def tunnel_count(mask: np.ndarray) -> int:
     return b0 + (n_bg - 1) - chi
 
 
+@_one_blas_thread
 def patch_sheet_holes(sheet: np.ndarray, max_hole: int) -> np.ndarray:
     """Patch the holes of one sheet on its height map (1st place).
 
@@ -800,6 +826,7 @@ def _sheet_fix(sheet: np.ndarray, closing: int, max_hole: int, plug: bool) -> np
     return patched
 
 
+@_one_blas_thread
 def sheet_postprocess(mask: np.ndarray, closing: int = 3, max_hole: int = 4096, max_sheets: int = 40,
                       plug: bool = False) -> np.ndarray:
     """Per-sheet processing (1st place).
@@ -907,6 +934,7 @@ def split_merged_sheets(prob: np.ndarray, mask: np.ndarray, levels: Sequence[flo
 # ----------------------------------------------------------------------------------------------
 
 
+@_one_blas_thread
 def postprocess(prob: np.ndarray, cfg: PostprocessConfig | None = None) -> np.ndarray:
     """Turn a probability map into the binary mask that goes into the submission.
 
