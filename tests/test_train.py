@@ -563,3 +563,82 @@ def test_torchrun_command_passes_resume_force():
     cmd = torchrun_command(2, "c.yaml", "d", "o", 1, resume=True, allow_config_change=True)
     assert "--resume-force" in cmd and "--resume" not in cmd
     assert "--resume" in torchrun_command(2, "c.yaml", "d", "o", 1, resume=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 15: poly, --fold all, time budget, --init-from, ResEnc end to end
+# ----------------------------------------------------------------------------------------------
+
+RESENC_TINY = {"arch": "ResEncUNet", "n_stages": 4, "features_per_stage": [4, 8, 8, 8],
+               "n_blocks_per_stage": [1, 1, 1, 1]}
+
+
+def test_poly_schedule_values():
+    from kaggle_utils.train import LRSchedule
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    cfg = OptimConfig(name="SGD", lr=0.01, warmup_epochs=0, schedule="poly", poly_exponent=0.9)
+    s = LRSchedule(opt, cfg, steps_per_epoch=10, epochs=10)  # 100 steps
+    assert s.factor(0) == 1.0 and s.factor(100) == 0.0
+    assert s.factor(50) == pytest.approx(0.5 ** 0.9)
+    assert s.factor(90) == pytest.approx(0.1 ** 0.9)
+    now = [0.0]  # the budget's elapsed fraction instead of steps
+    b = LRSchedule(opt, cfg, steps_per_epoch=10, epochs=10, budget_s=60.0, clock=lambda: now[0])
+    now[0] = 30.0
+    assert b.fraction() == pytest.approx(0.5) and b.factor(0) == pytest.approx(0.5 ** 0.9)
+    now[0] = 90.0
+    assert b.factor(0) == 0.0 and b.state_dict()["elapsed"] == 90.0
+
+
+@pytest.mark.slow
+def test_fold_all_trains_on_every_id_and_validates_listed_ids(data_dir, tmp_path, capsys):
+    cfg = tiny_cfg(train={"epochs": 1}, validation={"ids": None})
+    ids = [r["id"] for r in __import__("csv").DictReader(open(data_dir / "train.csv"))]
+    cfg.validation.ids = ids[:1]
+    r = train(cfg, data_dir, tmp_path / "all", fold="all", progress=False)
+    assert r.fold == "all" and r.oof_dir is None and TrainResult.load(tmp_path / "all").fold == "all"
+    log = (tmp_path / "all" / "train.log").read_text()
+    assert f"{len(ids)} training volume(s), 0 validation volume(s) (1 validated)" in log
+    assert "val_dice" in r.history[-1]
+
+
+@pytest.mark.slow
+def test_budgeted_run_ends_inside_its_budget_with_oof(data_dir, tmp_path):
+    import time
+
+    cfg = tiny_cfg(model=RESENC_TINY, loss={"deep_supervision": True},
+                   optim={"name": "SGD", "lr": 0.01, "momentum": 0.99, "schedule": "poly", "grad_clip": 12.0},
+                   train={"epochs": 10000, "budget_reserve": 0.3}, validation={"every": 1000})
+    budget = 45.0
+    t0 = time.monotonic()
+    r = train(cfg, data_dir, tmp_path / "b", fold=0, time_budget=budget, progress=False)
+    took = time.monotonic() - t0
+    assert r.stopped == "time_budget" and took < budget, took
+    assert (tmp_path / "b" / "best.pt").is_file() and (tmp_path / "b" / "last.pt").is_file()
+    assert r.oof_dir is not None and list(r.oof_dir.glob("*.npy"))
+    assert "val_dice" in r.history[-1]  # the final epoch was validated though validation.every is 1000
+
+
+@pytest.mark.slow
+def test_init_from_trains_at_a_new_patch_size_and_predict_needs_only_the_checkpoint(data_dir, tmp_path, capsys):
+    from kaggle_utils.cli import main
+
+    first = tiny_cfg(model=RESENC_TINY, train={"epochs": 1})
+    train(first, data_dir, tmp_path / "p32", fold=0, progress=False)
+    w32 = _weights(tmp_path / "p32" / "best.pt")
+    bigger = tiny_cfg(model=RESENC_TINY, train={"epochs": 1}, sampler={"patch_size": [64, 64, 64]},
+                      validation={"patch_size": [64, 64, 64]}, inference={"patch_size": [64, 64, 64]})
+    r = train(bigger, data_dir, tmp_path / "p64", fold=0, progress=False, init_from=tmp_path / "p32" / "best.pt")
+    assert r.epochs_completed == 1
+    assert "initialized the weights from" in (tmp_path / "p64" / "train.log").read_text()
+    ck = torch.load(tmp_path / "p64" / "last.pt", weights_only=True)
+    assert ck["config"]["sampler"]["patch_size"] == [64, 64, 64] and ck["scheduler"]["step_count"] == 2
+    assert any(not torch.equal(w32[k], v) for k, v in ck["model"].items())  # trained on from there
+    # a checkpoint of another network is one line naming both
+    with pytest.raises(ConfigError, match="train.init_from: .* does not fit model ResEncUNet"):
+        train(tiny_cfg(model=dict(RESENC_TINY, features_per_stage=[8, 8, 8, 8]), train={"epochs": 1}),
+              data_dir, tmp_path / "bad", fold=0, progress=False, init_from=tmp_path / "p32" / "best.pt")
+    # predict rebuilds the ResEnc from the checkpoint alone
+    rc = main(["predict", "--checkpoint", str(tmp_path / "p64" / "best.pt"), "--data-dir", str(data_dir),
+               "--out", str(tmp_path / "sub.zip"), "--device", "cpu"])
+    assert rc == 0 and (tmp_path / "sub.zip").is_file()
