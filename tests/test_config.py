@@ -199,9 +199,12 @@ def test_canonical_dict_maps_a_stored_old_config_quietly():
 
 
 def test_search_space_field_names_follow_postprocess():
+    from kaggle_utils.tune import BASIC_COORDINATES
+
     pp = {f.name for f in dataclasses.fields(PostprocessConfig)}
-    space = {f.name for f in dataclasses.fields(SearchSpace)} - {"base", "method", "rounds", "n_random"}
-    assert space <= pp and "fill_pinholes" in space
+    space = {f.name for f in dataclasses.fields(SearchSpace)}
+    assert "fill_pinholes" in pp & space and "fill_holes" not in pp | space
+    assert set(BASIC_COORDINATES) <= pp & space
 
 
 # ---------------------------------------------------------------------------------- CLI, folds
