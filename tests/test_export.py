@@ -149,6 +149,7 @@ def test_predict_same_submission_from_full_and_exported(tmp_path, full_ckpt):
     assert 0 < masks[0].mean() < 1
 
 
+@pytest.mark.slow  # writes and exports its own training checkpoint (7-22 s on 2 shared cores)
 def test_export_without_ema_uses_model_weights(tmp_path):
     full = train_like_checkpoint(tmp_path / "last.pt", MCFG, {"model": to_dict(MCFG)}, ema=False)
     out = export_checkpoint(full, tmp_path / "m.pt", fp16=True)
