@@ -169,29 +169,15 @@ def read_volume(path: str | os.PathLike) -> np.ndarray:
             ``imagecodecs``); the message says what to install.
         DataError: missing file, directory, truncated/corrupt TIFF, not 3D, not uint8.
     """
-    import tifffile
-
     path = Path(path)
     _check_is_file(path)
     if path.stat().st_size == 0:
         raise DataError(f"{path}: empty file (0 bytes), expected a TIFF volume")
-    try:
-        with tifffile.TiffFile(path) as tif:
-            n_pages = len(tif.pages)
-            problem = tiff_codec_problem(tif, path)
-            if problem is not None:
-                raise MissingCodecError(problem)
-            volume = tif.asarray()
-    except MissingCodecError:
-        raise
-    except Exception as exc:  # tifffile raises many types for broken files
-        raise DataError(
-            f"{path}: cannot read TIFF, file truncated or corrupt ({type(exc).__name__}: {exc})"
-        ) from None
+    volume = read_tiff(path)
     if volume.ndim != 3:
         raise DataError(
             f"{path}: expected a 3D volume (z, y, x), got {volume.ndim}D array of shape "
-            f"{tuple(volume.shape)} ({n_pages} page(s))"
+            f"{tuple(volume.shape)}"
         )
     if volume.dtype != np.uint8:
         raise DataError(f"{path}: expected dtype uint8, got {volume.dtype}")
@@ -241,7 +227,7 @@ def read_tiff(source: str | os.PathLike | bytes, what: str | os.PathLike | None 
 
     Raises:
         MissingCodecError: a compression whose codec is not installed (LZW without ``imagecodecs``).
-        DataError: not a readable TIFF, truncated or corrupt, or no image pages.
+        DataError: "corrupt TIFF" (not a TIFF, truncated or damaged, or no image pages), naming it.
     """
     import tifffile
 
@@ -263,7 +249,7 @@ def read_tiff(source: str | os.PathLike | bytes, what: str | os.PathLike | None 
     except MissingCodecError:
         raise
     except Exception as exc:  # tifffile raises many types for broken files
-        raise DataError(f"{name}: not a readable TIFF, truncated or corrupt ({type(exc).__name__}: {exc})") from None
+        raise DataError(f"{name}: corrupt TIFF, truncated or damaged ({type(exc).__name__}: {exc})") from None
     finally:
         tiff_log.removeHandler(errors)
         tiff_log.propagate = propagate

@@ -257,7 +257,7 @@ def test_validator_corrupt_tiff(tmp_path, data_dir):
     entries = _valid_entries()
     entries[1] = ("b2.tif", b"II*\x00garbage" + bytes(50))
     probs = _problems(tmp_path, data_dir, entries)
-    assert len(probs) == 1 and "b2.tif" in probs[0] and "not a readable TIFF" in probs[0]
+    assert len(probs) == 1 and "b2.tif" in probs[0] and "corrupt TIFF" in probs[0]
 
 
 def test_validator_truncated_tiff(tmp_path, data_dir):
@@ -265,7 +265,7 @@ def test_validator_truncated_tiff(tmp_path, data_dir):
     data = _tif(np.random.default_rng(0).integers(0, 2, SHAPES["b2"], dtype=np.uint8))
     entries[1] = ("b2.tif", data[: len(data) // 2])
     probs = _problems(tmp_path, data_dir, entries)
-    assert len(probs) == 1 and "b2.tif" in probs[0] and "not a readable TIFF" in probs[0]
+    assert len(probs) == 1 and "b2.tif" in probs[0] and "corrupt TIFF" in probs[0]
 
 
 def test_validator_not_a_zip(tmp_path, data_dir):

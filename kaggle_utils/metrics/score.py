@@ -14,8 +14,6 @@ are set to background in *both* volumes. The dataset score is the plain mean ove
 
 from __future__ import annotations
 
-import io
-import logging
 import os
 import zipfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -25,7 +23,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from ..data import IGNORE_LABEL, DataError, MissingCodecError, tiff_codec_problem
+from ..data import IGNORE_LABEL, DataError, read_tiff
 
 __all__ = [
     "WEIGHTS",
@@ -284,17 +282,6 @@ def list_volumes(source: str | os.PathLike, *, role: str = "pred") -> dict[str, 
     return dict(sorted(out.items()))
 
 
-class _TiffLogErrors(logging.Handler):
-    """Collects the ERROR records tifffile logs (instead of raising) while it reads a damaged file."""
-
-    def __init__(self) -> None:
-        super().__init__(level=logging.ERROR)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 def _where(loc: Locator) -> str:
     return f"{loc[1]}:{loc[2]}" if loc[0] == "zip" else loc[1]
 
@@ -315,36 +302,15 @@ def read_located(loc: Locator) -> np.ndarray:
         DataError: unreadable, truncated or corrupt TIFF: one line naming the file (and zip
             member) with "corrupt TIFF" in it.
     """
-    import tifffile
-
     where = _where(loc)
-    errors = _TiffLogErrors()
-    tiff_log = logging.getLogger("tifffile")
-    tiff_log.addHandler(errors)
-    propagate, tiff_log.propagate = tiff_log.propagate, False  # no stray "<TiffPages> invalid offset" lines
+    if loc[0] != "zip":
+        return read_tiff(loc[1], where)
     try:
-        if loc[0] == "zip":
-            with zipfile.ZipFile(loc[1]) as zf:
-                source = io.BytesIO(zf.read(loc[2]))
-        else:
-            source = loc[1]
-        with tifffile.TiffFile(source) as tif:
-            if len(tif.pages) == 0 or not tif.series:
-                raise ValueError("no image pages")
-            problem = tiff_codec_problem(tif, where)
-            if problem is not None:
-                raise MissingCodecError(problem)
-            vol = tif.asarray()
-        if errors.messages:
-            raise ValueError("; ".join(errors.messages[:2]))
-    except MissingCodecError:
-        raise
-    except Exception as exc:  # tifffile and zipfile raise many types for broken files
+        with zipfile.ZipFile(loc[1]) as zf:
+            raw = zf.read(loc[2])
+    except Exception as exc:  # zipfile raises many types for broken archives
         raise DataError(f"{where}: corrupt TIFF, truncated or damaged ({type(exc).__name__}: {exc})") from None
-    finally:
-        tiff_log.removeHandler(errors)
-        tiff_log.propagate = propagate
-    return vol
+    return read_tiff(raw, where)
 
 
 def prediction_warnings(pred: np.ndarray, name: str = "prediction") -> list[str]:
