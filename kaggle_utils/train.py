@@ -76,6 +76,7 @@ from torch import nn
 from .config import ConfigError, canonical_dict, to_dict
 from .data import IGNORE_LABEL, DataError, atomic_path, load_index, normalize_intensity, read_label, read_volume, \
     make_folds, split_fold, write_probs
+from .diagnostics import CollapseGuard, CollapseVerdict
 from .environment import warn_slow_conv3d_amp
 from .inference import InferenceConfig, resolve_amp_dtype
 from .losses import build_loss
@@ -98,6 +99,7 @@ __all__ = [
     "LRSchedule",
     "WarmupSchedule",
     "validate_volumes",
+    "validation_verdict",
     "check_fold",
     "split_train_val",
     "assign_folds",
@@ -351,6 +353,18 @@ def _predict(model: nn.Module, image: np.ndarray, cfg: TrainConfig, device: torc
     return predict_volume(model, x, settings, device, pad_multiple=model_divisor(cfg.model))
 
 
+def validation_verdict(rows: list[dict], vc: ValidationConfig) -> CollapseVerdict:
+    """The collapse verdict of one validation alone (``diagnostics.collapse_verdict`` with the
+    ``validation.collapse_*`` limits), from its per-volume rows (keys ``fg``, ``label_fg``: shares
+    of labelled voxels predicted / labelled as surface; optional ``prob_std``)."""
+    from .diagnostics import collapse_verdict
+
+    prob_std = [r["prob_std"] for r in rows] if all("prob_std" in r for r in rows) else None
+    return collapse_verdict([r["fg"] for r in rows], [r["label_fg"] for r in rows], prob_std=prob_std,
+                            max_ratio=vc.collapse_max_ratio, max_fg=vc.collapse_max_fg,
+                            recover_ratio=vc.collapse_recover_ratio)
+
+
 def validate_volumes(model: nn.Module, records: list, cfg: TrainConfig, device: torch.device,
                      progress: bool = False) -> tuple[dict, list[dict]]:
     """Validate on whole volumes: sliding window → postprocess → Dice / foreground share / score.
@@ -364,12 +378,14 @@ def validate_volumes(model: nn.Module, records: list, cfg: TrainConfig, device: 
         ``(summary, per_volume)``: summary keys ``val_dice`` (mean over volumes, Dice of label 1 on
         voxels with label != 2), ``val_fg_pct`` / ``val_label_fg_pct`` (mean predicted / labelled
         surface share of labelled voxels, in %), ``val_score``, ``val_topo``, ``val_sd``, ``val_voi``
-        (means over the first ``n_score`` volumes, ``None`` when 0), ``collapse`` (the verdict kind),
-        ``collapse_reasons``; per_volume one dict per volume with the same numbers.
+        (means over the first ``n_score`` volumes, ``None`` when 0), ``collapse`` (the kind of this
+        validation's own verdict, :func:`validation_verdict`; :func:`train` replaces it with the
+        run's :class:`~kaggle_utils.diagnostics.CollapseGuard` verdict), ``collapse_reasons``;
+        per_volume one dict per volume with the same numbers.
     """
     from tqdm.auto import tqdm
 
-    from .diagnostics import collapse_verdict, fg_fraction, surface_share
+    from .diagnostics import fg_fraction, surface_share
     from .metrics import score_volume
     from .postprocess import postprocess
 
@@ -388,9 +404,7 @@ def validate_volumes(model: nn.Module, records: list, cfg: TrainConfig, device: 
             s = score_volume(pred, label)
             row.update(score=float(s.score), topo=float(s.topo_score), sd=float(s.surface_dice), voi=float(s.voi_score))
         rows.append(row)
-    verdict = collapse_verdict([r["fg"] for r in rows], [r["label_fg"] for r in rows],
-                               prob_std=[r["prob_std"] for r in rows],
-                               max_ratio=cfg.validation.collapse_max_ratio, max_fg=cfg.validation.collapse_max_fg)
+    verdict = validation_verdict(rows, cfg.validation)
 
     def mean(key: str) -> float | None:
         vals = [r[key] for r in rows if key in r and r[key] is not None and math.isfinite(r[key])]
@@ -425,6 +439,12 @@ class TrainResult:
             ``time_limit`` or ``callback`` (equal to those strings).
         history: one dict per epoch (the rows of ``metrics.jsonl``).
         oof_dir: folder of the out-of-fold probabilities, or ``None``.
+        collapse: the run's collapse state at the end (``CollapseGuard.state``): ``healthy`` (never
+            flagged), ``collapsed`` (flagged at the last validation) or ``recovered`` (flagged
+            earlier); ``None`` when nothing was validated (or in a ``result.json`` of an older version).
+        collapse_summary: ``CollapseGuard.summary()``: one line naming the flagged epochs, if any
+            (``None`` when ``collapse`` is).
+        collapse_guard: ``CollapseGuard.to_json()`` (every validation's kind, ratio and state).
     """
 
     run_dir: Path
@@ -435,11 +455,15 @@ class TrainResult:
     stopped: StopReason | str
     history: list[dict] = field(default_factory=list)
     oof_dir: Path | None = None
+    collapse: str | None = None
+    collapse_summary: str | None = None
+    collapse_guard: dict | None = None
 
     def __str__(self) -> str:
         best = "-" if self.best_score is None else f"{self.best_score:.4f}"
-        return (f"fold {self.fold}: {self.stopped} after {self.epochs_completed} epoch(s), best {best} at epoch "
+        text = (f"fold {self.fold}: {self.stopped} after {self.epochs_completed} epoch(s), best {best} at epoch "
                 f"{self.best_epoch}; {self.run_dir}")
+        return text + (f"\n  {self.collapse_summary}" if self.collapse_summary else "")
 
     @property
     def last_checkpoint(self) -> Path:
@@ -449,7 +473,9 @@ class TrainResult:
         """Write ``run_dir/result.json`` (everything but ``history``, which is ``metrics.jsonl``), atomically."""
         data = {"fold": self.fold, "epochs_completed": self.epochs_completed, "best_epoch": self.best_epoch,
                 "best_score": self.best_score, "stopped": self.stopped,
-                "oof_dir": None if self.oof_dir is None else str(Path(self.oof_dir).resolve())}
+                "oof_dir": None if self.oof_dir is None else str(Path(self.oof_dir).resolve()),
+                "collapse": self.collapse, "collapse_summary": self.collapse_summary,
+                "collapse_guard": self.collapse_guard}
         path = Path(self.run_dir) / "result.json"
         with atomic_path(path) as tmp:
             Path(tmp).write_text(json.dumps(data, indent=1) + "\n")
@@ -470,9 +496,13 @@ class TrainResult:
             if (run_dir / "metrics.jsonl").is_file():
                 history = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
             fold = data["fold"] if data["fold"] == "all" else int(data["fold"])
+            guard = data.get("collapse_guard")
+            if guard is not None and not isinstance(guard, dict):
+                raise TypeError(f"collapse_guard is a {type(guard).__name__}, not an object")
             return cls(run_dir, fold, int(data["epochs_completed"]), data["best_epoch"],
                        data["best_score"], _stop_reason(str(data["stopped"])), history,
-                       Path(data["oof_dir"]) if data.get("oof_dir") else None)
+                       Path(data["oof_dir"]) if data.get("oof_dir") else None,
+                       data.get("collapse"), data.get("collapse_summary"), guard)
         except FileNotFoundError:
             raise DataError(f"{path}: missing; the run in {run_dir} did not finish (see its train.log)") from None
         except (ValueError, KeyError, TypeError) as exc:
@@ -517,6 +547,8 @@ def _epoch_line(row: dict, epochs: int, part_names: list[str]) -> str:
                  f"(topo {_fmt(row['val_topo'], '.3f')} sd {_fmt(row['val_sd'], '.3f')} voi {_fmt(row['val_voi'], '.3f')}) "
                  f"fg {row['val_fg_pct']:.2f}% [{row['val_fg_min_pct']:.2f}-{row['val_fg_max_pct']:.2f}% per volume] "
                  f"(labelled {row['val_label_fg_pct']:.2f}%) [{row['collapse']}]")
+        if row.get("collapse_state") == "recovered":
+            line += " (run flagged earlier, recovered)"
     return line
 
 
@@ -659,8 +691,12 @@ _BROADCAST_REASONS: tuple[StopReason | None, ...] = (None, StopReason.COLLAPSE, 
                                                      StopReason.CALLBACK)
 
 # keys a resumed run may change without allow_config_change: they do not alter the trajectory
+# (the collapse limits only judge validations: a run of an older version, saved with the old 3.0x limit,
+# resumes under the current rule)
 RESUME_SAFE_KEYS = frozenset({"train.time_limit_s", "train.num_workers", "train.check_labels", "train.init_from",
-                              "sampler.cache_bytes", "sampler.cache_dir", "validation.write_oof"})
+                              "sampler.cache_bytes", "sampler.cache_dir", "validation.write_oof",
+                              "validation.collapse_max_ratio", "validation.collapse_max_fg",
+                              "validation.collapse_recover_ratio", "validation.collapse_stop_after"})
 
 
 @dataclass
@@ -679,6 +715,8 @@ class RunState:
         epoch: epochs completed (the next epoch to train is ``epoch + 1``, 1-based).
         history: one metrics row per completed epoch.
         best_score, best_epoch, bad_validations: model selection and early stopping.
+        guard: the run's :class:`~kaggle_utils.diagnostics.CollapseGuard` (rank 0 updates it after
+            each validation; saved in ``last.pt``, ``best.pt`` and ``result.json``).
         stopped: why the run ended (:class:`StopReason`).
         t_start, limit, epoch_times: the time limit of this call (``time.monotonic`` seconds).
         budget, budget_done: ``train.time_budget_s`` of the whole run and whether its training
@@ -710,6 +748,7 @@ class RunState:
     best_score: float | None = None
     best_epoch: int | None = None
     bad_validations: int = 0
+    guard: CollapseGuard = field(default_factory=CollapseGuard)
     stopped: StopReason = StopReason.COMPLETED
     epoch_times: list[float] = field(default_factory=list)
     budget: float | None = None
@@ -756,6 +795,7 @@ class RunState:
             scheduler=self.schedule.state_dict(), rng=_rng_state(), epoch=self.epoch, fold=self.fold,
             config=to_dict(self.cfg), model_config=to_dict(self.cfg.model), metrics=row, history=self.history,
             best_score=self.best_score, best_epoch=self.best_epoch, bad_validations=self.bad_validations,
+            collapse_guard=self.guard.to_json(),
         )
 
 
@@ -972,6 +1012,7 @@ def _resume(state: RunState, allow_config_change: bool = False) -> None:
     state.best_score, state.best_epoch = ckpt["best_score"], ckpt["best_epoch"]
     state.bad_validations = int(ckpt["bad_validations"])
     state.epoch = int(ckpt["epoch"])
+    state.guard = CollapseGuard.from_json(ckpt.get("collapse_guard"))  # absent (older version): a fresh guard
     if state.dist.main:
         _set_rng_state(ckpt["rng"])
     vv = state.run_dir / "val_volumes.jsonl"
@@ -1128,11 +1169,19 @@ def _validate_and_select(state: RunState, epoch: int, row: dict) -> tuple[bool, 
             state.bad_validations += 1
         if cfg.optim.schedule == "plateau" and metric is not None:
             state.schedule.observe(metric)
-        if summary["collapse"] != "healthy":
-            state.warn(f"collapse guard: epoch {epoch + 1}: {summary['collapse']}: {summary['collapse_reasons']} "
-                       f"(predicted fg {summary['val_fg_pct']:.2f}% vs labelled {summary['val_label_fg_pct']:.2f}%)")
-            if vc.on_collapse == "stop" and summary["collapse"] in vc.stop_kinds:
+        # the run's verdict: a flag latches until the ratio is back at or below the recovery limit
+        verdict = state.guard.update(validation_verdict(per_volume, vc), epoch + 1)
+        row.update(collapse=verdict.kind, collapse_reasons="; ".join(verdict.reasons),
+                   collapse_state=state.guard.state)
+        if verdict.collapsed:
+            state.warn(f"collapse guard: epoch {epoch + 1}: {verdict.kind}: {row['collapse_reasons']} "
+                       f"(predicted fg {summary['val_fg_pct']:.2f}% vs labelled {summary['val_label_fg_pct']:.2f}%; "
+                       f"{state.guard.consecutive} flagged validation(s) in a row)")
+            if (vc.on_collapse == "stop" and verdict.kind in vc.stop_kinds
+                    and state.guard.should_stop(vc.collapse_stop_after)):
                 reason = StopReason.COLLAPSE
+        elif state.guard.state == "recovered" and verdict.notes:
+            state.log(f"collapse guard: epoch {epoch + 1}: {verdict.notes[-1]}")
         if reason is None and vc.patience is not None and state.bad_validations >= vc.patience:
             reason = StopReason.EARLY_STOPPING
     if state.dist.world > 1 and cfg.optim.schedule == "plateau":  # rank 0 observed the score
@@ -1160,7 +1209,9 @@ def _agree_on_stop(state: RunState, reason: StopReason | None) -> StopReason | N
     """Rank 0's stop reason on every rank, logged once."""
     reason = _BROADCAST_REASONS[state.dist.broadcast_flag(_BROADCAST_REASONS.index(reason))]
     if reason is StopReason.COLLAPSE:
-        state.log(f"stopping: the collapse guard fired at epoch {state.epoch} and validation.on_collapse is 'stop'")
+        state.log(f"stopping: the collapse guard flagged {state.guard.consecutive} validation(s) in a row up to "
+                  f"epoch {state.epoch} (validation.collapse_stop_after {state.cfg.validation.collapse_stop_after}) "
+                  f"and validation.on_collapse is 'stop'")
     elif reason is StopReason.EARLY_STOPPING:
         state.log(f"early stopping: no better validation score for {state.cfg.validation.patience} validation(s); "
                   f"best {state.best_score:.4f} at epoch {state.best_epoch}")
@@ -1214,8 +1265,12 @@ def _finish(state: RunState) -> TrainResult:
     state.dist.barrier()
     state.log(f"fold {state.fold} finished ({state.stopped}) after {state.epoch} epoch(s); "
               f"best {state.best_score} at epoch {state.best_epoch}")
+    guard = state.guard
+    if guard.history:  # the fold's last line: a run that was flagged says so, even when it looks healthy now
+        (state.log if guard.state == "healthy" else state.warn)(f"fold {state.fold}: {guard.summary()}")
     result = TrainResult(state.run_dir, state.fold, state.epoch, state.best_epoch, state.best_score, state.stopped,
-                         state.history, oof_dir)
+                         state.history, oof_dir, guard.state if guard.history else None,
+                         guard.summary() if guard.history else None, guard.to_json())
     if state.dist.main:
         result.save()
     return result
@@ -1458,11 +1513,13 @@ def stage_resume(source: str | os.PathLike, out_dir: str | os.PathLike, folds: l
 def torchrun_command(nproc: int, config: str | os.PathLike, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
                      fold: int = 0, *, epochs: int | None = None, resume: bool = False,
                      time_limit: float | None = None, device: str | None = None,
-                     python: str | None = None, allow_config_change: bool = False) -> list[str]:
+                     python: str | None = None, allow_config_change: bool = False,
+                     time_budget: float | None = None, init_from: str | os.PathLike | None = None) -> list[str]:
     """The command that trains one fold on ``nproc`` processes: ``python -m torch.distributed.run
     --standalone --nproc_per_node N -m kaggle_utils train --config CFG --fold K --data-dir D --out RUN
-    --no-progress [--epochs E] [--resume | --resume-force] [--time-limit-s S] [--device DEV]``
-    (``--resume-force`` with ``allow_config_change``).
+    --no-progress [--epochs E] [--resume | --resume-force] [--time-limit-s S] [--time-budget S]
+    [--init-from CKPT] [--device DEV]`` (``--resume-force`` with ``allow_config_change``;
+    ``time_budget`` / ``init_from`` override ``train.time_budget_s`` / ``train.init_from`` as in :func:`train`).
 
     ``python -m torch.distributed.run`` is ``torchrun`` run by this interpreter (the notebook's).
     ``device`` ``None`` gives each rank its own GPU (``LOCAL_RANK``); ``"cpu"`` trains on CPU (gloo).
@@ -1480,6 +1537,10 @@ def torchrun_command(nproc: int, config: str | os.PathLike, data_dir: str | os.P
         cmd.append("--resume")
     if time_limit is not None:
         cmd += ["--time-limit-s", f"{float(time_limit):.0f}"]
+    if time_budget is not None:
+        cmd += ["--time-budget", f"{float(time_budget):g}"]
+    if init_from is not None:
+        cmd += ["--init-from", str(init_from)]
     if device is not None:
         cmd += ["--device", str(device)]
     return cmd
@@ -1488,7 +1549,9 @@ def torchrun_command(nproc: int, config: str | os.PathLike, data_dir: str | os.P
 def train_torchrun(nproc: int, config: str | os.PathLike, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
                    folds: list[int] | None = None, *, epochs: int | None = None, resume: bool = False,
                    time_limit: float | None = None, device: str | None = None,
-                   env: dict[str, str] | None = None, allow_config_change: bool = False) -> list[TrainResult]:
+                   env: dict[str, str] | None = None, allow_config_change: bool = False,
+                   time_budget: float | None = None, init_from: str | os.PathLike | None = None
+                   ) -> list[TrainResult]:
     """Train folds with DistributedDataParallel on ``nproc`` processes (both T4s: ``nproc=2``) from a notebook.
 
     Runs :func:`torchrun_command` once per fold, writing ``out_dir/fold{k}`` as :func:`train_folds`
@@ -1504,7 +1567,10 @@ def train_torchrun(nproc: int, config: str | os.PathLike, data_dir: str | os.Pat
         epochs: override ``train.epochs``.
         resume: continue each fold from its ``last.pt`` (see :func:`stage_resume`).
         allow_config_change: resume even when the config differs from the checkpoints' (see :func:`train`).
-        time_limit: seconds for all folds together.
+        time_limit: seconds for all folds together (a hard stop, ``--time-limit-s``).
+        time_budget: seconds each fold's run may take, finished inside it (``--time-budget``,
+            ``train.time_budget_s``).
+        init_from: start every fold from this checkpoint's weights (``--init-from``, ``train.init_from``).
         device: ``None`` (one GPU per rank) or ``"cpu"`` (gloo, for tests).
         env: extra environment variables for the subprocesses.
 
@@ -1522,7 +1588,8 @@ def train_torchrun(nproc: int, config: str | os.PathLike, data_dir: str | os.Pat
     for k in folds:
         left = None if time_limit is None else max(0.0, time_limit - (time.monotonic() - t0))
         cmd = torchrun_command(nproc, config, data_dir, Path(out_dir) / f"fold{k}", k, epochs=epochs, resume=resume,
-                               time_limit=left, device=device, allow_config_change=allow_config_change)
+                               time_limit=left, device=device, allow_config_change=allow_config_change,
+                               time_budget=time_budget, init_from=init_from)
         print("$ " + " ".join(cmd), flush=True)
         tail: list[str] = []
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,

@@ -15,6 +15,7 @@ from typing import Literal
 
 from .config import load_config
 from .data import IGNORE_LABEL
+from .diagnostics import COLLAPSE_MAX_FG, COLLAPSE_MAX_RATIO, COLLAPSE_RECOVER_RATIO, COLLAPSE_STOP_AFTER
 from .inference import InferenceConfig, normalize_amp
 from .losses import LossConfig
 from .models import NNUNET_ARCHITECTURES, ModelConfig, model_divisor, validate_patch_size
@@ -175,13 +176,21 @@ class ValidationConfig:
         patience: early stopping after this many validations without a better score; ``null``
             disables early stopping.
         min_delta: improvement needed to count as better.
-        on_collapse: when the collapse guard fires: ``warn`` (log it) or ``stop`` (end the run).
+        on_collapse: when the collapse guard fires: ``warn`` (log it) or ``stop`` (end the run once
+            ``collapse_stop_after`` validations in a row were flagged, see
+            :meth:`~kaggle_utils.diagnostics.CollapseGuard.should_stop`).
         stop_kinds: collapse kinds that ``on_collapse: stop`` acts on (``foreground``, ``uniform``,
             ``constant``, ``empty``); ``empty`` is left out by default because young models often
             predict nothing at first.
         collapse_max_ratio: the guard flags ``foreground`` collapse when the mean predicted share of
-            labelled voxels exceeds this multiple of the labelled surface share.
-        collapse_max_fg: ... or exceeds this absolute share.
+            labelled voxels exceeds this multiple of the labelled surface share
+            (:data:`~kaggle_utils.diagnostics.COLLAPSE_MAX_RATIO`, the rule ``diagnose`` uses).
+        collapse_max_fg: ... or exceeds this absolute share (:data:`~kaggle_utils.diagnostics.COLLAPSE_MAX_FG`).
+        collapse_recover_ratio: a run flagged for ``foreground`` stays flagged until the ratio is at
+            or below this multiple (:data:`~kaggle_utils.diagnostics.COLLAPSE_RECOVER_RATIO`).
+        collapse_stop_after: flagged validations in a row before ``on_collapse: stop`` ends the run
+            (:data:`~kaggle_utils.diagnostics.COLLAPSE_STOP_AFTER`; healthy young runs were flagged
+            for at most 2 in a row, collapsed ones for 7 or more, docs/collapse.md).
         write_oof: write out-of-fold probabilities of all validation volumes at the end of the fold.
         ids: with ``--fold all`` (or ``train.n_folds`` 1), the volume ids to validate on (they are
             also trained on: an in-sample check, not a held-out score); ``null``: no validation.
@@ -197,8 +206,10 @@ class ValidationConfig:
     min_delta: float = 0.0
     on_collapse: Literal["warn", "stop"] = "warn"
     stop_kinds: list[str] = field(default_factory=lambda: ["foreground", "uniform", "constant"])
-    collapse_max_ratio: float = 3.0
-    collapse_max_fg: float = 0.5
+    collapse_max_ratio: float = COLLAPSE_MAX_RATIO
+    collapse_max_fg: float = COLLAPSE_MAX_FG
+    collapse_recover_ratio: float = COLLAPSE_RECOVER_RATIO
+    collapse_stop_after: int = COLLAPSE_STOP_AFTER
     write_oof: bool = True
     ids: list[str] | None = None
 
@@ -207,6 +218,11 @@ class ValidationConfig:
             raise ValueError(f"validation.every: must be >= 1, got {self.every}")
         if not 0 <= self.overlap < 1:
             raise ValueError(f"validation.overlap: must be in [0, 1), got {self.overlap}")
+        if self.collapse_stop_after < 1:
+            raise ValueError(f"validation.collapse_stop_after: must be >= 1, got {self.collapse_stop_after}")
+        if not 0 < self.collapse_recover_ratio <= self.collapse_max_ratio:
+            raise ValueError(f"validation.collapse_recover_ratio: must be in (0, collapse_max_ratio "
+                             f"{self.collapse_max_ratio:g}], got {self.collapse_recover_ratio}")
         bad = sorted(set(self.stop_kinds) - {"foreground", "uniform", "constant", "empty"})
         if bad:
             raise ValueError(f"validation.stop_kinds: unknown kind(s) {bad}; use foreground, uniform, constant, empty")

@@ -218,7 +218,8 @@ def test_time_limit_stops_cleanly(data_dir, tmp_path, capsys, monkeypatch):
 @pytest.mark.slow
 def test_collapse_guard_stops_run(data_dir, tmp_path, capsys):
     # threshold 1.0: nothing is ever predicted, so the guard must report an "empty" collapse
-    cfg = tiny_cfg(validation={"on_collapse": "stop", "stop_kinds": ["empty"], "write_oof": False},
+    cfg = tiny_cfg(validation={"on_collapse": "stop", "stop_kinds": ["empty"], "write_oof": False,
+                               "collapse_stop_after": 1},
                    postprocess={"threshold": 1.0}, train={"epochs": 3})
     res = train(cfg, data_dir, tmp_path / "run", fold=0, progress=False)
     assert res.stopped == "collapse" and res.epochs_completed == 1
@@ -563,6 +564,15 @@ def test_torchrun_command_passes_resume_force():
     cmd = torchrun_command(2, "c.yaml", "d", "o", 1, resume=True, allow_config_change=True)
     assert "--resume-force" in cmd and "--resume" not in cmd
     assert "--resume" in torchrun_command(2, "c.yaml", "d", "o", 1, resume=True)
+    # the newer CLI flags: the budget and the starting weights reach the subprocesses
+    cmd = torchrun_command(2, "c.yaml", "d", "o", 1, time_budget=28800, init_from="runs/fold0/best.pt")
+    assert cmd[cmd.index("--time-budget") + 1] == "28800" and cmd[cmd.index("--init-from") + 1] == "runs/fold0/best.pt"
+    assert "--time-budget" not in torchrun_command(2, "c.yaml", "d", "o", 1)
+    assert "--init-from" not in torchrun_command(2, "c.yaml", "d", "o", 1)
+    from kaggle_utils.cli import build_parser
+
+    args = build_parser().parse_args(cmd[cmd.index("train"):])  # the flags as the CLI reads them
+    assert args.time_budget == 28800.0 and args.init_from == "runs/fold0/best.pt"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -642,3 +652,147 @@ def test_init_from_trains_at_a_new_patch_size_and_predict_needs_only_the_checkpo
     rc = main(["predict", "--checkpoint", str(tmp_path / "p64" / "best.pt"), "--data-dir", str(data_dir),
                "--out", str(tmp_path / "sub.zip"), "--device", "cpu"])
     assert rc == 0 and (tmp_path / "sub.zip").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 14: the collapse guard in the loop (a run that was flagged says so at the end)
+# ----------------------------------------------------------------------------------------------
+
+LABEL_SHARE = 0.2  # the replayed validations' labelled surface share
+
+
+def _replay(monkeypatch, ratios: list[float]) -> None:
+    """Replace training and validation by instant fakes: each validation predicts ``ratio`` x the
+    labelled share on 2 volumes (the loop, the guard, checkpoints and logs are the real ones)."""
+    import kaggle_utils.train as train_mod
+
+    queue = list(ratios)
+
+    def fake_epoch(state, epoch):
+        return {"epoch": epoch + 1, "lr": state.schedule.lr, "train_loss": 0.5,
+                **{f"train_{n}": 0.1 for n in state.part_names if n != "total"}}
+
+    def fake_validate(model, records, cfg, device, progress=False):
+        fg = queue.pop(0) * LABEL_SHARE
+        rows = [{"id": f"v{i}", "scroll_id": "s", "dice": 0.5, "fg": fg, "label_fg": LABEL_SHARE, "prob_std": 0.3}
+                for i in range(2)]
+        own = train_mod.validation_verdict(rows, cfg.validation)
+        summary = {"val_dice": 0.5, "val_score": None, "val_topo": None, "val_sd": None, "val_voi": None,
+                   "val_fg_pct": 100 * fg, "val_fg_min_pct": 100 * fg, "val_fg_max_pct": 100 * fg,
+                   "val_label_fg_pct": 100 * LABEL_SHARE, "val_prob_std": 0.3,
+                   "collapse": own.kind, "collapse_reasons": "; ".join(own.reasons)}
+        return summary, rows
+
+    monkeypatch.setattr(train_mod, "_train_epoch", fake_epoch)
+    monkeypatch.setattr(train_mod, "validate_volumes", fake_validate)
+
+
+def test_flagged_run_says_so_at_the_end(data_dir, tmp_path, monkeypatch, capsys):
+    # flagged (2.5x), then 1.7x: below the 2x flag limit, a single validation would look healthy,
+    # but the run is not back under the 1.5x recovery limit, then 1.2x: recovered
+    _replay(monkeypatch, [2.5, 1.7, 1.2])
+    cfg = tiny_cfg(validation={"write_oof": False, "patience": None}, train={"epochs": 3})
+    run = tmp_path / "run"
+    res = train(cfg, data_dir, run, fold=0, progress=False)
+    assert [h["collapse"] for h in res.history] == ["foreground", "foreground", "healthy"]
+    assert [h["collapse_state"] for h in res.history] == ["collapsed", "collapsed", "recovered"]
+    assert "not recovered" in res.history[1]["collapse_reasons"]
+    assert res.collapse == "recovered"
+    assert res.collapse_summary.startswith("collapse guard: FLAGGED EARLIER, recovered: flagged at epoch(s) 1, 2 ")
+    assert "since epoch 3" in res.collapse_summary and res.collapse_summary in str(res)
+    # result.json, read back
+    data = json.loads((run / "result.json").read_text())
+    assert data["collapse"] == "recovered" and data["collapse_guard"]["flagged_epochs"] == [1, 2]
+    back = TrainResult.load(run)
+    assert (back.collapse, back.collapse_summary) == (res.collapse, res.collapse_summary)
+    assert back.collapse_guard["history"][1]["ratio"] == pytest.approx(1.7)
+    # the fold's last log line, a warning; the metrics row and both checkpoints carry the guard
+    last = (run / "train.log").read_text().strip().splitlines()[-1]
+    assert " WARNING " in last and res.collapse_summary in last
+    assert "(run flagged earlier, recovered)" in capsys.readouterr().out
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["collapse_state"] for r in rows] == ["collapsed", "collapsed", "recovered"]
+    last_guard = torch.load(run / "last.pt", weights_only=True)["collapse_guard"]
+    assert last_guard["flagged_epochs"] == [1, 2] and last_guard == res.collapse_guard
+    best = torch.load(run / "best.pt", weights_only=True)  # the guard as of best.pt's own epoch (1, flagged)
+    assert best["epoch"] == 1 and best["collapse_guard"]["state"] == "collapsed"
+    assert best["collapse_guard"]["flagged_epochs"] == [1]
+
+
+def test_run_ending_at_1_7x_after_a_flag_ends_collapsed(data_dir, tmp_path, monkeypatch):
+    _replay(monkeypatch, [2.5, 1.7])
+    res = train(tiny_cfg(validation={"write_oof": False}), data_dir, tmp_path / "run", fold=0, progress=False)
+    assert res.stopped == "completed" and res.collapse == "collapsed"  # on_collapse warn: it only says so
+    assert res.collapse_summary.startswith("collapse guard: COLLAPSED: flagged at epoch(s) 1, 2 ")
+    assert "COLLAPSED" in (tmp_path / "run" / "train.log").read_text().strip().splitlines()[-1]
+
+
+def test_healthy_run_summary_is_an_info_line(data_dir, tmp_path, monkeypatch):
+    _replay(monkeypatch, [1.2, 1.0])
+    res = train(tiny_cfg(validation={"write_oof": False}), data_dir, tmp_path / "run", fold=0, progress=False)
+    assert res.collapse == "healthy" and res.collapse_summary.startswith("collapse guard: healthy, never flagged in 2")
+    last = (tmp_path / "run" / "train.log").read_text().strip().splitlines()[-1]
+    assert " INFO " in last and "never flagged" in last
+
+
+def test_on_collapse_stop_waits_for_flags_in_a_row(data_dir, tmp_path, monkeypatch):
+    from kaggle_utils.diagnostics import COLLAPSE_STOP_AFTER
+
+    assert COLLAPSE_STOP_AFTER == 3
+    # flagged twice (a young healthy run can be), recovered, then flagged 3 times in a row: stop at the 3rd
+    _replay(monkeypatch, [3.0, 3.0, 1.0, 3.0, 3.0, 3.0, 3.0, 3.0])
+    cfg = tiny_cfg(validation={"write_oof": False, "on_collapse": "stop", "patience": None}, train={"epochs": 8})
+    res = train(cfg, data_dir, tmp_path / "run", fold=0, progress=False)
+    assert res.stopped == "collapse" and res.epochs_completed == 6
+    assert res.collapse == "collapsed" and "epoch(s) 1, 2, 4, 5, 6 " in res.collapse_summary
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "flagged 3 validation(s) in a row up to epoch 6" in log and log.count("on_collapse is 'stop'") == 1
+    # two in a row and recovered: never stopped
+    _replay(monkeypatch, [3.0, 3.0, 1.0, 1.0])
+    cfg = tiny_cfg(validation={"write_oof": False, "on_collapse": "stop", "patience": None}, train={"epochs": 4})
+    res = train(cfg, data_dir, tmp_path / "run2", fold=0, progress=False)
+    assert res.stopped == "completed" and res.epochs_completed == 4 and res.collapse == "recovered"
+
+
+def test_guard_survives_a_resume(data_dir, tmp_path, monkeypatch):
+    ratios = [2.5, 1.7, 1.2, 1.0]
+    cfg = tiny_cfg(validation={"write_oof": False, "patience": None}, train={"epochs": 4})
+    _replay(monkeypatch, ratios)
+    full = train(cfg, data_dir, tmp_path / "full", fold=0, progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_second(row):
+        if row["epoch"] == 2:
+            raise Killed
+
+    _replay(monkeypatch, ratios)
+    with pytest.raises(Killed):
+        train(cfg, data_dir, tmp_path / "run", fold=0, progress=False, on_epoch_end=kill_after_second)
+    _replay(monkeypatch, ratios[2:])
+    resumed = train(cfg, data_dir, tmp_path / "run", fold=0, resume=True, progress=False)
+    assert resumed.collapse_guard == full.collapse_guard  # the flags of the first session are remembered
+    assert resumed.collapse == "recovered" and "epoch(s) 1, 2 " in resumed.collapse_summary
+
+
+def test_validation_collapse_limits_default_to_the_diagnostics_rule():
+    from kaggle_utils import diagnostics
+    from kaggle_utils.train import ValidationConfig
+
+    vc = ValidationConfig()
+    assert (vc.collapse_max_ratio, vc.collapse_max_fg, vc.collapse_recover_ratio, vc.collapse_stop_after) == (
+        diagnostics.COLLAPSE_MAX_RATIO, diagnostics.COLLAPSE_MAX_FG, diagnostics.COLLAPSE_RECOVER_RATIO,
+        diagnostics.COLLAPSE_STOP_AFTER)
+    with pytest.raises(ValueError, match="validation.collapse_stop_after"):
+        ValidationConfig(collapse_stop_after=0)
+    with pytest.raises(ValueError, match="validation.collapse_recover_ratio"):
+        ValidationConfig(collapse_max_ratio=2.0, collapse_recover_ratio=2.5)
+
+
+def test_resenc_budget_ends_before_the_notebook_hard_stop():
+    nb = json.loads((REPO / "notebooks" / "train.ipynb").read_text())
+    src = "".join("".join(c["source"]) for c in nb["cells"])
+    hard_stop = eval(src.split("TIME_LIMIT_S = ")[1].split("#")[0])  # noqa: S307 - our own notebook's constant
+    budget = load_train_config("kaggle-t4-resenc-m").train.time_budget_s
+    assert budget is not None and budget < hard_stop
