@@ -708,6 +708,31 @@ def plug_holes(mask: np.ndarray, passes: int = 2) -> np.ndarray:
 # ---- per-sheet processing (1st place) ------------------------------------------------------------
 
 
+def _euler_number_6(mask: np.ndarray) -> int:
+    """``skimage.measure.euler_number(mask, connectivity=1)`` of a 3D ``bool`` mask, on uint8 codes.
+
+    The same 2x2x2-pattern histogram and coefficient table as scikit-image (which convolves an
+    int64 copy of the padded volume): patterns built by shifts and ORs of a uint8 copy, ~5x
+    faster. Falls back to scikit-image if its table moves.
+    """
+    try:
+        from skimage.measure._regionprops_utils import EULER_COEFS3D_26
+    except ImportError:  # private table renamed in a future scikit-image: the public function
+        from skimage.measure import euler_number
+
+        return int(euler_number(mask, connectivity=1))
+    m = np.pad(mask.astype(np.uint8), 1)
+    nz, ny, nx = (n - 1 for n in m.shape)
+    code = np.zeros((nz, ny, nx), dtype=np.uint8)
+    for ez in (0, 1):
+        for ey in (0, 1):
+            for ex in (0, 1):  # scikit-image's bit of voxel p - d is dy + 2 dx + 4 dz, with d = 1 - e
+                code |= m[ez:ez + nz, ey:ey + ny, ex:ex + nx] << ((1 - ey) + 2 * (1 - ex) + 4 * (1 - ez))
+    hist = np.bincount(code.ravel(), minlength=256)
+    hist[0] += int(np.prod([n + 1 for n in m.shape])) - code.size  # its windows hanging off the low faces
+    return int(0.125 * EULER_COEFS3D_26[::-1] @ hist)
+
+
 def tunnel_count(mask: np.ndarray) -> int:
     """Number of tunnels (first Betti number) of ``mask`` with 6-connected foreground.
 
@@ -716,13 +741,12 @@ def tunnel_count(mask: np.ndarray) -> int:
     (``skimage.measure.euler_number``, connectivity 1). A plane has 0, a plane with a hole 1.
     """
     import cc3d
-    from skimage.measure import euler_number
 
     mask = _check_3d(mask, "mask").astype(bool, copy=False)
     if not mask.any():
         return 0
     padded = np.pad(_pad_crop(mask, 0)[0], 1)
-    chi = int(euler_number(padded, connectivity=1))
+    chi = _euler_number_6(padded)
     b0 = int(cc3d.connected_components(padded, connectivity=6, return_N=True, binary_image=True)[1])
     n_bg = int(cc3d.connected_components(~padded, connectivity=26, return_N=True, binary_image=True)[1])
     return b0 + (n_bg - 1) - chi

@@ -639,3 +639,20 @@ def test_sheet_patching_equals_previous_implementation(seed, monkeypatch):
     for plug in (False, True):
         np.testing.assert_array_equal(new[plug], sheet_postprocess(mask, closing=1, max_hole=256, max_sheets=8,
                                                                    plug=plug))
+
+
+def test_euler_number_equals_scikit_image():
+    from skimage.measure import euler_number
+
+    from kaggle_utils.postprocess import _euler_number_6
+
+    rng = np.random.default_rng(0)
+    for k in range(12):
+        shape = tuple(int(x) for x in rng.integers(1, 12, size=3))
+        m = rng.random(shape) < (0.2 + 0.05 * k)
+        assert _euler_number_6(m) == int(euler_number(m, connectivity=1)), (k, shape)
+    ring = np.zeros((5, 9, 9), bool)
+    ring[2, 2:7, 2:7] = True
+    ring[2, 3:6, 3:6] = False
+    assert _euler_number_6(ring) == 0                      # a loop: 1 component - 1 tunnel
+    assert _euler_number_6(np.ones((3, 3, 3), bool)) == 1
