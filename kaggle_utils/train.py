@@ -11,7 +11,9 @@
 * validation every ``validation.every`` epochs on *whole* validation volumes
   (``sliding_window_predict`` + ``postprocess``): Dice on labelled voxels, per-volume predicted
   foreground share, the local competition score (``metrics.score_volume``) on the first
-  ``validation.n_score`` volumes, and the collapse guard (``diagnostics.collapse_verdict``);
+  ``validation.n_score`` volumes, and the collapse guard (one ``diagnostics.CollapseGuard`` per
+  fold: a flag latches until the run is back under the recovery limit, and the run's summary,
+  last log line and ``result.json`` say whether it was ever flagged);
 * ``RUN_DIR/last.pt`` and ``RUN_DIR/best.pt`` (best competition score) written atomically every
   epoch, with everything needed to resume exactly; ``train.log``, ``metrics.jsonl``, ``metrics.csv``
   (one row per epoch) and ``val_volumes.jsonl`` (one row per validated volume and validation);
