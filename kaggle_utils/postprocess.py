@@ -837,14 +837,35 @@ def patch_sheet_holes(sheet: np.ndarray, max_hole: int) -> np.ndarray:
     return out
 
 
+def _plug_near(mask: np.ndarray, plugged_before: np.ndarray, changed: np.ndarray) -> np.ndarray:
+    """:func:`plug_holes` of ``mask``, given ``plugged_before = plug_holes(before)`` and the voxels
+    ``changed`` between ``before`` and ``mask``: only the box around the changes is plugged again.
+
+    A plug pass reads a voxel's 2x2x2 windows (radius 1) and :func:`plug_holes` runs two, so the
+    answer can differ from ``plugged_before`` only within 2 voxels of a change; the box is grown by
+    4 so that its inner part (grown by 2) sees all it reads, and the volume's own faces stay faces.
+    """
+    nz = [np.flatnonzero(changed.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
+    lo = [max(int(a[0]) - 4, 0) for a in nz]
+    hi = [min(int(a[-1]) + 5, n) for a, n in zip(nz, mask.shape)]
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    sub = plug_holes(mask[box])
+    inner = tuple(slice(0 if a == 0 else 2, (b - a) if b == n else (b - a) - 2) for a, b, n in zip(lo, hi, mask.shape))
+    out = plugged_before.copy()
+    out[tuple(slice(a + i.start, a + i.stop) for a, i in zip(lo, inner))] = sub[inner]
+    return out
+
+
 def _sheet_fix(sheet: np.ndarray, closing: int, max_hole: int, plug: bool) -> np.ndarray:
     """One sheet (a padded bounding box): closing, patching, plug, tunnel-count safety check."""
     closed = binary_closing(sheet, closing) if closing > 0 else sheet
     patched = patch_sheet_holes(closed, max_hole)
-    same = not (patched != closed).any()  # nothing patched: one plug, no tunnel counts
+    diff = patched != closed
+    same = not diff.any()  # nothing patched: one plug, no tunnel counts
     if plug:
-        closed = plug_holes(closed)
-        patched = closed if same else plug_holes(patched)
+        plugged = plug_holes(closed)
+        patched = plugged if same else _plug_near(patched, plugged, diff)
+        closed = plugged
     if max_hole > 0 and not same and (patched != closed).any() and tunnel_count(patched) > tunnel_count(closed):
         return closed
     return patched

@@ -656,3 +656,17 @@ def test_euler_number_equals_scikit_image():
     ring[2, 3:6, 3:6] = False
     assert _euler_number_6(ring) == 0                      # a loop: 1 component - 1 tunnel
     assert _euler_number_6(np.ones((3, 3, 3), bool)) == 1
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_plug_near_changes_equals_full_plug(seed):
+    from kaggle_utils.postprocess import _plug_near
+
+    rng = np.random.default_rng(seed)
+    before = rng.random((14, 15, 16)) < 0.35
+    after = before.copy()
+    region = tuple(slice(int(a), int(a) + 4) for a in rng.integers(0, 12, size=3))
+    if seed % 2:  # changes touching the volume's faces too
+        region = tuple(slice(0, 3) for _ in range(3))
+    after[region] |= rng.random(after[region].shape) < 0.5
+    np.testing.assert_array_equal(_plug_near(after, plug_holes(before), after != before), plug_holes(after))
