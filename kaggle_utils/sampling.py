@@ -479,6 +479,146 @@ def _flip_permutation(flips: Sequence[bool], rots: Sequence[int], shape: Sequenc
     return [d for d in range(5) if flipped[d]], order
 
 
+@dataclass(frozen=True)
+class _AugmentDraws:
+    """Every per-sample decision and parameter of one :func:`augment_batch` call (CPU tensors).
+
+    ``flips``/``rots``: ``bool (B, 3)`` (axes z, y, x / planes zy, zx, yx); ``k90``: ``int64 (B, 3)``
+    quarter turns in 1..3; ``angles``: ``float64 (B, 3)`` degrees; the ``do_*`` fields ``bool (B,)``;
+    the other fields ``float64 (B,)``.
+    """
+
+    flips: torch.Tensor
+    rots: torch.Tensor
+    k90: torch.Tensor
+    do_aff: torch.Tensor
+    angles: torch.Tensor
+    zoom: torch.Tensor
+    do_int: torch.Tensor
+    int_a: torch.Tensor
+    int_b: torch.Tensor
+    do_gamma: torch.Tensor
+    gamma: torch.Tensor
+    do_blur: torch.Tensor
+    sigma: torch.Tensor
+    do_noise: torch.Tensor
+    noise_std: torch.Tensor
+
+
+def _draw_augment(B: int, cfg: AugmentConfig, generator: torch.Generator | None, gdev: torch.device) -> _AugmentDraws:
+    """All per-sample draws at once, in a fixed layout, so results depend only on the generator.
+
+    Consumes exactly ``rand((B, 24), float64)`` then ``randint(1, 4, (B, 3))`` from ``generator``
+    (on ``gdev``), whatever ``cfg`` says; the draws are moved to the CPU.
+    """
+    u = torch.rand((B, 24), generator=generator, device=gdev, dtype=torch.float64).cpu()
+    k90 = torch.randint(1, 4, (B, 3), generator=generator, device=gdev).cpu()
+
+    def span(col: int, lo_hi: tuple[float, float]) -> torch.Tensor:
+        return lo_hi[0] + u[:, col] * (lo_hi[1] - lo_hi[0])
+
+    return _AugmentDraws(
+        flips=u[:, 0:3] < cfg.p_flip, rots=u[:, 3:6] < cfg.p_rot90, k90=k90,
+        do_aff=u[:, 6] < cfg.p_affine, angles=(u[:, 7:10] * 2.0 - 1.0) * cfg.rotation_deg,
+        zoom=span(10, cfg.scale_range),
+        do_int=u[:, 11] < cfg.p_intensity, int_a=span(12, cfg.intensity_scale), int_b=span(13, cfg.intensity_shift),
+        do_gamma=u[:, 14] < cfg.p_gamma, gamma=span(15, cfg.gamma_range),
+        do_blur=u[:, 16] < cfg.p_blur, sigma=span(17, cfg.blur_sigma),
+        do_noise=u[:, 18] < cfg.p_noise, noise_std=span(19, cfg.noise_std),
+    )
+
+
+def _augment_flip_rot90(
+    image: torch.Tensor, label: torch.Tensor, d: _AugmentDraws
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Step 1: exact flips and 90° rotations per sample, each as one flip + permute.
+
+    Args:
+        image: ``(B, 1, Z, Y, X)`` float tensor; label: ``(B, 1, Z, Y, X)`` uint8 tensor.
+        d: the call's draws (``flips``, ``rots``, ``k90``).
+
+    Returns:
+        ``(image, label, owned)``: ``owned`` is whether ``image`` is a new tensor (safe to modify in
+        place). A single sample stays a (possibly non-contiguous) view: the collate copies it anyway.
+    """
+    B = image.shape[0]
+    imgs, lbls = [], []
+    copied = False
+    for b in range(B):
+        turns = [int(d.k90[b, p]) if d.rots[b, p] else 0 for p in range(3)]
+        dims, order = _flip_permutation(d.flips[b].tolist(), turns, image.shape)
+        x, y = image[b:b + 1], label[b:b + 1]
+        if dims:
+            x, y = torch.flip(x, dims), torch.flip(y, dims)
+            copied = True
+        imgs.append(x.permute(order))
+        lbls.append(y.permute(order))
+    image = imgs[0] if B == 1 else torch.cat(imgs)
+    label = lbls[0] if B == 1 else torch.cat(lbls)
+    return image, label, B > 1 or copied
+
+
+def _augment_affine(
+    image: torch.Tensor, label: torch.Tensor, d: _AugmentDraws, owned: bool, ignore_label: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 2: small rotation + zoom of the samples with ``d.do_aff`` (at least one).
+
+    Trilinear image, nearest label; voxels from outside the patch get image ``0.0`` and label
+    ``ignore_label``. Returns new ``(image, label)`` tensors (``image`` modified in place only
+    when ``owned``); shapes and dtypes as the inputs ``(B, 1, Z, Y, X)`` float / uint8.
+    """
+    B = image.shape[0]
+    spatial = tuple(image.shape[2:])
+    idx = torch.nonzero(d.do_aff).flatten()
+    theta = _affine_theta(d.angles[idx], d.zoom[idx], spatial).to(device=image.device, dtype=torch.float32)
+    grid = _affine_grid(theta, spatial)
+    sub_x = image[idx] if len(idx) < B else image
+    sub_y = label[idx] if len(idx) < B else label
+    new_x = F.grid_sample(sub_x.float(), grid, mode="bilinear", padding_mode="zeros",
+                          align_corners=False).to(image.dtype)
+    # shift labels by +1 so that 'zeros' padding marks voxels from outside the patch
+    new_y = F.grid_sample(sub_y.float() + 1.0, grid, mode="nearest", padding_mode="zeros",
+                          align_corners=False)
+    new_y = torch.where(new_y == 0, float(ignore_label) + 1.0, new_y).sub_(1.0).to(torch.uint8)
+    if len(idx) == B:
+        return new_x, new_y
+    image = image if owned else image.clone()
+    label = label.clone()
+    image[idx.to(image.device)] = new_x
+    label[idx.to(image.device)] = new_y
+    return image, label
+
+
+def _augment_intensity(
+    image: torch.Tensor, owned: bool, d: _AugmentDraws, generator: torch.Generator | None, gdev: torch.device
+) -> torch.Tensor:
+    """Step 3: intensity transforms (image only): ``x * a + b``, gamma, blur, then noise.
+
+    ``image`` is ``(B, 1, Z, Y, X)`` float; it is copied before any in-place change unless
+    ``owned``. Noise draws one ``float32 (1, Z, Y, X)`` ``randn`` per noisy sample, in sample order,
+    from ``generator`` on ``gdev``.
+    """
+    B = image.shape[0]
+    if bool(d.do_int.any()):
+        a = torch.where(d.do_int, d.int_a, torch.ones_like(d.int_a)).to(image.device, image.dtype).view(B, 1, 1, 1, 1)
+        b = torch.where(d.do_int, d.int_b, torch.zeros_like(d.int_b)).to(image.device, image.dtype).view(B, 1, 1, 1, 1)
+        image = image * a + b
+        owned = True
+    if not owned and bool(d.do_gamma.any() or d.do_blur.any() or d.do_noise.any()):
+        image = image.clone()
+    for i in torch.nonzero(d.do_gamma).flatten().tolist():
+        x = image[i]
+        lo, hi = torch.aminmax(x)
+        rng = (hi - lo).clamp_min(1e-6)
+        x.sub_(lo).div_(rng).clamp_(0.0, 1.0).pow_(float(d.gamma[i])).mul_(rng).add_(lo)
+    for i in torch.nonzero(d.do_blur).flatten().tolist():
+        image[i:i + 1] = _gaussian_blur(image[i:i + 1], float(d.sigma[i]))
+    for i in torch.nonzero(d.do_noise).flatten().tolist():
+        noise = torch.randn(image.shape[1:], generator=generator, device=gdev, dtype=torch.float32)
+        image[i].add_(noise.to(image.device, image.dtype), alpha=float(d.noise_std[i]))
+    return image
+
+
 def augment_batch(
     image: torch.Tensor,
     label: torch.Tensor,
@@ -492,7 +632,8 @@ def augment_batch(
     (``torch.flip``/``torch.rot90``), small rotations/zooms use ``affine_grid`` + ``grid_sample``
     (trilinear image, nearest label, so label values never leave the input's set; voxels mapped
     from outside the patch get image ``0.0`` and label ``ignore_label``). Intensity transforms
-    touch the image only.
+    touch the image only. Steps: :func:`_draw_augment` → :func:`_augment_flip_rot90` →
+    :func:`_augment_affine` → :func:`_augment_intensity`.
 
     Args:
         image: ``(B, 1, Z, Y, X)`` float tensor (normalized intensities), on any device.
@@ -511,95 +652,15 @@ def augment_batch(
         raise ValueError(f"augment_batch: label shape {tuple(label.shape)} != image shape {tuple(image.shape)}")
     if not image.is_floating_point():
         raise ValueError(f"augment_batch: image must be a float tensor, got {image.dtype}")
-    B = image.shape[0]
-    spatial = tuple(image.shape[2:])
     gdev = generator.device if generator is not None else torch.device("cpu")
-    # All per-sample draws at once, in a fixed layout, so results depend only on the generator.
-    u = torch.rand((B, 24), generator=generator, device=gdev, dtype=torch.float64).cpu()
-    k90 = torch.randint(1, 4, (B, 3), generator=generator, device=gdev).cpu()
-    flips = u[:, 0:3] < cfg.p_flip
-    rots = u[:, 3:6] < cfg.p_rot90
-    do_aff = u[:, 6] < cfg.p_affine
-    angles = (u[:, 7:10] * 2.0 - 1.0) * cfg.rotation_deg
-    zoom = cfg.scale_range[0] + u[:, 10] * (cfg.scale_range[1] - cfg.scale_range[0])
-    do_int = u[:, 11] < cfg.p_intensity
-    int_a = cfg.intensity_scale[0] + u[:, 12] * (cfg.intensity_scale[1] - cfg.intensity_scale[0])
-    int_b = cfg.intensity_shift[0] + u[:, 13] * (cfg.intensity_shift[1] - cfg.intensity_shift[0])
-    do_gamma = u[:, 14] < cfg.p_gamma
-    gamma = cfg.gamma_range[0] + u[:, 15] * (cfg.gamma_range[1] - cfg.gamma_range[0])
-    do_blur = u[:, 16] < cfg.p_blur
-    sigma = cfg.blur_sigma[0] + u[:, 17] * (cfg.blur_sigma[1] - cfg.blur_sigma[0])
-    do_noise = u[:, 18] < cfg.p_noise
-    noise_std = cfg.noise_std[0] + u[:, 19] * (cfg.noise_std[1] - cfg.noise_std[0])
-
+    d = _draw_augment(image.shape[0], cfg, generator, gdev)
     owned = False  # whether `image` is our own tensor (may be modified in place)
-
-    # 1. flips and 90° rotations (exact), per sample, as one flip + permute
-    if bool(flips.any() or rots.any()):
-        imgs, lbls = [], []
-        copied = False
-        for b in range(B):
-            turns = [int(k90[b, p]) if rots[b, p] else 0 for p in range(3)]
-            dims, order = _flip_permutation(flips[b].tolist(), turns, image.shape)
-            x, y = image[b:b + 1], label[b:b + 1]
-            if dims:
-                x, y = torch.flip(x, dims), torch.flip(y, dims)
-                copied = True
-            imgs.append(x.permute(order))
-            lbls.append(y.permute(order))
-        # a single sample stays a (possibly non-contiguous) view: the collate copies it anyway
-        image = imgs[0] if B == 1 else torch.cat(imgs)
-        label = lbls[0] if B == 1 else torch.cat(lbls)
-        owned = B > 1 or copied
-
-    # 2. small rotation + zoom, only for the selected samples
-    if bool(do_aff.any()):
-        idx = torch.nonzero(do_aff).flatten()
-        theta = _affine_theta(angles[idx], zoom[idx], spatial).to(device=image.device, dtype=torch.float32)
-        grid = _affine_grid(theta, spatial)
-        sub_x = image[idx] if len(idx) < B else image
-        sub_y = label[idx] if len(idx) < B else label
-        new_x = F.grid_sample(sub_x.float(), grid, mode="bilinear", padding_mode="zeros",
-                              align_corners=False).to(image.dtype)
-        # shift labels by +1 so that 'zeros' padding marks voxels from outside the patch
-        new_y = F.grid_sample(sub_y.float() + 1.0, grid, mode="nearest", padding_mode="zeros",
-                              align_corners=False)
-        new_y = torch.where(new_y == 0, float(ignore_label) + 1.0, new_y).sub_(1.0).to(torch.uint8)
-        if len(idx) == B:
-            image, label = new_x, new_y
-        else:
-            image = image if owned else image.clone()
-            label = label.clone()
-            image[idx.to(image.device)] = new_x
-            label[idx.to(image.device)] = new_y
+    if bool(d.flips.any() or d.rots.any()):
+        image, label, owned = _augment_flip_rot90(image, label, d)
+    if bool(d.do_aff.any()):
+        image, label = _augment_affine(image, label, d, owned, ignore_label)
         owned = True
-
-    # 3. intensity transforms (image only)
-
-    def _own() -> torch.Tensor:
-        nonlocal image, owned
-        if not owned:
-            image = image.clone()
-            owned = True
-        return image
-
-    if bool(do_int.any()):
-        a = torch.where(do_int, int_a, torch.ones_like(int_a)).to(image.device, image.dtype).view(B, 1, 1, 1, 1)
-        b = torch.where(do_int, int_b, torch.zeros_like(int_b)).to(image.device, image.dtype).view(B, 1, 1, 1, 1)
-        image = image * a + b
-        owned = True
-    for i in torch.nonzero(do_gamma).flatten().tolist():
-        x = _own()[i]
-        lo, hi = torch.aminmax(x)
-        rng = (hi - lo).clamp_min(1e-6)
-        x.sub_(lo).div_(rng).clamp_(0.0, 1.0).pow_(float(gamma[i])).mul_(rng).add_(lo)
-    for i in torch.nonzero(do_blur).flatten().tolist():
-        img = _own()
-        img[i:i + 1] = _gaussian_blur(img[i:i + 1], float(sigma[i]))
-    for i in torch.nonzero(do_noise).flatten().tolist():
-        img = _own()
-        noise = torch.randn(img.shape[1:], generator=generator, device=gdev, dtype=torch.float32)
-        img[i].add_(noise.to(img.device, img.dtype), alpha=float(noise_std[i]))
+    image = _augment_intensity(image, owned, d, generator, gdev)
     return image, label
 
 
