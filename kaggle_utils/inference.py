@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import itertools
 import logging
@@ -784,22 +785,44 @@ def sliding_window_predict(
     vol = torch.as_tensor(volume)
     if not vol.is_floating_point():
         raise ValueError(f"volume must be float (already normalized), got {vol.dtype}")
-    for m in plan.models:
-        m.eval().to(plan.device)
-        if channels_last:
-            m.to(memory_format=torch.channels_last_3d)
+    _prepare_models(plan.models, plan.device, channels_last)
     sw_dev = torch.device(sw_device) if sw_device is not None else plan.device
     acc_dev = torch.device(accumulate_device) if accumulate_device is not None else plan.device
-
-    def run(bs: int, acc_device: torch.device | str) -> np.ndarray:
-        acc_device = torch.device(acc_device)
-        # after falling back to CPU accumulation the volume is kept there too
-        vol_device = sw_dev if acc_device == acc_dev else acc_device
-        with torch.inference_mode():
-            padded = _pad_volume(vol.to(vol_device, torch.float32), plan.pads, plan.padding_mode)
-            return _run_windows(plan, padded, bs, acc_device, progress)
-
+    run = functools.partial(_pad_and_run_windows, plan, vol, sw_dev, acc_dev, progress)
     return run_with_oom_fallback(run, batch_size, acc_dev)
+
+
+def _prepare_models(models: Sequence[nn.Module], device: torch.device, channels_last: bool) -> None:
+    """Put every model in ``eval()`` mode on ``device`` (in place), ``channels_last_3d`` when asked."""
+    for m in models:
+        m.eval().to(device)
+        if channels_last:
+            m.to(memory_format=torch.channels_last_3d)
+
+
+def _pad_and_run_windows(
+    plan: WindowPlan,
+    vol: torch.Tensor,
+    sw_dev: torch.device,
+    acc_dev: torch.device,
+    progress: bool,
+    bs: int,
+    acc_device: torch.device | str,
+) -> np.ndarray:
+    """One attempt of :func:`sliding_window_predict` (the callable of :func:`run_with_oom_fallback`).
+
+    Pads ``vol`` (``float (Z, Y, X)``) as ``float32`` on ``sw_dev`` (on ``acc_device`` once the
+    fallback moved accumulation off ``acc_dev``: the volume goes to the CPU too), then predicts and
+    blends every window with batches of ``bs`` under :func:`torch.inference_mode`.
+
+    Returns:
+        ``float32 (Z, Y, X)`` numpy array, as :func:`sliding_window_predict`.
+    """
+    acc_device = torch.device(acc_device)
+    vol_device = sw_dev if acc_device == acc_dev else acc_device
+    with torch.inference_mode():
+        padded = _pad_volume(vol.to(vol_device, torch.float32), plan.pads, plan.padding_mode)
+        return _run_windows(plan, padded, bs, acc_device, progress)
 
 
 def _pad_volume(vol: torch.Tensor, pads: Sequence[tuple[int, int]], mode: str) -> torch.Tensor:
