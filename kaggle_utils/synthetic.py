@@ -643,8 +643,25 @@ def generate_dataset(
     Returns:
         ``Path(out)``.
     """
-    from tqdm.auto import tqdm
+    root = Path(out)
+    _check_generate_args(root, n_train, n_test, size, n_scrolls)
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 20251113])
+    scrolls, splits, vol_seeds = _plan_splits(n_train, n_test, size, n_scrolls, rng)
+    styles = {s: scroll_style(s, seed) for s in scrolls}
+    folders = {"train": ("train_images", "train_labels"), "test": ("test_images", "test_labels" if test_labels else None)}
+    _prepare_folders(root, folders, splits)
+    if not n_test:
+        (root / "test.csv").unlink(missing_ok=True)
+    _write_splits(root, folders, splits, vol_seeds, styles)
+    return root
 
+
+_Split = tuple[str, list[str], list[str], list[tuple[int, int, int]]]
+"""One split of :func:`generate_dataset`: ``(name, volume ids, scroll ids, (Z, Y, X) shapes)``."""
+
+
+def _check_generate_args(root: Path, n_train: int, n_test: int, size: int, n_scrolls: int) -> None:
+    """Raise ``ValueError`` (one line naming the argument) for arguments :func:`generate_dataset` rejects."""
     if n_train < 1:
         raise ValueError(f"n_train must be >= 1, got {n_train}")
     if n_test < 0:
@@ -655,10 +672,23 @@ def generate_dataset(
         raise ValueError(f"size must be <= {MAX_SIZE} (real volumes are at most 384^3), got {size}")
     if n_scrolls < 1:
         raise ValueError(f"n_scrolls must be >= 1, got {n_scrolls}")
-    root = Path(out)
     if root.exists() and not root.is_dir():
         raise ValueError(f"{root}: exists and is not a directory")
-    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 20251113])
+
+
+def _plan_splits(
+    n_train: int, n_test: int, size: int, n_scrolls: int, rng: np.random.Generator
+) -> tuple[list[str], list[_Split], np.ndarray]:
+    """Draw the scroll ids, volume ids, scroll assignment, shapes and per-volume seeds.
+
+    The draws from ``rng`` come in a fixed order (scrolls, ids, train scrolls + shapes, test
+    scrolls + shapes, seeds): a seed's files depend on it.
+
+    Returns:
+        ``(scrolls, splits, vol_seeds)``: the distinct scroll ids, the train (and, when
+        ``n_test``, test) splits, and ``int64 (n_train + n_test,)`` seeds for :func:`make_volume`
+        in split order.
+    """
     scrolls = _scroll_ids(n_scrolls, rng)
     n_all = n_train + n_test
     ids: list[str] = []
@@ -670,9 +700,11 @@ def generate_dataset(
     if n_test:
         splits.append(("test", ids[n_train:], _assign_scrolls(n_test, scrolls, rng), volume_shapes(n_test, size, rng)))
     vol_seeds = rng.integers(0, 2**31 - 1, size=n_all)
-    styles = {s: scroll_style(s, seed) for s in scrolls}
+    return scrolls, splits, vol_seeds
 
-    folders = {"train": ("train_images", "train_labels"), "test": ("test_images", "test_labels" if test_labels else None)}
+
+def _prepare_folders(root: Path, folders: dict[str, tuple[str, str | None]], splits: list[_Split]) -> None:
+    """Create the image/label folders under ``root`` and remove ``*.tif`` files no split will write."""
     for split, (img_dir, lbl_dir) in folders.items():
         wanted = {f"{v}.tif" for sp, vids, _, _ in splits if sp == split for v in vids}
         for d in (img_dir, lbl_dir):
@@ -682,11 +714,20 @@ def generate_dataset(
             for stale in (root / d).glob("*.tif"):
                 if stale.name not in wanted:
                     stale.unlink()
-    if not n_test:
-        (root / "test.csv").unlink(missing_ok=True)
+
+
+def _write_splits(
+    root: Path,
+    folders: dict[str, tuple[str, str | None]],
+    splits: list[_Split],
+    vol_seeds: np.ndarray,
+    styles: dict[str, ScrollStyle],
+) -> None:
+    """Make and write every volume (and label, where the split has a label folder), then each ``{split}.csv``."""
+    from tqdm.auto import tqdm
 
     i = 0
-    with tqdm(total=n_all, desc="synth", unit="vol") as bar:
+    with tqdm(total=len(vol_seeds), desc="synth", unit="vol") as bar:
         for split, vids, sids, shapes in splits:
             img_dir, lbl_dir = folders[split]
             for vid, sid, shape in zip(vids, sids, shapes):
@@ -697,7 +738,6 @@ def generate_dataset(
                 i += 1
                 bar.update(1)
             _write_csv(root / f"{split}.csv", list(zip(vids, sids)))
-    return root
 
 
 # ----------------------------------------------------------------------------------------------
