@@ -493,42 +493,67 @@ def predict_dataset(
         Interrupted: SIGTERM/SIGINT; temp files removed, staged masks kept.
     """
     t_start = time.perf_counter()
+    _check_sources(checkpoints, models, data_dir)
+    device = resolve_device(device)
+    out_zip = check_out_path(out_zip, save_probs)
+    index = load_index(data_dir, "test")
+    run = _new_run(checkpoints, models, normalization, device, inference_cfg, postprocess_cfg, tta,
+                   out_zip, save_probs, len(index.records))
+    with _SignalGuard():
+        todo = _stage_reusable(run, index, out_zip)
+        _predict_todo(run, todo, time_limit_s, t_start, progress)
+        run.report.n_volumes = len(run.report.volumes)
+        _write_and_validate(run, index, data_dir, out_zip)
+    run.report.seconds = time.perf_counter() - t_start
+    shutil.rmtree(run.parts, ignore_errors=True)
+    if run.report.errors:
+        _warn_once(f"{len(run.report.errors)} volume(s) failed and were submitted empty: {sorted(run.report.errors)}")
+    return run.report
+
+
+def _check_sources(checkpoints: Any, models: Any, data_dir: Any) -> None:
+    """:class:`SubmissionError` unless exactly one of ``checkpoints``/``models`` and a ``data_dir`` are given."""
     if (checkpoints is None) == (models is None):
         raise SubmissionError("predict_dataset: pass exactly one of checkpoints= or models=")
     if data_dir is None:
         raise SubmissionError("predict_dataset: data_dir is required")
-    device = resolve_device(device)
-    out_zip = check_out_path(out_zip, save_probs)
-    index = load_index(data_dir, "test")
+
+
+def _new_run(checkpoints: Any, models: Any, normalization: str | None, device: str, inference_cfg: Any,
+             postprocess_cfg: Any, tta: Any, out_zip: Path, save_probs: str | os.PathLike | None,
+             n_volumes: int) -> _Run:
+    """Load the models and settings (:func:`_setup`) into a fresh :class:`_Run` staging in ``<out_zip>.parts/``."""
     model_list, norm, fold, settings, pp_cfg, tta = _setup(checkpoints, models, normalization, device,
                                                            inference_cfg, postprocess_cfg, tta)
-    log.info("predict: %d model(s) on %s, %d test volume(s)", len(model_list), device, len(index.records))
-    parts = staging_dir(out_zip)
+    log.info("predict: %d model(s) on %s, %d test volume(s)", len(model_list), device, n_volumes)
     probs_dir = Path(save_probs) if save_probs is not None else None
-    run = _Run(model_list, settings, tta, norm, pp_cfg, device, fold, parts, probs_dir,
-               PredictReport(out_zip=out_zip, tta=tta, device=device))
-    with _SignalGuard():
-        _remove_stale_temp_files(out_zip, [parts] + ([probs_dir] if probs_dir is not None else []))
-        fingerprint = _run_fingerprint(model_list, norm, {**settings.to_kwargs(), "tta": tta}, pp_cfg)
-        run.staged = _reusable_parts(parts, index, fingerprint)
-        _note_reused(run)
-        todo = [rec for rec in index.records if rec.id not in run.staged]
-        try:
-            _predict_all(run, todo, time_limit_s, t_start, progress)
-        except MissingCodecError:
-            if not run.staged:
-                shutil.rmtree(parts, ignore_errors=True)
-            raise
-        if todo and len(run.report.errors) == len(todo) and not run.staged:
-            shutil.rmtree(parts, ignore_errors=True)
-            raise _nothing_predicted(run, len(todo))
-        run.report.n_volumes = len(run.report.volumes)
-        _write_and_validate(run, index, data_dir, out_zip)
-    run.report.seconds = time.perf_counter() - t_start
-    shutil.rmtree(parts, ignore_errors=True)
-    if run.report.errors:
-        _warn_once(f"{len(run.report.errors)} volume(s) failed and were submitted empty: {sorted(run.report.errors)}")
-    return run.report
+    return _Run(model_list, settings, tta, norm, pp_cfg, device, fold, staging_dir(out_zip), probs_dir,
+                PredictReport(out_zip=out_zip, tta=tta, device=device))
+
+
+def _stage_reusable(run: _Run, index: Any, out_zip: Path) -> list:
+    """Remove stale temp files, adopt the staged masks an identical earlier run left; the records still to predict."""
+    probs_dir = run.probs_dir
+    _remove_stale_temp_files(out_zip, [run.parts] + ([probs_dir] if probs_dir is not None else []))
+    fingerprint = _run_fingerprint(run.models, run.normalization, {**run.settings.to_kwargs(), "tta": run.tta},
+                                   run.pp_cfg)
+    run.staged = _reusable_parts(run.parts, index, fingerprint)
+    _note_reused(run)
+    return [rec for rec in index.records if rec.id not in run.staged]
+
+
+def _predict_todo(run: _Run, todo: list, time_limit_s: float, t_start: float, progress: bool) -> None:
+    """:func:`_predict_all`; the staging folder is removed (when it holds nothing of an earlier run) before
+    re-raising :class:`MissingCodecError` or raising :class:`PredictFailed` when every volume failed."""
+    try:
+        _predict_all(run, todo, time_limit_s, t_start, progress)
+    except MissingCodecError:
+        if not run.staged:
+            shutil.rmtree(run.parts, ignore_errors=True)
+        raise
+    if todo and len(run.report.errors) == len(todo) and not run.staged:
+        shutil.rmtree(run.parts, ignore_errors=True)
+        raise _nothing_predicted(run, len(todo))
 
 
 def _note_reused(run: _Run) -> None:
