@@ -500,12 +500,17 @@ def ridge_filter(mask: np.ndarray, prob: np.ndarray, sigma: float, ratio: float 
     # same float32 passes axis by axis), kept only at the mask's voxels
     h = np.empty((len(flat), 6), dtype=np.float32)  # xx, xy, xz, yy, yz, zz of (axis0, axis1, axis2)
     column = {(2, 0, 0): 0, (1, 1, 0): 1, (1, 0, 1): 2, (0, 2, 0): 3, (0, 1, 1): 4, (0, 0, 2): 5}
+    # the last pass runs along x on the (z, y) lines that hold mask voxels only (a 1D filter
+    # treats each line alone: same values)
+    nx = crop.shape[2]
+    lines = np.flatnonzero(crop.reshape(-1, nx).any(axis=1))
+    at = np.searchsorted(lines, flat // nx) * nx + flat % nx  # mask voxels in the stacked lines
     for a in range(3):
         pa = ndimage.gaussian_filter1d(p, sigma, axis=0, order=a, mode="nearest")
         for b in range(3 - a):
-            pab = ndimage.gaussian_filter1d(pa, sigma, axis=1, order=b, mode="nearest")
+            pab = ndimage.gaussian_filter1d(pa, sigma, axis=1, order=b, mode="nearest").reshape(-1, nx)[lines]
             c = 2 - a - b
-            h[:, column[(a, b, c)]] = ndimage.gaussian_filter1d(pab, sigma, axis=2, order=c, mode="nearest").ravel()[flat]
+            h[:, column[(a, b, c)]] = ndimage.gaussian_filter1d(pab, sigma, axis=1, order=c, mode="nearest").ravel()[at]
             del pab
         del pa
     keep = _sheet_like(h, ratio)
