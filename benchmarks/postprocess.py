@@ -6,7 +6,8 @@ Two parts:
   ``python -m kaggle_utils train`` (``{id}.npy`` + ``{id}.json``) and their labels. Rows: the best
   plain threshold (threshold-only), each step alone on top of it, and the chain that
   :func:`kaggle_utils.tune.tune` chooses from :data:`kaggle_utils.tune.WINNERS_SPACE` (in-sample, on
-  the same volumes; the fold guard's held-out score is printed beside it). Scores are
+  the same volumes; with two or more folds, the fold guard's held-out scores and the held-out gain
+  over the plain threshold, both chosen on the other folds, are printed after it). Scores are
   ``kaggle_utils.metrics.score_volume`` means (score, TopoScore, SurfaceDice, VOI_score).
 * ``--timing-size 320``: seconds per step on one synthetic ``320^3`` probability volume
   (``noisy_probability`` of a ``synthetic.make_volume`` label: blurred surface, punched holes,
@@ -17,6 +18,10 @@ Run (after ``make .venv/.installed``)::
     python -m kaggle_utils synth --out /tmp/ppb/data --n-train 12 --n-test 0 --size 96 --n-scrolls 4 --seed 0
     python -m kaggle_utils train --config demo-cpu --fold 0 --data-dir /tmp/ppb/data --out /tmp/ppb/run
     PYTHONPATH=. python benchmarks/postprocess.py --probs /tmp/ppb/run/oof --data-dir /tmp/ppb/data --timing-size 320
+    # held-out gain: a second fold's OOF probabilities beside the first (load_probs reads sub-folders)
+    python -m kaggle_utils train --config demo-cpu --fold 1 --epochs 4 --data-dir /tmp/ppb/data --out /tmp/ppb/run1
+    mkdir -p /tmp/oof2/f0 /tmp/oof2/f1 && cp /tmp/ppb/run/oof/* /tmp/oof2/f0 && cp /tmp/ppb/run1/oof/* /tmp/oof2/f1
+    PYTHONPATH=. python benchmarks/postprocess.py --probs /tmp/oof2 --data-dir /tmp/ppb/data --workers 2
 """
 
 from __future__ import annotations

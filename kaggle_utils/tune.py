@@ -19,9 +19,13 @@ Pipeline:
    (per-sheet patching, 2x2x2 plug, z-pruning, directional closings, opening, ridge filter,
    skeleton re-thickening, multi-level split: each searched only when its list in the space
    has two or more values; :data:`WINNERS_SPACE` switches them all on) and the threshold again
-   (``method="random"``: random search instead). Every (candidate, volume) pair is one task
-   in a process pool; the volumes reach the workers once (fork: shared memory; spawn: pickled once
-   per worker by the pool initializer), never once per candidate.
+   (``method="random"``: random search instead; ``method="halving"``: successive halving over
+   the threshold grid plus random combinations — all on a few volumes, the best third on three
+   times as many, ... until the survivors are scored on every volume, see
+   :func:`halving_schedule`; ``method="exhaustive"``: that pool on every volume). Every
+   (candidate, volume) pair is one task in a process pool, submitted volume by volume; the
+   volumes reach the workers once (fork: shared memory; spawn: pickled once per worker by the
+   pool initializer), never once per candidate.
 4. :class:`TuneResult` holds the best config, every evaluated candidate with its mean score and
    three parts, per-scroll means, and the **fold guard**: for each fold, the candidate chosen on
    the other folds, scored on the held-out one, next to the in-sample best's score there.

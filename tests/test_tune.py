@@ -292,3 +292,21 @@ def test_halving_rejects_bad_settings():
         SearchSpace(halving_eta=1)
     with pytest.raises(ValueError, match="tune.method"):
         SearchSpace(method="bayes")  # type: ignore[arg-type]
+
+
+def test_cli_tune_method_halving(volumes, tmp_path, capsys):
+    from kaggle_utils.cli import main
+
+    probs, labels = volumes
+    _write_layout(tmp_path, probs, labels, fold_value=lambda p: p.fold)
+    space = tmp_path / "space.yaml"
+    space.write_text("threshold: [0.35, 0.4, 0.45]\nmin_component_size: [0, 5]\nclosing_radius: [0]\n"
+                     "fill_pinholes: [false]\nmax_cavity_size: [0]\nborder: [0]\nn_random: 12\nhalving_eta: 2\n"
+                     "halving_min_volumes: 1\n")
+    out, js = tmp_path / "best-postprocess.yaml", tmp_path / "tune.json"
+    assert main(["tune", "--probs", str(tmp_path / "run"), "--data-dir", str(tmp_path), "--space", str(space),
+                 "--method", "halving", "--out", str(out), "--json", str(js), "--no-progress"]) == 0
+    cfg = load_postprocess(out)
+    assert cfg.threshold == pytest.approx(TRUE_T) and cfg.min_component_size == 5
+    stages = {c["stage"] for c in json.loads(js.read_text())["candidates"]}
+    assert any(s.startswith("halving") for s in stages)
