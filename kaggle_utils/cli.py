@@ -394,7 +394,9 @@ def _args_tune(p: argparse.ArgumentParser) -> None:
                    help="out-of-fold probabilities: RUN_DIR/oof, RUN_DIR of --fold -1, or predict --save-probs DIR")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="competition-layout folder with train.csv and train_labels/ (default: the Kaggle mount)")
-    p.add_argument("--space", type=Path, default=None, help="search-space YAML (SearchSpace keys); default: built-in")
+    p.add_argument("--space", type=Path, default=None,
+                   help="search-space YAML (SearchSpace keys), or 'winners': the built-in space that also tries each of "
+                        "the winners' post-processing steps (tune.WINNERS_SPACE); default: the built-in basic space")
     p.add_argument("--workers", type=int, default=1, help="processes scoring candidates in parallel")
     p.add_argument("--out", type=Path, default=Path("best-postprocess.yaml"),
                    help="best post-processing YAML (for predict --postprocess)")
@@ -411,9 +413,12 @@ def _args_tune(p: argparse.ArgumentParser) -> None:
 def _run_tune(args: argparse.Namespace) -> int:
     from .data import atomic_path, find_data_root
     from .postprocess import save_postprocess
-    from .tune import load_labels, load_probs, load_search_space, plot_threshold_curves, tune
+    from .tune import WINNERS_SPACE, load_labels, load_probs, load_search_space, plot_threshold_curves, tune
 
-    space = load_search_space(args.space)
+    if args.space is not None and str(args.space) == "winners":
+        space = load_search_space(data=WINNERS_SPACE)
+    else:
+        space = load_search_space(args.space)
     if args.method is not None:
         space.method = args.method
     probs = load_probs(args.probs)

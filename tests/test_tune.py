@@ -310,3 +310,17 @@ def test_cli_tune_method_halving(volumes, tmp_path, capsys):
     assert cfg.threshold == pytest.approx(TRUE_T) and cfg.min_component_size == 5
     stages = {c["stage"] for c in json.loads(js.read_text())["candidates"]}
     assert any(s.startswith("halving") for s in stages)
+
+
+def test_cli_tune_space_winners(volumes, tmp_path):
+    """``--space winners`` searches tune.WINNERS_SPACE: candidates with the winners' steps switched on are scored."""
+    from kaggle_utils.cli import main
+
+    probs, labels = volumes
+    _write_layout(tmp_path, probs, labels, fold_value=lambda p: p.fold)
+    out, js = tmp_path / "best-postprocess.yaml", tmp_path / "tune.json"
+    assert main(["tune", "--probs", str(tmp_path / "run"), "--data-dir", str(tmp_path), "--space", "winners",
+                 "--method", "halving", "--out", str(out), "--json", str(js), "--no-progress"]) == 0
+    assert isinstance(load_postprocess(out), PostprocessConfig)
+    cfgs = [c["cfg"] for c in json.loads(js.read_text())["candidates"]]
+    assert any(c.get("z_prune") for c in cfgs) and any(c.get("hole_plug") for c in cfgs)
