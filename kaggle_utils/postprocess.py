@@ -758,6 +758,49 @@ def tunnel_count(mask: np.ndarray) -> int:
 
 
 @_one_blas_thread
+def _interpolate_holes(holes: np.ndarray, ok: np.ndarray, proj: np.ndarray, lo: np.ndarray,
+                       hi: np.ndarray) -> np.ndarray:
+    """Interpolate a sheet's lowest/highest surface over its holes, in place (step of :func:`patch_sheet_holes`).
+
+    Args:
+        holes: ``int (A, B)`` labels of the projected footprint's background regions.
+        ok: ``bool (n + 1,)``, which labels to patch.
+        proj: ``bool (A, B)``, the projected footprint.
+        lo, hi: ``float32 (A, B)``, first and last sheet voxel of each column; the hole pixels are
+            overwritten with the values interpolated linearly from the ring around each hole
+            (``scipy.interpolate.griddata``, nearest value outside the ring's convex hull).
+
+    Returns:
+        ``bool (A, B)``, the patched hole pixels.
+    """
+    from scipy import ndimage
+    from scipy.interpolate import griddata
+
+    fill = np.zeros(proj.shape, dtype=bool)
+    for k, sl in enumerate(ndimage.find_objects(holes), start=1):
+        if sl is None or not ok[k]:
+            continue
+        sl = tuple(slice(max(a.start - 1, 0), a.stop + 1) for a in sl)
+        hole = holes[sl] == k
+        ring = ndimage.binary_dilation(hole, structure=np.ones((3, 3), bool)) & proj[sl]
+        pts = np.argwhere(ring)
+        tgt = np.argwhere(hole)
+        # lo and hi as two columns of one interpolation (one triangulation per hole)
+        vals = np.stack([lo[sl][ring], hi[sl][ring]], axis=1)
+        try:
+            est = griddata(pts, vals, tgt, method="linear")
+        except Exception:  # collinear ring (Qhull): nearest value instead
+            est = np.full((len(tgt), 2), np.nan)
+        bad = np.isnan(est[:, 0])
+        if bad.any():
+            est[bad] = griddata(pts, vals, tgt[bad], method="nearest")
+        for col, arr in enumerate((lo, hi)):
+            sub = arr[sl]
+            sub[hole] = est[:, col]
+        fill[sl] |= hole
+    return fill
+
+
 def patch_sheet_holes(sheet: np.ndarray, max_hole: int) -> np.ndarray:
     """Patch the holes of one sheet on its height map (1st place).
 
@@ -777,7 +820,6 @@ def patch_sheet_holes(sheet: np.ndarray, max_hole: int) -> np.ndarray:
         ``bool``, same shape, a superset of ``sheet``.
     """
     from scipy import ndimage
-    from scipy.interpolate import griddata
 
     sheet = _check_3d(sheet, "sheet").astype(bool, copy=False)
     out = sheet.copy()
@@ -803,28 +845,7 @@ def patch_sheet_holes(sheet: np.ndarray, max_hole: int) -> np.ndarray:
     # two float copies of the box
     lo = np.where(proj, np.argmax(s, axis=0), np.inf).astype(np.float32)
     hi = np.where(proj, depth - 1 - np.argmax(s[::-1], axis=0), -np.inf).astype(np.float32)
-    fill = np.zeros(proj.shape, dtype=bool)
-    for k, sl in enumerate(ndimage.find_objects(holes), start=1):
-        if sl is None or not ok[k]:
-            continue
-        sl = tuple(slice(max(a.start - 1, 0), a.stop + 1) for a in sl)
-        hole = holes[sl] == k
-        ring = ndimage.binary_dilation(hole, structure=np.ones((3, 3), bool)) & proj[sl]
-        pts = np.argwhere(ring)
-        tgt = np.argwhere(hole)
-        # lo and hi as two columns of one interpolation (one triangulation per hole)
-        vals = np.stack([lo[sl][ring], hi[sl][ring]], axis=1)
-        try:
-            est = griddata(pts, vals, tgt, method="linear")
-        except Exception:  # collinear ring (Qhull): nearest value instead
-            est = np.full((len(tgt), 2), np.nan)
-        bad = np.isnan(est[:, 0])
-        if bad.any():
-            est[bad] = griddata(pts, vals, tgt[bad], method="nearest")
-        for col, arr in enumerate((lo, hi)):
-            sub = arr[sl]
-            sub[hole] = est[:, col]
-        fill[sl] |= hole
+    fill = _interpolate_holes(holes, ok, proj, lo, hi)
     lo_r = np.floor(lo + 0.5)
     hi_r = np.floor(hi + 0.5)
     # stretch so that each filled column overlaps its 4 neighbours' columns

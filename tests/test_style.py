@@ -8,7 +8,6 @@ included, decorators not). Numba kernels (decorated with ``njit``/``jit``, bare,
 from __future__ import annotations
 
 import ast
-import warnings
 from pathlib import Path
 
 import pytest
@@ -20,12 +19,8 @@ MAX_FUNCTION_LINES = 80
 NUMBA_DECORATORS = frozenset({"njit", "jit"})
 
 # "module_path::function_name" (module path relative to the package folder) -> why it may be over.
-# Every entry is temporary: remove it once the function is split (a stale entry only warns, so the
-# engineer who splits it does not break this test from another file).
-ALLOWED_LONG_FUNCTIONS: dict[str, str] = {
-    # another engineer is changing postprocess.py at the same time; split it once that work has landed
-    "postprocess.py::patch_sheet_holes": "being edited in parallel (issue 13 follow-up)",
-}
+# Empty: every function is within the limit. A stale entry (no longer over) fails the test too.
+ALLOWED_LONG_FUNCTIONS: dict[str, str] = {}
 
 
 def _decorator_name(node: ast.expr) -> str:
@@ -84,9 +79,7 @@ def test_no_function_over_80_lines():
         + ", ".join(f"{k} ({v})" for k, v in sorted(unexpected.items()))
     )
     stale = sorted(set(ALLOWED_LONG_FUNCTIONS) - set(over))
-    if stale:
-        warnings.warn(f"tests/test_style.py: allow-list entries no longer over {MAX_FUNCTION_LINES} lines, "
-                      f"remove them: {stale}", UserWarning, stacklevel=1)
+    assert not stale, f"allow-list entries no longer over {MAX_FUNCTION_LINES} lines, remove them: {stale}"
 
 
 def _body(n: int) -> str:
