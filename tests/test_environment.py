@@ -62,7 +62,7 @@ def test_predict_warns_on_torch_2_9_cuda(monkeypatch, tmp_path):
     monkeypatch.setattr(env, "warn_slow_conv3d_amp", lambda device, amp: calls.append((str(device), amp)))
     import torch
 
-    from kaggle_utils.submission import predict_dataset
+    from kaggle_utils.predict import predict_dataset
     from kaggle_utils.synthetic import generate_dataset
 
     data = generate_dataset(tmp_path / "data", n_train=1, n_test=1, size=32, n_scrolls=1, seed=0)

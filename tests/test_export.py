@@ -132,7 +132,7 @@ def _test_set(root: Path) -> Path:
 
 @pytest.mark.slow
 def test_predict_same_submission_from_full_and_exported(tmp_path, full_ckpt):
-    from kaggle_utils.submission import predict_dataset
+    from kaggle_utils.predict import predict_dataset
 
     data = _test_set(tmp_path / "data")
     exported = export_checkpoint(full_ckpt, tmp_path / "model.pt")
