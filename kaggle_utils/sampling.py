@@ -93,8 +93,9 @@ class SamplerConfig:
     """How training patches are drawn.
 
     Args:
-        patch_size: ``(Z, Y, X)`` patch shape, each a multiple of 32 (smp-3d encoders downsample
-            5 times). An int means a cube.
+        patch_size: ``(Z, Y, X)`` patch shape; an int means a cube. The network's divisor
+            (:func:`~kaggle_utils.models.model_divisor`: 32 for smp-3d, the product of the strides for
+            the nnU-Net archs) is checked by :class:`~kaggle_utils.train_config.TrainConfig`.
         patches_per_epoch: length of one epoch of :class:`PatchDataset`.
         surface_share: share of patches centred on a surface voxel (label 1); the rest are uniform.
         center_jitter: offset of the chosen surface voxel from the patch centre, drawn uniformly
@@ -131,10 +132,8 @@ class SamplerConfig:
         if isinstance(ps, int):
             ps = (ps, ps, ps)
         ps = tuple(int(v) for v in ps)
-        if len(ps) != 3 or any(v <= 0 or v % 32 for v in ps):
-            raise ValueError(
-                f"sampler.patch_size must be 3 positive multiples of 32 (Z, Y, X), got {self.patch_size!r}"
-            )
+        if len(ps) != 3 or any(v <= 0 for v in ps):
+            raise ValueError(f"sampler.patch_size must be 3 positive edges (Z, Y, X), got {self.patch_size!r}")
         self.patch_size = ps  # type: ignore[assignment]
         if self.patches_per_epoch < 1:
             raise ValueError(f"sampler.patches_per_epoch must be >= 1, got {self.patches_per_epoch}")

@@ -723,6 +723,9 @@ class RunState:
         t_start, limit, epoch_times: the time limit of this call (``time.monotonic`` seconds).
         budget, budget_done: ``train.time_budget_s`` of the whole run and whether its training
             phase is over (see :func:`_budget_spent`).
+        budget_planned: whether a validation of this call has been timed (:func:`_plan_budget`); a
+            budgeted run validates after its first epoch until one has, so that the final validation
+            and out-of-fold pass are planned from a measurement, not from ``train.budget_reserve``.
         progress: tqdm bars.
     """
 
@@ -755,6 +758,7 @@ class RunState:
     epoch_times: list[float] = field(default_factory=list)
     budget: float | None = None
     budget_done: bool = False
+    budget_planned: bool = False
 
     @property
     def device(self) -> torch.device:
@@ -1153,6 +1157,7 @@ def _validate_and_select(state: RunState, epoch: int, row: dict) -> tuple[bool, 
     score, feed the plateau schedule. Returns ``(improved, stop reason: collapse / early stopping / None)``."""
     cfg, vc = state.cfg, state.cfg.validation
     due = (epoch + 1) % vc.every == 0 or epoch + 1 == cfg.train.epochs or state.budget_done
+    due = due or (state.budget is not None and not state.budget_planned)  # time one validation early
     improved, reason = False, None
     if due and state.dist.main and state.val_records:
         t_val = time.monotonic()
@@ -1191,6 +1196,7 @@ def _validate_and_select(state: RunState, epoch: int, row: dict) -> tuple[bool, 
     if state.dist.world > 1 and state.budget is not None:  # rank 0 measured the validation
         state.schedule.budget_s = state.dist.broadcast(float(state.schedule.budget_s or 0.0))
     if due:
+        state.budget_planned = True  # every rank: ``due`` must stay the same on all of them
         _budget_spent(state)  # a shorter plan may end the run now: after this epoch, validated
     return improved, reason
 

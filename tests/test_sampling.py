@@ -70,10 +70,25 @@ def _cfg(**kw) -> SamplerConfig:
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad", [(100, 128, 128), (128, 128, 48), 0, (32, 32)])
-def test_patch_size_not_multiple_of_32_raises_naming_it(bad):
+@pytest.mark.parametrize("bad", [(100, 0, 128), (128, 128, -8), 0, (32, 32)])
+def test_bad_patch_size_raises_naming_it(bad):
     with pytest.raises(ValueError, match="patch_size"):
         SamplerConfig(patch_size=bad)
+
+
+def test_patch_size_divisor_is_the_networks_not_the_samplers():
+    """The sampler takes any edge; TrainConfig checks it against the network (8 for a 4-stage ResEnc)."""
+    from kaggle_utils.config import ConfigError
+    from kaggle_utils.train_config import TrainConfig
+
+    assert SamplerConfig(patch_size=(24, 40, 48)).patch_size == (24, 40, 48)
+    resenc = {"arch": "ResEncUNet", "n_stages": 4, "features_per_stage": [4, 8, 8, 8],
+              "strides": [1, 2, 2, 2], "n_blocks_per_stage": [1, 1, 1, 1]}
+    ok = from_dict(TrainConfig, {"model": resenc, "sampler": {"patch_size": [24, 40, 48]},
+                                 "inference": {"patch_size": [48, 48, 48]}})
+    assert ok.sampler.patch_size == (24, 40, 48)
+    with pytest.raises(ConfigError, match="sampler.patch_size: every edge must be a positive multiple of 32"):
+        from_dict(TrainConfig, {"sampler": {"patch_size": [24, 40, 48]}})  # the default smp-3d U-Net
 
 
 def test_configs_build_from_dict_and_validate():
@@ -82,7 +97,7 @@ def test_configs_build_from_dict_and_validate():
     aug = from_dict(AugmentConfig, {"p_flip": 0.1, "scale_range": [0.9, 1.2]})
     assert aug.scale_range == (0.9, 1.2)
     with pytest.raises(ConfigError, match="patch_size"):
-        from_dict(SamplerConfig, {"patch_size": [96, 96, 100]})
+        from_dict(SamplerConfig, {"patch_size": [96, 0, 100]})
     with pytest.raises(ConfigError, match="p_flipp"):
         from_dict(AugmentConfig, {"p_flipp": 0.5})
     with pytest.raises(ValueError, match="normalization"):

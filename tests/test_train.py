@@ -798,3 +798,21 @@ def test_resenc_budget_ends_before_the_notebook_hard_stop():
     hard_stop = eval(src.split("TIME_LIMIT_S = ")[1].split("#")[0])  # noqa: S307 - our own notebook's constant
     budget = load_train_config("kaggle-t4-resenc-m").train.time_budget_s
     assert budget is not None and budget < hard_stop
+
+
+@pytest.mark.slow
+def test_budgeted_run_times_a_validation_early_when_none_is_due(data_dir, tmp_path):
+    """``validation.every`` far beyond the run and a 1 % reserve: without the early timed validation the
+    final validation, scoring and out-of-fold pass would start when 99 % of the budget is gone."""
+    import time
+
+    cfg = tiny_cfg(model=RESENC_TINY, train={"epochs": 10000, "budget_reserve": 0.01},
+                   validation={"every": 10000, "patience": None, "n_score": 1, "n_volumes": 1})
+    budget = 40.0
+    t0 = time.monotonic()
+    r = train(cfg, data_dir, tmp_path / "b", fold=0, time_budget=budget, progress=False)
+    took = time.monotonic() - t0
+    assert r.stopped == "time_budget" and took < budget, took
+    assert "val_score" in r.history[0] and "val_score" in r.history[-1]  # timed after epoch 1, and at the end
+    assert not any("val_score" in row for row in r.history[1:-1])
+    assert r.oof_dir is not None and list(r.oof_dir.glob("*.npy"))
