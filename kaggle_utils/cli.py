@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .config import shipped_configs
+
 __all__ = ["main", "build_parser"]
 
 
@@ -297,7 +299,7 @@ def _run_validate_submission(args: argparse.Namespace) -> int:
 def _args_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True,
                    help="training YAML: a file, or the name of a shipped config without a folder "
-                        "(kaggle-t4, smoke-cpu, demo-cpu, seed-v1, seed-v2)")
+                        f"({', '.join(shipped_configs())})")
     p.add_argument("--fold", type=_fold_arg, default=0,
                    help="validation fold; -1 trains every fold in turn (RUN_DIR/fold{k}); 'all' trains on every "
                         "volume with none held out (validation only on validation.ids, if listed)")
