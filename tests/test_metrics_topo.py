@@ -461,3 +461,32 @@ def test_model_like_matches_literal_procedure(seed, monkeypatch):
     if seed % 2:
         monkeypatch.setattr(topo, "_CLEAR_MIN_CUBES", -1)
     assert topo_counts_octant(pred, gt) == _literal_counts(pred, gt)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_octant_cache_reuses_only_unchanged_octants_and_changes_nothing(seed):
+    """Counts with the cache equal counts without it; a change inside one octant recomputes that octant only."""
+    from kaggle_utils.metrics import score_volume
+    from kaggle_utils.metrics.topo import OctantCache
+
+    rng = np.random.default_rng(seed)
+    gt = ndimage.gaussian_filter(rng.standard_normal((34, 30, 28)), 2) > 0.1
+    pred = ndimage.binary_dilation(gt) & (rng.random(gt.shape) > 0.02)
+    cache = OctantCache()
+    assert topo_counts(pred, gt, cache=cache) == topo_counts(pred, gt)
+    assert (cache.hits, cache.misses, len(cache.entries)) == (0, 8, 8)
+    assert topo_counts(pred, gt, cache=cache) == topo_counts(pred, gt)
+    assert (cache.hits, cache.misses) == (8, 8)
+    changed = pred.copy()
+    changed[2:6, 3:7, 20:24] = ~changed[2:6, 3:7, 20:24]  # z < 17, y < 15, x >= 14: one octant
+    assert topo_counts(changed, gt, cache=cache) == topo_counts(changed, gt)
+    assert (cache.hits, cache.misses) == (15, 9)
+    # the key is the content of both masks: the same prediction against another GT is not a hit
+    other_gt = gt.copy()
+    other_gt[30:, 25:, 0:5] = True
+    assert topo_counts(pred, other_gt, cache=cache) == topo_counts(pred, other_gt)
+    assert cache.misses == 10
+    label = gt.astype(np.uint8)
+    label[:, :, :2] = 2
+    plain, cached = score_volume(pred, label), score_volume(pred, label, topo_cache=cache)
+    assert cached.topo_counts == plain.topo_counts and cached.score == plain.score

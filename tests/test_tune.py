@@ -118,6 +118,35 @@ def test_parallel_matches_serial_and_random_search(volumes):
     assert rnd.best_score >= max(c.score for c in rnd.candidates if c.stage == "grid")
 
 
+def test_octant_cache_gives_the_same_search_and_counts_its_reuse(volumes):
+    """Dust sizes that only matter in some octants reuse the other octants' TopoScore counts; every
+    number of the search is the same without the cache, serial or in two workers."""
+    probs, labels = volumes
+    space = load_search_space(data=dict(SMALL_SPACE, threshold=[0.35, 0.4], min_component_size=[0, 2, 5, 1000000]))
+    plain = tune(probs, labels, space, workers=1, progress=False, octant_cache=False)
+    cached = tune(probs, labels, space, workers=1, progress=False)
+    par = tune(probs, labels, space, workers=2, progress=False)
+    for res in (cached, par):
+        assert res.best == plain.best and res.best_score == plain.best_score
+        np.testing.assert_array_equal(res.scores, plain.scores)
+    assert plain.cache["octants_reused"] == 0 and cached.cache["octants_reused"] > 0
+    scored = plain.cache["octants_scored"]
+    assert cached.cache["octants_reused"] + cached.cache["octants_scored"] == scored
+    assert plain.cache["masks_reused"] == cached.cache["masks_reused"] > 0  # e.g. dust 0 and 2 on clean volumes
+
+
+def test_chunks_keep_a_volume_together_unless_workers_would_idle():
+    from kaggle_utils.tune import _chunks
+
+    todo = [(j, i) for i in range(4) for j in range(6)]
+    assert _chunks(todo, 1) == [(list(range(6)), i) for i in range(4)]
+    assert _chunks(todo, 2) == [(list(range(6)), i) for i in range(4)]  # 4 volumes keep 2 workers busy
+    two_vols = [(j, i) for i in (7, 9) for j in range(6)]
+    assert _chunks(two_vols, 2) == [([0, 1, 2], 7), ([3, 4, 5], 7), ([0, 1, 2], 9), ([3, 4, 5], 9)]
+    assert [js for js, _ in _chunks(two_vols, 4)] == [[0, 1], [2, 3], [4, 5]] * 2
+    assert sorted((j, i) for js, i in _chunks(todo, 8) for j in js) == sorted(todo)
+
+
 def test_hysteresis_grid(volumes):
     probs, labels = volumes
     space = load_search_space(data=dict(threshold=[0.4, 0.5], hysteresis_low=[0.3], min_component_size=[0],
