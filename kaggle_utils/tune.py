@@ -228,6 +228,12 @@ class SearchSpace:
         halving_eta: successive halving keeps the best ``1 / halving_eta`` of the candidates at
             each rung and gives the survivors ``halving_eta`` times as many volumes.
         halving_min_volumes: volumes of the first rung (spread over folds/scrolls).
+        halving_bounds: at each rung, first compute a cheap upper bound of every new (candidate,
+            volume) score (:func:`~kaggle_utils.metrics.score_bound`: exact SurfaceDice and VOI,
+            TopoScore bounded without its dimension-1/2 reductions), then full scores best bound
+            first, and stop once no unscored candidate's bound can reach the kept ones (the last
+            rung is scored in full). The kept candidates and the answer are the same as with
+            ``False`` (which scores every pair).
     """
 
     threshold: list[float] = field(default_factory=lambda: _frange(0.2, 0.6, 0.05))
@@ -255,6 +261,7 @@ class SearchSpace:
     n_random: int = 40
     halving_eta: int = 3
     halving_min_volumes: int = 2
+    halving_bounds: bool = True
 
     #: Old key names still read (with a deprecation warning) by :func:`~kaggle_utils.config.from_dict`.
     CONFIG_ALIASES: ClassVar[dict[str, str]] = {"fill_holes": "fill_pinholes"}
@@ -378,27 +385,31 @@ class _Evaluator:
         self.topo_cache = OctantCache() if octant_cache else None
         self._f32: tuple[int, np.ndarray] | None = None  # the last volume as float32 (tasks come volume by volume)
 
-    def __call__(self, cfg: PostprocessConfig, i: int) -> tuple[tuple[float, float, float, float], float, float, dict]:
-        """``(score parts, postprocess s, score s, cache counters)`` of candidate ``cfg`` on volume ``i``."""
+    def _mask(self, cfg: PostprocessConfig, i: int) -> tuple[np.ndarray, bytes]:
+        """The ``bool (Z, Y, X)`` mask that reaches the scorer (ignore voxels zeroed) and its digest."""
         import hashlib
 
-        from .metrics import score_volume
-
-        t0 = time.perf_counter()
         # float32 as in predict, which thresholds the float32 probabilities before they are saved
         if self._f32 is None or self._f32[0] != i:
             self._f32 = (i, np.asarray(self.probs[i], dtype=np.float32))
         mask = postprocess(self._f32[1], cfg)
-        label = self.labels[i]
-        mask[label == 2] = 0  # the scorer ignores these voxels; doing it here makes the cache key exact
-        digest = hashlib.blake2b(np.packbits(mask).tobytes(), digest_size=16).digest()
+        mask[self.labels[i] == 2] = 0  # the scorer ignores these voxels; doing it here makes the cache key exact
+        return mask, hashlib.blake2b(np.packbits(mask).tobytes(), digest_size=16).digest()
+
+    def __call__(self, cfg: PostprocessConfig, i: int, reuse: Any = None) -> tuple:
+        """``(score parts, postprocess s, score s, cache counters)`` of candidate ``cfg`` on volume ``i``;
+        ``reuse``: its :class:`~kaggle_utils.metrics.ScoreBound` (SurfaceDice and VOI not recomputed)."""
+        from .metrics import score_volume
+
+        t0 = time.perf_counter()
+        mask, digest = self._mask(cfg, i)
         t1 = time.perf_counter()
         hit = self.cache.get((i, digest))
         counts = {"masks_reused": int(hit is not None), "octants_reused": 0, "octants_scored": 0}
         if hit is None:
             tc = self.topo_cache
             before = (tc.hits, tc.misses) if tc is not None else (0, 0)
-            s = score_volume(mask, label, topo_cache=tc)
+            s = score_volume(mask, self.labels[i], topo_cache=tc, reuse=reuse)
             hit = (s.score, s.topo_score, s.surface_dice, s.voi_score)
             self.cache[(i, digest)] = hit
             if tc is not None:
@@ -406,6 +417,23 @@ class _Evaluator:
             else:
                 counts["octants_scored"] = 8
         return hit, t1 - t0, time.perf_counter() - t1, counts
+
+    def bound(self, cfg: PostprocessConfig, i: int) -> tuple:
+        """``(parts, postprocess s, score s, cache counters, bound)``: the exact parts when this mask was
+        scored before (``bound`` None), else the upper bound ``(upper, topo_upper, SD, VOI)`` and its
+        :class:`~kaggle_utils.metrics.ScoreBound` (``bound``), for the runner to pass back as ``reuse``."""
+        from .metrics import score_bound
+
+        t0 = time.perf_counter()
+        mask, digest = self._mask(cfg, i)
+        t1 = time.perf_counter()
+        hit = self.cache.get((i, digest))
+        counts = {"masks_reused": int(hit is not None), "octants_reused": 0, "octants_scored": 0, "pairs_bounded": 0}
+        if hit is not None:
+            return hit, t1 - t0, time.perf_counter() - t1, counts, None
+        b = score_bound(mask, self.labels[i], topo_cache=self.topo_cache)
+        counts["pairs_bounded"] = 1
+        return (b.upper, b.topo_upper, b.surface_dice, b.voi_score), t1 - t0, time.perf_counter() - t1, counts, b
 
 
 _WORKER: _Evaluator | None = None  # one per worker process, set by _init_worker
@@ -417,10 +445,14 @@ def _init_worker(probs: Sequence[np.ndarray], labels: Sequence[np.ndarray], octa
     _WORKER = _Evaluator(probs, labels, octant_cache)
 
 
-def _work(cfgs: Sequence[PostprocessConfig], i: int) -> list:
-    """A chunk of candidates on volume ``i`` in one worker (its caches see them all)."""
+def _work(cfgs: Sequence[PostprocessConfig], i: int, reuses: Sequence[Any] | None = None) -> list:
+    """A chunk of candidates on volume ``i`` in one worker (its caches see them all); ``reuses``:
+    ``None`` for upper bounds (:meth:`_Evaluator.bound`), else one ``ScoreBound`` or ``None`` per
+    candidate for full scores."""
     assert _WORKER is not None, "worker not initialized"  # internal invariant, not user input
-    return [_WORKER(cfg, i) for cfg in cfgs]
+    if reuses is None:
+        return [_WORKER.bound(cfg, i) for cfg in cfgs]
+    return [_WORKER(cfg, i, r) for cfg, r in zip(cfgs, reuses)]
 
 
 def _chunks(todo: Sequence[tuple[int, int]], workers: int) -> list[tuple[list[int], int]]:
@@ -496,7 +528,9 @@ class TuneResult:
             and ``wall`` of the search.
         n_tasks: (candidate, volume) pairs evaluated.
         cache: ``masks_reused`` (pairs whose final mask had been scored before), ``octants_reused``
-            / ``octants_scored`` (TopoScore octants taken from the octant cache / computed).
+            / ``octants_scored`` (TopoScore octants taken from the octant cache / computed),
+            ``pairs_bounded`` (pairs given an upper bound by halving; ``n_tasks`` counts only the
+            pairs scored in full).
     """
 
     best: PostprocessConfig
@@ -657,7 +691,9 @@ class _Runner:
         self.rows: list[np.ndarray] = []
         self.index: dict[tuple, int] = {}
         self.timings = {"postprocess": 0.0, "score": 0.0}
-        self.cache_counts = {"masks_reused": 0, "octants_reused": 0, "octants_scored": 0}
+        self.cache_counts = {"masks_reused": 0, "octants_reused": 0, "octants_scored": 0, "pairs_bounded": 0}
+        self.upper: list[np.ndarray] = []  # per candidate: ``float (n,)`` score upper bounds (NaN: none)
+        self.bounds: dict[tuple[int, int], Any] = {}  # (candidate, volume) -> ScoreBound, reused when scored
         self.pool = None
         self.local = None
         if workers > 1:
@@ -689,45 +725,103 @@ class _Runner:
         evaluated (in parallel, volume by volume so a worker reuses its float32 copy)."""
         cfgs = list(cfgs)
         vols = list(range(self.n)) if vols is None else list(vols)
+        todo = self._missing(cfgs, stage, vols, bound=False)
+        if todo:
+            self._run(todo, stage, bound=False)
+        return [self.mean(c, vols) for c in cfgs]
+
+    def _missing(self, cfgs: Sequence[PostprocessConfig], stage: str, vols: Sequence[int], bound: bool
+                 ) -> list[tuple[int, int]]:
+        """Register new candidates; the (candidate, volume) pairs without a score (``bound``: and
+        without an upper bound), volume by volume."""
         for c in cfgs:
             if _key(c) not in self.index:
                 self.index[_key(c)] = len(self.cfgs)
                 self.cfgs.append(c)
                 self.stages.append(stage)
                 self.rows.append(np.full((self.n, 4), np.nan))
+                self.upper.append(np.full(self.n, np.nan))
         todo: list[tuple[int, int]] = []
         seen = set()
         for i in vols:
             for c in cfgs:
                 j = self.index[_key(c)]
-                if np.isnan(self.rows[j][i, 0]) and (j, i) not in seen:
+                if np.isnan(self.rows[j][i, 0]) and not (bound and np.isfinite(self.upper[j][i])) and (j, i) not in seen:
                     seen.add((j, i))
                     todo.append((j, i))
-        if todo:
-            self.bar.total += len(todo)
-            self.bar.refresh()
-            self.bar.set_postfix_str(stage)
-            if self.pool is not None:
-                from concurrent.futures import as_completed
+        return todo
 
-                futs = {self.pool.submit(_work, [self.cfgs[j] for j in js], i): (js, i)
-                        for js, i in _chunks(todo, self.workers)}
-                for f in as_completed(futs):
-                    js, i = futs[f]
-                    for j, out in zip(js, f.result()):
-                        self._store(j, i, out)
-            else:
-                for j, i in todo:
-                    self._store(j, i, self.local(self.cfgs[j], i))  # type: ignore[misc]
-        return [self.mean(c, vols) for c in cfgs]
+    def _run(self, todo: Sequence[tuple[int, int]], stage: str, bound: bool) -> None:
+        """Score (or bound) the pairs, in the pool or here."""
+        self.bar.total += len(todo)
+        self.bar.refresh()
+        self.bar.set_postfix_str(stage + (" (bounds)" if bound else ""))
+        if self.pool is not None:
+            from concurrent.futures import as_completed
+
+            futs = {self.pool.submit(_work, [self.cfgs[j] for j in js], i,
+                                     None if bound else [self.bounds.get((j, i)) for j in js]): (js, i)
+                    for js, i in _chunks(todo, self.workers)}
+            for f in as_completed(futs):
+                js, i = futs[f]
+                for j, out in zip(js, f.result()):
+                    self._store(j, i, out)
+        else:
+            for j, i in todo:
+                out = (self.local.bound(self.cfgs[j], i) if bound  # type: ignore[union-attr]
+                       else self.local(self.cfgs[j], i, self.bounds.get((j, i))))  # type: ignore[misc]
+                self._store(j, i, out)
 
     def _store(self, j: int, i: int, out) -> None:
-        parts, t_pp, t_score, counts = out
-        self.rows[j][i] = parts
+        parts, t_pp, t_score, counts = out[:4]
+        if len(out) == 5 and out[4] is not None:  # an upper bound
+            self.upper[j][i] = parts[0]
+            self.bounds[(j, i)] = out[4]
+        else:
+            self.rows[j][i] = parts
+            self.upper[j][i] = parts[0]
+            self.bounds.pop((j, i), None)
         self.timings["postprocess"] += t_pp
         self.timings["score"] += t_score
         for k, v in counts.items():
             self.cache_counts[k] += v
+
+    def select(self, cfgs: Sequence[PostprocessConfig], stage: str, vols: Sequence[int], keep: int
+               ) -> tuple[list[PostprocessConfig], list[float]]:
+        """The ``keep`` best of ``cfgs`` by mean score over ``vols`` (ties: the earlier in ``cfgs``), with
+        their means, scoring as few pairs as the upper bounds allow.
+
+        Every missing pair is bounded first; then candidates are scored on all of ``vols``, highest mean
+        bound first, until ``keep`` are scored and no unscored candidate's mean bound reaches the
+        ``keep``-th scored mean. The others are provably below it, so the answer is the one of scoring
+        everything (:meth:`evaluate`)."""
+        cfgs = list(cfgs)
+        vols = list(vols)
+        todo = self._missing(cfgs, stage, vols, bound=True)
+        if todo:
+            self._run(todo, stage, bound=True)
+        rows = [self.index[_key(c)] for c in cfgs]
+
+        def scored(a: int) -> bool:
+            return bool(np.isfinite(self.rows[rows[a]][vols, 0]).all())
+
+        def upper(a: int) -> float:
+            return float(self.upper[rows[a]][vols].mean())
+
+        by_bound = sorted(range(len(cfgs)), key=lambda a: -upper(a))  # stable: ties keep pool order
+        while True:
+            done = [a for a in range(len(cfgs)) if scored(a)]
+            rest = [a for a in by_bound if not scored(a)]
+            if len(done) >= keep:
+                kth = sorted((self.mean(cfgs[a], vols) for a in done), reverse=True)[keep - 1]
+                if not rest or upper(rest[0]) < kth - 1e-9:
+                    break
+            batch = rest[:max(keep - len(done), self.workers)]
+            self.evaluate([cfgs[a] for a in batch], stage, vols)
+        means = {a: self.mean(cfgs[a], vols) for a in done}
+        rank = sorted(done, key=lambda a: -means[a])  # ``done`` is in pool order: ties keep it
+        kept = sorted(rank[:keep])
+        return [cfgs[a] for a in kept], [means[a] for a in kept]
         self.bar.update(1)
 
 
@@ -855,11 +949,15 @@ def _halving(run: _Runner, space: SearchSpace, cands: list[PostprocessConfig], o
     rungs = halving_schedule(len(cands), len(order), space.halving_eta, space.halving_min_volumes)
     for r, (_, v) in enumerate(rungs):
         vols = list(order[:v])
-        means = run.evaluate(alive, f"halving {r + 1}/{len(rungs)} ({v} vol)", vols)
-        if r + 1 < len(rungs):
-            keep = rungs[r + 1][0]
+        stage = f"halving {r + 1}/{len(rungs)} ({v} vol)"
+        if r + 1 == len(rungs):  # the last rung scores its few survivors in full: the result table
+            means = run.evaluate(alive, stage, vols)
+        elif space.halving_bounds:
+            alive, means = run.select(alive, stage, vols, rungs[r + 1][0])
+        else:
+            means = run.evaluate(alive, stage, vols)
             rank = sorted(range(len(alive)), key=lambda a: -means[a])  # stable: ties keep pool order
-            alive = [alive[a] for a in sorted(rank[:keep])]
+            alive = [alive[a] for a in sorted(rank[:rungs[r + 1][0]])]
     return _best_of(alive, means)
 
 

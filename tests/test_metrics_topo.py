@@ -490,3 +490,30 @@ def test_octant_cache_reuses_only_unchanged_octants_and_changes_nothing(seed):
     label[:, :, :2] = 2
     plain, cached = score_volume(pred, label), score_volume(pred, label, topo_cache=cache)
     assert cached.topo_counts == plain.topo_counts and cached.score == plain.score
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_score_bound_is_an_upper_bound_with_exact_sd_voi_and_reuse_changes_nothing(seed):
+    """score_bound >= score_volume on model-like pairs; SD/VOI identical; exact when the cache knows every octant."""
+    from kaggle_utils.metrics import score_bound, score_volume
+    from kaggle_utils.metrics.topo import OctantCache, topo_bound_octant
+
+    rng = np.random.default_rng(seed)
+    gt = ndimage.gaussian_filter(rng.standard_normal((36, 32, 30)), 2) > 0.2
+    pred = ndimage.binary_dilation(gt, iterations=int(rng.integers(0, 2))) ^ (rng.random(gt.shape) > 0.97)
+    label = gt.astype(np.uint8)
+    label[:3] = 2
+    exact = score_volume(pred, label)
+    b = score_bound(pred, label)
+    assert b.upper >= exact.score - 1e-12 and b.topo_upper >= exact.topo_score - 1e-12
+    assert (b.surface_dice, b.voi_score, b.voi_split, b.voi_merge) == (
+        exact.surface_dice, exact.voi_score, exact.voi_split, exact.voi_merge)
+    assert score_volume(pred, label, reuse=b) == exact
+    p, g = pred & (label != 2), label == 1
+    for sl in topo.octant_slices(p.shape):  # per octant: p, g and m0 exact, m1, m2 bounded
+        got, ref = topo_bound_octant(p[sl], g[sl]), topo_counts_octant(p[sl], g[sl])
+        assert got[0] == ref[0] and all(got[k][1:] == ref[k][1:] and got[k][0] >= ref[k][0] for k in (1, 2))
+    cache = OctantCache()
+    score_volume(pred, label, topo_cache=cache)
+    full = score_bound(pred, label, topo_cache=cache)
+    assert full.exact_octants == 8 and full.upper == exact.score

@@ -353,3 +353,19 @@ def test_cli_tune_space_winners(volumes, tmp_path):
     assert isinstance(load_postprocess(out), PostprocessConfig)
     cfgs = [c["cfg"] for c in json.loads(js.read_text())["candidates"]]
     assert any(c.get("z_prune") for c in cfgs) and any(c.get("hole_plug") for c in cfgs)
+
+
+def test_halving_bounds_keep_the_same_survivors_and_score_fewer_pairs(volumes):
+    """Upper bounds (exact SD/VOI, TopoScore bounded) drop candidates without their full score; every rung
+    keeps the candidates that scoring everything keeps, so the answer and the final table are the same."""
+    probs, labels = volumes
+    data = dict(SMALL_SPACE, method="halving", n_random=24, halving_min_volumes=1, halving_eta=2)
+    full = tune(probs, labels, load_search_space(data=dict(data, halving_bounds=False)), progress=False)
+    fast = tune(probs, labels, load_search_space(data=data), progress=False)
+    par = tune(probs, labels, load_search_space(data=data), workers=2, progress=False)
+    for res in (fast, par):
+        assert res.best == full.best and res.best_score == full.best_score
+        assert [c.cfg for c in res.candidates] == [c.cfg for c in full.candidates]
+        np.testing.assert_array_equal(res.scores, full.scores)
+    assert fast.cache["pairs_bounded"] > 0 and full.cache.get("pairs_bounded", 0) == 0
+    assert fast.n_tasks < full.n_tasks, (fast.n_tasks, full.n_tasks)

@@ -11,13 +11,15 @@ Example::
     s.score, s.topo_score, s.surface_dice, s.voi_score
 """
 
-from .score import DatasetScore, VolumeScore, preprocess, score_dataset, score_volume
+from .score import DatasetScore, ScoreBound, VolumeScore, preprocess, score_bound, score_dataset, score_volume
 from .surface_dice import surface_dice
 from .voi import VoiResult, voi
 
 __all__ = [
     "score_volume",
     "score_dataset",
+    "score_bound",
+    "ScoreBound",
     "VolumeScore",
     "DatasetScore",
     "preprocess",

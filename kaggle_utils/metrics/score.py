@@ -34,8 +34,10 @@ __all__ = [
     "SD_TOLERANCE",
     "VolumeScore",
     "DatasetScore",
+    "ScoreBound",
     "preprocess",
     "score_volume",
+    "score_bound",
     "score_dataset",
     "list_volumes",
     "read_located",
@@ -163,18 +165,51 @@ def _combine(topo: float, sd: float, voi_score: float) -> float:
     return float(np.clip(w_topo * topo + w_sd * sd + w_voi * voi_score, 0.0, 1.0))
 
 
-def _score_ours(pred_bin: np.ndarray, gt_bin: np.ndarray, topo_cache: OctantCache | None = None) -> VolumeScore:
+@dataclass(frozen=True)
+class ScoreBound:
+    """An upper bound of a volume's score that skips TopoScore's expensive Betti-matching reductions.
+
+    SurfaceDice and VOI are exact; TopoScore is bounded by :func:`~kaggle_utils.metrics.topo.
+    topo_counts_bound` (exact p_k, g_k and m_0, m_1 and m_2 bounded by the pair counts). The score
+    only grows with TopoScore, so ``upper >= score_volume(...).score`` for the same pair.
+
+    Attributes:
+        upper: the bound of the competition score.
+        topo_upper: the bound of TopoScore.
+        surface_dice, voi_score, voi_split, voi_merge: exact, as in :class:`VolumeScore`.
+        exact_octants: octants whose counts came exact from the octant cache (8: ``upper`` is exact).
+    """
+
+    upper: float
+    topo_upper: float
+    surface_dice: float
+    voi_score: float
+    voi_split: float
+    voi_merge: float
+    exact_octants: int = 0
+
+
+def _sd_voi(pred_bin: np.ndarray, gt_bin: np.ndarray, reuse: ScoreBound | None) -> tuple[float, float, float, float]:
+    """``(SurfaceDice, VOI score, split, merge)``, from ``reuse`` when given (same masks)."""
+    if reuse is not None:
+        return reuse.surface_dice, reuse.voi_score, reuse.voi_split, reuse.voi_merge
     from .surface_dice import surface_dice
-    from .topo import topo_counts, topo_f1_from_counts, topo_score_from_counts
     from .voi import voi
+
+    v = voi(pred_bin, gt_bin, alpha=VOI_ALPHA)
+    return surface_dice(pred_bin, gt_bin, tau=SD_TOLERANCE), v.score, v.split, v.merge
+
+
+def _score_ours(pred_bin: np.ndarray, gt_bin: np.ndarray, topo_cache: OctantCache | None = None,
+                reuse: ScoreBound | None = None) -> VolumeScore:
+    from .topo import topo_counts, topo_f1_from_counts, topo_score_from_counts
 
     counts = topo_counts(pred_bin, gt_bin, cache=topo_cache)
     topo = float(topo_score_from_counts(counts))
-    sd = surface_dice(pred_bin, gt_bin, tau=SD_TOLERANCE)
-    v = voi(pred_bin, gt_bin, alpha=VOI_ALPHA)
+    sd, voi_score, split, merge = _sd_voi(pred_bin, gt_bin, reuse)
     return VolumeScore(
-        score=_combine(topo, sd, v.score), topo_score=topo, surface_dice=sd, voi_score=v.score,
-        voi_split=v.split, voi_merge=v.merge,
+        score=_combine(topo, sd, voi_score), topo_score=topo, surface_dice=sd, voi_score=voi_score,
+        voi_split=split, voi_merge=merge,
         topo_counts={int(k): tuple(int(x) for x in c) for k, c in counts.items()},
         topo_f1=topo_f1_from_counts(counts),
     )
@@ -203,7 +238,7 @@ def _score_official(pred: np.ndarray, gt: np.ndarray) -> VolumeScore:
 
 
 def score_volume(pred: np.ndarray, gt: np.ndarray, *, backend: str = "ours",
-                 topo_cache: OctantCache | None = None) -> VolumeScore:
+                 topo_cache: OctantCache | None = None, reuse: ScoreBound | None = None) -> VolumeScore:
     """Competition score of one prediction against its label volume.
 
     Args:
@@ -214,6 +249,8 @@ def score_volume(pred: np.ndarray, gt: np.ndarray, *, backend: str = "ours",
         topo_cache: a :class:`~kaggle_utils.metrics.topo.OctantCache` kept across calls on the same
             volume (tuning): octants whose masks were scored before reuse their Betti-matching
             counts. Same result with or without it; ignored by ``"official"``.
+        reuse: the :func:`score_bound` of the same pair: its exact SurfaceDice and VOI are taken
+            instead of computed again (the caller guarantees the masks are the same).
 
     Returns:
         :class:`VolumeScore`.
@@ -226,7 +263,24 @@ def score_volume(pred: np.ndarray, gt: np.ndarray, *, backend: str = "ours",
     pred_bin, gt_bin = preprocess(pred, gt)
     if backend == "official":
         return _score_official(np.asarray(pred), np.asarray(gt))
-    return _score_ours(pred_bin, gt_bin, topo_cache)
+    return _score_ours(pred_bin, gt_bin, topo_cache, reuse)
+
+
+def score_bound(pred: np.ndarray, gt: np.ndarray, *, topo_cache: OctantCache | None = None) -> ScoreBound:
+    """An upper bound of :func:`score_volume` for about a fifth of its cost (:class:`ScoreBound`).
+
+    Used by ``tune`` to drop candidates that cannot reach the ones it keeps without their full
+    TopoScore. Inputs and errors as :func:`score_volume` (backend ``"ours"``); octants known to
+    ``topo_cache`` count exactly.
+    """
+    from .topo import topo_counts_bound, topo_score_from_counts
+
+    pred_bin, gt_bin = preprocess(pred, gt)
+    counts, n_exact = topo_counts_bound(pred_bin, gt_bin, cache=topo_cache)
+    topo = float(topo_score_from_counts(counts))
+    sd, voi_score, split, merge = _sd_voi(pred_bin, gt_bin, None)
+    return ScoreBound(upper=_combine(topo, sd, voi_score), topo_upper=topo, surface_dice=sd, voi_score=voi_score,
+                      voi_split=split, voi_merge=merge, exact_octants=n_exact)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -45,7 +45,9 @@ __all__ = [
     "OctantCache",
     "octant_slices",
     "topo_counts",
+    "topo_counts_bound",
     "topo_counts_octant",
+    "topo_bound_octant",
     "topo_f1_from_counts",
     "topo_score_from_counts",
     "topo_score",
@@ -914,6 +916,32 @@ def topo_counts_octant(pred: np.ndarray, gt: np.ndarray) -> Counts:
     return {0: (m0, pa[0], pg[0]), 1: (m1, pa[1], pg[1]), 2: (m2, pa[2], pg[2])}
 
 
+def topo_bound_octant(pred: np.ndarray, gt: np.ndarray) -> Counts:
+    """Counts of one octant with m_1 and m_2 replaced by upper bounds, without their reductions.
+
+    p_k and g_k are exact (closed forms) and so is m_0 (one union-find pass). A matched pair is a
+    prediction pair, a GT pair and a comparison-image pair at once, so m_k <= min(p_k, g_k, c_k),
+    with c_k the comparison image's pair count (closed form of ``pred | gt``). TopoScore only grows
+    with m_k, so :func:`topo_score_from_counts` of these counts bounds the exact TopoScore from above.
+    Costs the closed forms and the dimension-0 pass: about a tenth of :func:`topo_counts_octant` on
+    model-like 160^3 octants.
+
+    Returns:
+        ``{k: (m_k or its upper bound, p_k, g_k)}`` for k = 0, 1, 2.
+    """
+    fa = np.ascontiguousarray(pred, dtype=bool)
+    fg_ = np.ascontiguousarray(gt, dtype=bool)
+    fc = fa | fg_
+    pa, pg, pc = _closed_form(fa), _closed_form(fg_), _closed_form(fc)
+    m0 = 0
+    if pa[0] > 0 and pg[0] > 0 and pc[0] > 0:
+        X, Y, Z = fa.shape
+        flags = (fa.astype(np.uint8) | (fg_.astype(np.uint8) << 1)).ravel()
+        m0 = int(_dim0_matches(flags, X, Y, Z))
+    return {0: (m0, pa[0], pg[0]), 1: (min(pa[1], pg[1], pc[1]), pa[1], pg[1]),
+            2: (min(pa[2], pg[2], pc[2]), pa[2], pg[2])}
+
+
 def _dim1_counts(bg_a, bg_g, bg_c, cleared, X, Y, Z, n_pairs_c) -> int:
     """m1 of one octant; ``n_pairs_c`` = beta1 of the comparison foreground (closed form)."""
     n = X * Y * Z
@@ -1026,6 +1054,28 @@ def topo_counts(pred: np.ndarray, gt: np.ndarray, workers: int = 2, cache: Octan
             for i in range(3):
                 total[k][i] += int(res[k][i])
     return {k: tuple(v) for k, v in total.items()}
+
+
+def topo_counts_bound(pred: np.ndarray, gt: np.ndarray, cache: OctantCache | None = None) -> tuple[Counts, int]:
+    """Counts summed over the octants, exact where ``cache`` knows the octant and bounded elsewhere
+    (:func:`topo_bound_octant`): an upper bound of TopoScore that skips the expensive reductions.
+
+    Returns:
+        ``(counts, n_exact)``: ``{k: (m_k upper bound, p_k, g_k)}`` and how many of the octants
+        were exact (cache hits; the cache's ``hits`` counter is not changed).
+    """
+    fp, fg = _check_pair(pred, gt)
+    total = {k: [0, 0, 0] for k in range(3)}
+    n_exact = 0
+    for sl in octant_slices(fp.shape):
+        res = cache.entries.get(OctantCache.key(fp[sl], fg[sl])) if cache is not None else None
+        n_exact += res is not None
+        if res is None:
+            res = topo_bound_octant(fp[sl], fg[sl])
+        for k in range(3):
+            for i in range(3):
+                total[k][i] += int(res[k][i])
+    return {k: tuple(v) for k, v in total.items()}, n_exact
 
 
 def topo_f1_from_counts(counts: Counts) -> dict[int, float | None]:
