@@ -52,7 +52,7 @@ def _spread(probs, n: int) -> list[int]:
 
 def _search(probs, labels, space: SearchSpace, workers: int, cache: bool, name: str) -> dict:
     cpu0 = time.process_time()
-    res = tune(probs, labels, space, workers=workers, progress=False, octant_cache=cache)
+    res = tune(probs, labels, space, workers=workers, progress=False, octant_cache=cache, curve=False)
     tm, c = res.timings, res.cache
     busy = tm["postprocess"] + tm["score"]
     me, kids = _rss_mib()
@@ -94,13 +94,13 @@ def _projection(per_pair: float, workers: int, halving_ratio: float | None) -> N
     # survivors keep their scores of earlier rungs: each rung adds (its candidates) x (its new volumes)
     n_half = rungs[0][0] * rungs[0][1] + sum(c * (v - pv) for (c, v), (_, pv) in zip(rungs[1:], rungs[:-1]))
     print(f"\nprojection from {per_pair:.2f} worker s per pair ({workers} workers measured): halving rungs {rungs} = "
-          f"{n_half} pairs (+ up to 9 x 20 for the threshold curve)")
+          f"{n_half} pairs (+ 9 x 20 for the threshold curve of --plot)")
     print("| search | pairs | 2 workers (measured rate) | 4 workers (x2, linear) |")
     print("|---|---|---|---|")
-    plans = [("exhaustive 100 x 20", 2000, 1.0), ("halving 100 x 20 + curve", n_half + 180, 1.0)]
+    plans = [("exhaustive 100 x 20", 2000, 1.0), ("halving 100 x 20, bounds off", n_half, 1.0),
+             ("the same + threshold curve (--plot)", n_half + 180, 1.0)]
     if halving_ratio is not None:
-        plans.append((f"halving + curve, bounds on (x{halving_ratio:.2f}, the measured wall ratio)", n_half + 180,
-                      halving_ratio))
+        plans.append((f"halving, bounds on (x{halving_ratio:.2f}, the measured wall ratio)", n_half, halving_ratio))
     for name, pairs, factor in plans:
         two = pairs * per_pair / 2 * factor
         print(f"| {name} | {pairs} | {two / 60:.0f} min | {two / 2 / 60:.0f} min |")

@@ -402,7 +402,9 @@ def _args_tune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, help="processes scoring candidates in parallel")
     p.add_argument("--out", type=Path, default=Path("best-postprocess.yaml"),
                    help="best post-processing YAML (for predict --postprocess)")
-    p.add_argument("--plot", type=Path, default=None, help="also save score vs threshold (overall, per scroll) PNG")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="also save score vs threshold (overall, per scroll) PNG; scores the best settings at every "
+                        "grid threshold on every volume (for halving up to a third more pairs)")
     p.add_argument("--json", type=Path, default=None, help="also write every candidate and the fold guard as JSON")
     p.add_argument("--top", type=int, default=15, help="candidates shown in the table")
     p.add_argument("--seed", type=int, default=0, help="seed of methods random, halving and exhaustive")
@@ -425,7 +427,8 @@ def _run_tune(args: argparse.Namespace) -> int:
         space.method = args.method
     probs = load_probs(args.probs)
     labels = load_labels(find_data_root(args.data_dir), [p.id for p in probs])
-    result = tune(probs, labels, space, workers=args.workers, seed=args.seed, progress=not args.no_progress)
+    result = tune(probs, labels, space, workers=args.workers, seed=args.seed, progress=not args.no_progress,
+                  curve=args.plot is not None)
     print(result.format_table(top=args.top))
     save_postprocess(result.best, args.out)
     print(f"wrote {args.out}  (use: predict --postprocess {args.out})")

@@ -369,3 +369,13 @@ def test_halving_bounds_keep_the_same_survivors_and_score_fewer_pairs(volumes):
         np.testing.assert_array_equal(res.scores, full.scores)
     assert fast.cache["pairs_bounded"] > 0 and full.cache.get("pairs_bounded", 0) == 0
     assert fast.n_tasks < full.n_tasks, (fast.n_tasks, full.n_tasks)
+
+
+def test_threshold_curve_is_optional_and_only_costs_pairs(volumes):
+    probs, labels = volumes
+    space = load_search_space(data=dict(SMALL_SPACE, method="halving", n_random=10, halving_min_volumes=1))
+    with_curve = tune(probs, labels, space, progress=False)
+    without = tune(probs, labels, space, progress=False, curve=False)
+    assert without.best == with_curve.best and without.best_score == with_curve.best_score
+    assert without.n_tasks < with_curve.n_tasks and len(without.candidates) < len(with_curve.candidates)
+    assert len(with_curve.threshold_curve()[0]) == len(space.threshold) > len(without.threshold_curve()[0])
