@@ -812,9 +812,11 @@ class _Runner:
         while True:
             done = [a for a in range(len(cfgs)) if scored(a)]
             rest = [a for a in by_bound if not scored(a)]
+            if not rest:
+                break
             if len(done) >= keep:
                 kth = sorted((self.mean(cfgs[a], vols) for a in done), reverse=True)[keep - 1]
-                if not rest or upper(rest[0]) < kth - 1e-9:
+                if upper(rest[0]) < kth - 1e-9:
                     break
             batch = rest[:max(keep - len(done), self.workers)]
             self.evaluate([cfgs[a] for a in batch], stage, vols)
