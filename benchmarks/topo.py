@@ -6,7 +6,7 @@ a model-like prediction (GT shifted, dilated in places, blobs near the sheets, t
 :func:`model_like`), all foreground, empty, random blobs (many tunnels: worst case for dimension 1).
 Prints the minimum seconds over ``--repeat`` calls (numba already compiled) and the process peak RSS.
 
-Run: ``PYTHONPATH=. .venv/bin/python benchmarks/topo.py [--size 320] [--repeat 3] [--cases model]``.
+Run: ``PYTHONPATH=. .venv/bin/python benchmarks/topo.py [--size 320] [--repeat 3] [--cases model] [--workers 1 2]``.
 ``--module path/to/topo.py`` times another copy of the module (e.g. ``git show HEAD~1:...`` saved to
 /tmp) in the same session, for before/after comparisons. ``--score`` also times ``score_volume`` on
 the model-like pair (3-voxel ignore border).
@@ -147,6 +147,7 @@ def main() -> None:
     ap.add_argument("--cases", nargs="*", default=None, help="substrings of the case names to run")
     ap.add_argument("--module", default=None, help="path of another topo.py to time instead")
     ap.add_argument("--score", action="store_true", help="also time score_volume on the model-like pair")
+    ap.add_argument("--workers", type=int, nargs="+", default=[2], help="octant threads (one row per value)")
     args = ap.parse_args()
     n = args.size
     topo_counts = load_topo(args.module).topo_counts
@@ -179,17 +180,18 @@ def main() -> None:
     warm = blobs(24)  # compile / load the numba cache for every kernel
     topo_counts(warm, warm ^ (rng.random(warm.shape) < 0.05))
     print(f"inputs built, peak RSS {peak_rss_mb():.0f} MB")
-    print(f"| case ({n}^3) | wall s | CPU s | peak RSS growth MB | counts {{k: (m,p,g)}} |")
-    print("|---|---|---|---|---|")
+    print(f"| case ({n}^3) | octant threads | wall s | CPU s | peak RSS growth MB | counts {{k: (m,p,g)}} |")
+    print("|---|---|---|---|---|---|")
     for name, p, g in cases:
-        best = (float("inf"), 0.0)
-        for _ in range(max(args.repeat, 1)):
-            base = reset_peak()
-            t, c0 = time.perf_counter(), time.process_time()
-            c = topo_counts(p, g)
-            best = min(best, (time.perf_counter() - t, time.process_time() - c0))
-            grow = _status_mb("VmHWM") - base
-        print(f"| {name} | {best[0]:.2f} | {best[1]:.2f} | {grow:.0f} | {c} |", flush=True)
+        for workers in args.workers:
+            best = (float("inf"), 0.0)
+            for _ in range(max(args.repeat, 1)):
+                base = reset_peak()
+                t, c0 = time.perf_counter(), time.process_time()
+                c = topo_counts(p, g, workers=workers)
+                best = min(best, (time.perf_counter() - t, time.process_time() - c0))
+                grow = _status_mb("VmHWM") - base
+            print(f"| {name} | {workers} | {best[0]:.2f} | {best[1]:.2f} | {grow:.0f} | {c} |", flush=True)
     if args.score:
         from kaggle_utils.metrics import score_volume
 
