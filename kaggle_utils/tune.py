@@ -963,6 +963,21 @@ def _halving(run: _Runner, space: SearchSpace, cands: list[PostprocessConfig], o
     return _best_of(alive, means)
 
 
+def _search(run: _Runner, space: SearchSpace, probs: Sequence[ProbVolume], seed: int
+            ) -> tuple[PostprocessConfig, float]:
+    """The best candidate of ``space.method`` and its mean score."""
+    if space.method in ("halving", "exhaustive"):
+        cands = _pool(space, seed)
+        if space.method == "halving":
+            return _halving(run, space, cands, _volume_order(_folds(probs)[0], seed))
+        return _best_of(cands, run.evaluate(cands, "exhaustive"))
+    stage1 = _first_stage(space)
+    best, best_s = _best_of(stage1, run.evaluate(stage1, "grid"))
+    if space.method == "random":
+        return _random_search(run, space, best, best_s, seed)
+    return _coordinate_descent(run, space, best, best_s)
+
+
 def tune(
     probs: Sequence[ProbVolume],
     labels: Sequence[np.ndarray],
@@ -1008,19 +1023,7 @@ def tune(
     t0 = time.perf_counter()
     run = _Runner([p.prob for p in probs], labels, max(1, int(workers)), progress, octant_cache)
     try:
-        if space.method in ("halving", "exhaustive"):
-            cands = _pool(space, seed)
-            if space.method == "halving":
-                best, best_s = _halving(run, space, cands, _volume_order(_folds(probs)[0], seed))
-            else:
-                best, best_s = _best_of(cands, run.evaluate(cands, "exhaustive"))
-        else:
-            stage1 = _first_stage(space)
-            best, best_s = _best_of(stage1, run.evaluate(stage1, "grid"))
-            if space.method == "random":
-                best, best_s = _random_search(run, space, best, best_s, seed)
-            else:
-                best, best_s = _coordinate_descent(run, space, best, best_s)
+        best, best_s = _search(run, space, probs, seed)
         if curve:  # the threshold curve of the final settings, for the plot (coordinate: mostly evaluated)
             run.evaluate([_with_threshold(best, t) for t in space.threshold], "curve")
     finally:
