@@ -394,13 +394,15 @@ def validate_volumes(model: nn.Module, records: list, cfg: TrainConfig, device: 
     rows: list[dict] = []
     for i, rec in enumerate(tqdm(records, desc="validate", unit="vol", leave=False, disable=not progress)):
         image, label = read_volume(rec.image_path), read_label(rec.label_path)
+        t_predict = time.monotonic()
         prob = _predict(model, image, cfg, device)
+        t_predict = time.monotonic() - t_predict
         pred = postprocess(prob, cfg.postprocess)
         valid = label != IGNORE_LABEL
         row: dict[str, Any] = {
             "id": rec.id, "scroll_id": rec.scroll_id, "dice": _dice(pred, label),
             "fg": fg_fraction(pred, label), "label_fg": surface_share(label),
-            "prob_std": float(prob[valid].std()) if valid.any() else float("nan"),
+            "prob_std": float(prob[valid].std()) if valid.any() else float("nan"), "predict_s": t_predict,
         }
         if i < cfg.validation.n_score:
             s = score_volume(pred, label)
@@ -417,6 +419,7 @@ def validate_volumes(model: nn.Module, records: list, cfg: TrainConfig, device: 
         "val_voi": mean("voi"), "val_fg_pct": 100 * (mean("fg") or 0.0),
         "val_fg_min_pct": 100 * min(r["fg"] for r in rows), "val_fg_max_pct": 100 * max(r["fg"] for r in rows),
         "val_label_fg_pct": 100 * (mean("label_fg") or 0.0), "val_prob_std": mean("prob_std"),
+        "val_predict_s": float(sum(r["predict_s"] for r in rows)),
         "collapse": verdict.kind, "collapse_reasons": "; ".join(verdict.reasons),
     }
     return summary, rows
@@ -1060,12 +1063,14 @@ def _budget_spent(state: RunState) -> bool:
     return state.budget_done
 
 
-def _plan_budget(state: RunState, val_seconds: float) -> None:
+def _plan_budget(state: RunState, val_seconds: float, predict_seconds: float | None = None) -> None:
     """Shorten the training phase of a budgeted run when a measured validation says that the final
     validation, checkpoints and out-of-fold predictions need more than ``train.budget_reserve``.
 
-    The estimate: one validation, plus the out-of-fold pass over every held-out volume with the
-    ``inference`` TTA passes and overlap, plus 30 % slack. Rank 0 measures; every rank gets its plan.
+    The estimate: one validation (``val_seconds``), plus the out-of-fold pass over every held-out
+    volume from the validation's network time (``predict_seconds``; default ``val_seconds``, which
+    also holds reading, post-processing and scoring) with the ``inference`` TTA passes and overlap,
+    plus 30 % slack. Rank 0 measures; every rank gets its plan.
     """
     if state.budget is None:
         return
@@ -1076,7 +1081,8 @@ def _plan_budget(state: RunState, val_seconds: float) -> None:
     overlap_cost = ((1 - cfg.validation.overlap) / (1 - cfg.inference.overlap)) ** 3
     oof = 0.0
     if cfg.validation.write_oof:
-        oof = val_seconds / n_val * len(state.val_idx) * len(tta_transforms(cfg.inference.tta)) * overlap_cost
+        per_volume = (val_seconds if predict_seconds is None else predict_seconds) / n_val
+        oof = per_volume * len(state.val_idx) * len(tta_transforms(cfg.inference.tta)) * overlap_cost
     reserve = max(cfg.train.budget_reserve * state.budget, 1.3 * (val_seconds + oof))
     state.schedule.budget_s = max(0.05 * state.budget, state.budget - reserve)
 
@@ -1163,7 +1169,7 @@ def _validate_and_select(state: RunState, epoch: int, row: dict) -> tuple[bool, 
         t_val = time.monotonic()
         summary, per_volume = validate_volumes(state.eval_model, state.val_records, cfg, state.device,
                                                progress=state.progress)
-        _plan_budget(state, time.monotonic() - t_val)
+        _plan_budget(state, time.monotonic() - t_val, summary["val_predict_s"])
         state.model.train()
         row.update(summary)
         with open(state.run_dir / "val_volumes.jsonl", "a") as fh:
