@@ -1169,7 +1169,7 @@ def _validate_and_select(state: RunState, epoch: int, row: dict) -> tuple[bool, 
         t_val = time.monotonic()
         summary, per_volume = validate_volumes(state.eval_model, state.val_records, cfg, state.device,
                                                progress=state.progress)
-        _plan_budget(state, time.monotonic() - t_val, summary["val_predict_s"])
+        _plan_budget(state, time.monotonic() - t_val, summary.get("val_predict_s"))
         state.model.train()
         row.update(summary)
         with open(state.run_dir / "val_volumes.jsonl", "a") as fh:
