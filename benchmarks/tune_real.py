@@ -143,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                        f"exhaustive, {len(sub)} vol")
         plain = _search(sub, lab, SearchSpace(method="halving", n_random=n_random, halving_bounds=False),
                         args.workers, True, "halving, bounds off")
-        fast = _search(sub, lab, SearchSpace(method="halving", n_random=n_random), args.workers, True,
-                       "halving, bounds on")
+        fast = _search(sub, lab, SearchSpace(method="halving", n_random=n_random, halving_bounds=True),
+                       args.workers, True, "halving, bounds on")
         ratio = fast["wall"] / plain["wall"]
         per_pair = per_pair or full["per_pair"]
         print(f"pool {args.halving_pool}, rungs {halving_schedule(args.halving_pool, len(sub))}: halving picks the "

@@ -233,7 +233,10 @@ class SearchSpace:
             TopoScore bounded without its dimension-1/2 reductions), then full scores best bound
             first, and stop once no unscored candidate's bound can reach the kept ones (the last
             rung is scored in full). The kept candidates and the answer are the same as with
-            ``False`` (which scores every pair).
+            ``False`` (which scores every pair). Off by default: on out-of-fold probabilities of a
+            real CPU training run (TopoScore ~0.1, m_1 far below its bound) it rejected nothing and
+            cost 15 % more time (BENCHMARKS.md, "Tuning at real scale"); it can pay only where
+            the bound is tight (predictions whose dimension-1 features mostly match).
     """
 
     threshold: list[float] = field(default_factory=lambda: _frange(0.2, 0.6, 0.05))
@@ -261,7 +264,7 @@ class SearchSpace:
     n_random: int = 40
     halving_eta: int = 3
     halving_min_volumes: int = 2
-    halving_bounds: bool = True
+    halving_bounds: bool = False
 
     #: Old key names still read (with a deprecation warning) by :func:`~kaggle_utils.config.from_dict`.
     CONFIG_ALIASES: ClassVar[dict[str, str]] = {"fill_holes": "fill_pinholes"}

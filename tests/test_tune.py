@@ -360,9 +360,9 @@ def test_halving_bounds_keep_the_same_survivors_and_score_fewer_pairs(volumes):
     keeps the candidates that scoring everything keeps, so the answer and the final table are the same."""
     probs, labels = volumes
     data = dict(SMALL_SPACE, method="halving", n_random=24, halving_min_volumes=1, halving_eta=2)
-    full = tune(probs, labels, load_search_space(data=dict(data, halving_bounds=False)), progress=False)
-    fast = tune(probs, labels, load_search_space(data=data), progress=False)
-    par = tune(probs, labels, load_search_space(data=data), workers=2, progress=False)
+    full = tune(probs, labels, load_search_space(data=data), progress=False)  # off by default
+    fast = tune(probs, labels, load_search_space(data=dict(data, halving_bounds=True)), progress=False)
+    par = tune(probs, labels, load_search_space(data=dict(data, halving_bounds=True)), workers=2, progress=False)
     for res in (fast, par):
         assert res.best == full.best and res.best_score == full.best_score
         assert [c.cfg for c in res.candidates] == [c.cfg for c in full.candidates]
