@@ -788,6 +788,7 @@ class _Runner:
         self.timings["score"] += t_score
         for k, v in counts.items():
             self.cache_counts[k] += v
+        self.bar.update(1)
 
     def select(self, cfgs: Sequence[PostprocessConfig], stage: str, vols: Sequence[int], keep: int
                ) -> tuple[list[PostprocessConfig], list[float]]:
@@ -827,7 +828,6 @@ class _Runner:
         rank = sorted(done, key=lambda a: -means[a])  # ``done`` is in pool order: ties keep it
         kept = sorted(rank[:keep])
         return [cfgs[a] for a in kept], [means[a] for a in kept]
-        self.bar.update(1)
 
 
 def _best_of(cfgs: Sequence[PostprocessConfig], means: Sequence[float], current: PostprocessConfig | None = None,

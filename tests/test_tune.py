@@ -379,3 +379,15 @@ def test_threshold_curve_is_optional_and_only_costs_pairs(volumes):
     assert without.best == with_curve.best and without.best_score == with_curve.best_score
     assert without.n_tasks < with_curve.n_tasks and len(without.candidates) < len(with_curve.candidates)
     assert len(with_curve.threshold_curve()[0]) == len(space.threshold) > len(without.threshold_curve()[0])
+
+
+def test_progress_bar_counts_every_scored_pair(volumes):
+    from kaggle_utils.tune import _Runner
+
+    probs, labels = volumes
+    run = _Runner([p.prob for p in probs], labels, workers=1, progress=True)
+    try:
+        run.evaluate([PostprocessConfig(threshold=0.4), PostprocessConfig(threshold=0.5)], "grid")
+        assert run.bar.n == run.bar.total == 2 * len(probs)
+    finally:
+        run.close()
