@@ -35,7 +35,7 @@ import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import cc3d
 import numpy as np
@@ -863,6 +863,25 @@ def _births(cols, lows, bg, Y, Z, n):
 # ----------------------------------------------------------------------------------------------
 
 
+def _octant_base(pred: np.ndarray, gt: np.ndarray) -> tuple:
+    """What both the exact counts and their bound start from: the contiguous ``bool`` masks of
+    prediction, GT and comparison image (``pred | gt``), their closed forms and m_0.
+
+    Returns:
+        ``(fa, fg, fc, pa, pg, pc, m0)``; ``p*`` as :func:`_closed_form`.
+    """
+    fa = np.ascontiguousarray(pred, dtype=bool)
+    fg_ = np.ascontiguousarray(gt, dtype=bool)
+    fc = fa | fg_
+    pa, pg, pc = _closed_form(fa), _closed_form(fg_), _closed_form(fc)
+    m0 = 0
+    if pa[0] > 0 and pg[0] > 0 and pc[0] > 0:  # dimension 0: one union-find pass
+        X, Y, Z = fa.shape
+        flags = (fa.astype(np.uint8) | (fg_.astype(np.uint8) << 1)).ravel()
+        m0 = int(_dim0_matches(flags, X, Y, Z))
+    return fa, fg_, fc, pa, pg, pc, m0
+
+
 def topo_counts_octant(pred: np.ndarray, gt: np.ndarray) -> Counts:
     """Betti-matching counts of one octant (no further splitting).
 
@@ -872,18 +891,8 @@ def topo_counts_octant(pred: np.ndarray, gt: np.ndarray) -> Counts:
     Returns:
         ``{k: (m_k, p_k, g_k)}`` for k = 0, 1, 2.
     """
-    fa = np.ascontiguousarray(pred, dtype=bool)
-    fg_ = np.ascontiguousarray(gt, dtype=bool)
-    fc = fa | fg_
+    fa, fg_, fc, pa, pg, pc, m0 = _octant_base(pred, gt)
     X, Y, Z = fa.shape
-    pa = _closed_form(fa)
-    pg = _closed_form(fg_)
-    pc = _closed_form(fc)
-    # dimension 0
-    m0 = 0
-    if pa[0] > 0 and pg[0] > 0 and pc[0] > 0:
-        flags = (fa.astype(np.uint8) | (fg_.astype(np.uint8) << 1)).ravel()
-        m0 = int(_dim0_matches(flags, X, Y, Z))
     m1 = m2 = 0
     need2 = pa[2] > 0 and pg[2] > 0 and pc[2] > 0
     need1 = pa[1] > 0 and pg[1] > 0 and pc[1] > 0
@@ -929,15 +938,7 @@ def topo_bound_octant(pred: np.ndarray, gt: np.ndarray) -> Counts:
     Returns:
         ``{k: (m_k or its upper bound, p_k, g_k)}`` for k = 0, 1, 2.
     """
-    fa = np.ascontiguousarray(pred, dtype=bool)
-    fg_ = np.ascontiguousarray(gt, dtype=bool)
-    fc = fa | fg_
-    pa, pg, pc = _closed_form(fa), _closed_form(fg_), _closed_form(fc)
-    m0 = 0
-    if pa[0] > 0 and pg[0] > 0 and pc[0] > 0:
-        X, Y, Z = fa.shape
-        flags = (fa.astype(np.uint8) | (fg_.astype(np.uint8) << 1)).ravel()
-        m0 = int(_dim0_matches(flags, X, Y, Z))
+    _, _, _, pa, pg, pc, m0 = _octant_base(pred, gt)
     return {0: (m0, pa[0], pg[0]), 1: (min(pa[1], pg[1], pc[1]), pa[1], pg[1]),
             2: (min(pa[2], pg[2], pc[2]), pa[2], pg[2])}
 
@@ -1047,13 +1048,7 @@ def topo_counts(pred: np.ndarray, gt: np.ndarray, workers: int = 2, cache: Octan
         cache.misses += len(todo)
         for i, res in computed.items():
             cache.entries[keys[i]] = {k: tuple(int(x) for x in res[k]) for k in range(3)}
-    results = [known[i] if i in known else computed[i] for i in range(len(slices))]
-    total = {k: [0, 0, 0] for k in range(3)}
-    for res in results:
-        for k in range(3):
-            for i in range(3):
-                total[k][i] += int(res[k][i])
-    return {k: tuple(v) for k, v in total.items()}
+    return _sum_counts(known[i] if i in known else computed[i] for i in range(len(slices)))
 
 
 def topo_counts_bound(pred: np.ndarray, gt: np.ndarray, cache: OctantCache | None = None) -> tuple[Counts, int]:
@@ -1065,17 +1060,20 @@ def topo_counts_bound(pred: np.ndarray, gt: np.ndarray, cache: OctantCache | Non
         were exact (cache hits; the cache's ``hits`` counter is not changed).
     """
     fp, fg = _check_pair(pred, gt)
+    slices = octant_slices(fp.shape)
+    known = [cache.entries.get(OctantCache.key(fp[sl], fg[sl])) if cache is not None else None for sl in slices]
+    counts = _sum_counts(res if res is not None else topo_bound_octant(fp[sl], fg[sl]) for res, sl in zip(known, slices))
+    return counts, sum(res is not None for res in known)
+
+
+def _sum_counts(results: Iterable[Counts]) -> Counts:
+    """Per-octant ``{k: (m, p, g)}`` summed over the octants, as ints."""
     total = {k: [0, 0, 0] for k in range(3)}
-    n_exact = 0
-    for sl in octant_slices(fp.shape):
-        res = cache.entries.get(OctantCache.key(fp[sl], fg[sl])) if cache is not None else None
-        n_exact += res is not None
-        if res is None:
-            res = topo_bound_octant(fp[sl], fg[sl])
+    for res in results:
         for k in range(3):
             for i in range(3):
                 total[k][i] += int(res[k][i])
-    return {k: tuple(v) for k, v in total.items()}, n_exact
+    return {k: tuple(v) for k, v in total.items()}
 
 
 def topo_f1_from_counts(counts: Counts) -> dict[int, float | None]:
