@@ -6,7 +6,8 @@ a model-like prediction (GT shifted, dilated in places, blobs near the sheets, t
 :func:`model_like`), all foreground, empty, random blobs (many tunnels: worst case for dimension 1).
 Prints the minimum seconds over ``--repeat`` calls (numba already compiled) and the process peak RSS.
 
-Run: ``PYTHONPATH=. .venv/bin/python benchmarks/topo.py [--size 320] [--repeat 3] [--cases model] [--workers 1 2]``.
+Run: ``PYTHONPATH=. .venv/bin/python benchmarks/topo.py [--size 320] [--repeat 3] [--cases model] [--workers 1 2]
+[--method fast|reference]``.
 ``--module path/to/topo.py`` times another copy of the module (e.g. ``git show HEAD~1:...`` saved to
 /tmp) in the same session, for before/after comparisons. ``--score`` also times ``score_volume`` on
 the model-like pair (3-voxel ignore border).
@@ -14,6 +15,7 @@ the model-like pair (3-voxel ignore border).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import resource
 import sys
@@ -148,9 +150,12 @@ def main() -> None:
     ap.add_argument("--module", default=None, help="path of another topo.py to time instead")
     ap.add_argument("--score", action="store_true", help="also time score_volume on the model-like pair")
     ap.add_argument("--workers", type=int, nargs="+", default=[2], help="octant threads (one row per value)")
+    ap.add_argument("--method", default=None, help="topo_counts method (fast / reference; default: the module's)")
     args = ap.parse_args()
     n = args.size
     topo_counts = load_topo(args.module).topo_counts
+    if args.method is not None:
+        topo_counts = functools.partial(topo_counts, method=args.method)
     topo_module.topo_counts = topo_counts  # score_volume looks it up at call time
     rng = np.random.default_rng(1)
     gt = sheets(n)

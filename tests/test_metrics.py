@@ -16,8 +16,10 @@ from kaggle_utils.cli import main as cli_main
 from kaggle_utils.data import DataError
 from kaggle_utils.metrics import (
     DatasetScore,
+    GroundTruthCache,
     VolumeScore,
     preprocess,
+    score_bound,
     score_dataset,
     score_volume,
     surface_dice,
@@ -490,3 +492,42 @@ def test_read_located_never_returns_part_of_a_truncated_tiff(tmp_path, compressi
             continue
         np.testing.assert_array_equal(got, vol)
     assert n_errors > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Ground-truth cache: what depends on the labels alone, computed once per volume
+# ----------------------------------------------------------------------------------------------
+
+
+def test_gt_cache_changes_nothing_on_the_reference_cases():
+    """Every prediction of the 128^3 reference set scored through one shared cache: bit-identical."""
+    gt = tifffile.imread(REF_DIR / "gt.tif")
+    cache = GroundTruthCache()
+    names = [n for n in sorted(REFERENCE) if not n.startswith("extra_")]
+    for name in names:
+        pred = tifffile.imread(REF_DIR / f"pred_{name}.tif")
+        assert score_volume(pred, gt, gt_cache=cache) == score_volume(pred, gt), name
+    assert cache.topo_forms is not None and cache.surface is not None and cache.voi_labels is not None
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_gt_cache_changes_nothing_on_random_predictions(seed):
+    """Random GT (odd shape, ignore label) and predictions that leave the GT's bounding box, are
+    empty or are everything: score_volume and score_bound equal with and without the cache."""
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(s) for s in rng.integers(17, 30, size=3))
+    gt = _sheets(shape, seed=seed)
+    gt[rng.random(shape) < 0.01] = 1
+    cache = GroundTruthCache()
+    preds = [np.zeros(shape, np.uint8), np.ones(shape, np.uint8), (rng.random(shape) < 0.02).astype(np.uint8),
+             np.roll(gt == 1, 1, axis=0).astype(np.uint8)]
+    small = np.zeros(shape, np.uint8)
+    small[1:4, 1:4, 1:4] = 1  # far from the GT: another crop box than the GT's
+    preds.append(small)
+    for i, pred in enumerate(preds):
+        assert score_volume(pred, gt, gt_cache=cache) == score_volume(pred, gt), i
+        assert score_bound(pred, gt, gt_cache=cache) == score_bound(pred, gt), i
+    empty = np.zeros(shape, np.uint8)
+    assert score_volume(preds[2], empty, gt_cache=GroundTruthCache()) == score_volume(preds[2], empty)
+    with pytest.raises(ValueError, match="gt_cache"):
+        score_volume(preds[2], np.roll(gt, 3, axis=1), gt_cache=cache)

@@ -3,6 +3,7 @@ and a literal (slow, textbook) implementation of the Betti-matching procedure on
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,7 @@ def test_official_reference(name):
     score, counts = topo_score(pred, gt)
     ref = {int(k): tuple(v) for k, v in OFFICIAL[name]["topo_counts_by_dim_m_p_g"].items()}
     assert counts == ref
+    assert topo_counts(pred, gt, method="reference") == ref
     assert score == pytest.approx(OFFICIAL[name]["topo_score"], abs=1e-9)
     f1 = topo_f1_from_counts(counts)
     for k, val in OFFICIAL[name]["topoF1_by_dim"].items():
@@ -306,11 +308,13 @@ def test_matches_literal_procedure(seed, monkeypatch):
     expected = _literal_counts(a, g)
     if seed % 2:  # force the dim-2 clearing path for the foreground complexes
         monkeypatch.setattr(topo, "_CLEAR_MIN_CUBES", -1)
-    assert topo_counts_octant(a, g) == expected
+    assert topo_counts_octant(a, g, method="reference") == expected
+    assert topo_counts_octant(a, g, method="fast") == expected
 
 
 @pytest.mark.parametrize("seed", [0, 1, 3, 4, 6, 7, 8, 9, 11, 13])
-def test_matches_literal_procedure_cavities(seed, monkeypatch):
+@pytest.mark.parametrize("method", topo.METHODS)
+def test_matches_literal_procedure_cavities(seed, method, monkeypatch):
     """Mostly-foreground volumes with background pockets: many dim-2 pairs and partial matches."""
     rng = np.random.default_rng(50 + seed)
     shape = tuple(int(s) for s in rng.integers(6, 9, size=3))
@@ -320,7 +324,7 @@ def test_matches_literal_procedure_cavities(seed, monkeypatch):
     assert expected[2][1] > 0 and expected[2][2] > 0
     if seed % 2:
         monkeypatch.setattr(topo, "_CLEAR_MIN_CUBES", 10**9)  # foreground reductions without clearing
-    assert topo_counts_octant(a, g) == expected
+    assert topo_counts_octant(a, g, method=method) == expected
 
 
 def test_whole_volume_is_sum_of_literal_octants():
@@ -448,19 +452,117 @@ _MODEL_LIKE_OLD = {
 @pytest.mark.parametrize("clear_min", [20000, -1])
 def test_model_like_matches_old_path(size, seed, clear_min, monkeypatch):
     """Model-like predictions (partial dim-1 matches) give the old path's counts, with and without
-    the cc3d clearing of the input complexes."""
+    the cc3d clearing of the input complexes (reference path), and so does the fast path."""
     monkeypatch.setattr(topo, "_CLEAR_MIN_CUBES", clear_min)
     pred, gt = _model_like_pair(size, seed)
-    assert topo_counts(pred, gt) == _MODEL_LIKE_OLD[(size, seed)]
+    assert topo_counts(pred, gt, method="reference") == _MODEL_LIKE_OLD[(size, seed)]
+    if clear_min > 0:
+        assert topo_counts(pred, gt, method="fast") == _MODEL_LIKE_OLD[(size, seed)]
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_model_like_matches_literal_procedure(seed, monkeypatch):
+@pytest.mark.parametrize("method", topo.METHODS)
+def test_model_like_matches_literal_procedure(seed, method, monkeypatch):
     """Tiny model-like octants against the literal implementation (clearing forced every other seed)."""
     pred, gt = _model_like_pair(12, seed)
     if seed % 2:
         monkeypatch.setattr(topo, "_CLEAR_MIN_CUBES", -1)
-    assert topo_counts_octant(pred, gt) == _literal_counts(pred, gt)
+    assert topo_counts_octant(pred, gt, method=method) == _literal_counts(pred, gt)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast m1 (rank tests, BETTI.md section 11) against the reference reductions
+# ---------------------------------------------------------------------------------------------
+
+
+def _plates(rng, shape):
+    """1-3 plates (1-3 voxels thick, random normal axis) perforated by square holes: tunnels."""
+    out = np.zeros(shape, bool)
+    for _ in range(int(rng.integers(1, 4))):
+        ax = int(rng.integers(3))
+        lo = int(rng.integers(0, shape[ax]))
+        idx = [slice(None)] * 3
+        idx[ax] = slice(lo, lo + int(rng.integers(1, 4)))
+        plate = np.zeros(shape, bool)
+        plate[tuple(idx)] = True
+        for _ in range(int(rng.integers(1, 6))):
+            c = [int(rng.integers(0, n)) for n in shape]
+            r = int(rng.integers(0, 3))
+            hole = [slice(max(0, c[i] - r), c[i] + r + 1) for i in range(3)]
+            hole[ax] = slice(None)
+            plate[tuple(hole)] = False
+        out |= plate
+    return out
+
+
+def _blobs(rng, shape):
+    noise = ndimage.uniform_filter(rng.random(shape), int(rng.integers(1, 4)))
+    return noise < np.quantile(noise, rng.uniform(0.2, 0.9))
+
+
+def sweep_pair(seed: int, max_side: int = 24) -> tuple[np.ndarray, np.ndarray]:
+    """A random (pred, gt) pair of 6..max_side voxels per axis (odd sizes included): blobs, noise,
+    perforated plates or foreground with pockets; the other mask = flips of it, a shift, plates, independent blobs; random
+    octants of either emptied or filled."""
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(s) for s in rng.integers(6, max_side + 1, size=3))
+    kind = rng.integers(4)
+    if kind == 0:
+        a = _blobs(rng, shape)
+    elif kind == 1:
+        a = _plates(rng, shape)
+    elif kind == 2:
+        a = rng.random(shape) < rng.uniform(0.1, 0.9)
+    else:  # mostly foreground with background pockets: cavities (dimension 2)
+        a = ~(_blobs(rng, shape) & (rng.random(shape) < rng.uniform(0.05, 0.4)))
+    u = rng.random()
+    if u < 0.5:
+        g = a ^ (rng.random(shape) < rng.uniform(0.005, 0.15))
+    elif u < 0.65:
+        g = np.roll(a, int(rng.integers(1, 3)), axis=int(rng.integers(3)))
+    elif u < 0.85:
+        g = _plates(rng, shape) | (rng.random(shape) < rng.uniform(0, 0.05))
+    else:
+        g = _blobs(rng, shape)
+    if rng.random() < 0.5:
+        a, g = g, a
+    for vol in (a, g):  # empty / full octants
+        for _ in range(int(rng.integers(0, 3))):
+            vol[tuple(slice(0, n // 2) if rng.random() < 0.5 else slice(n // 2, n) for n in shape)] = rng.random() < 0.5
+    return np.ascontiguousarray(a), np.ascontiguousarray(g)
+
+
+# KU_TOPO_SWEEP=5000 runs the large sweep (BENCHMARKS.md); CI runs the first 300 seeds
+_SWEEP = int(os.environ.get("KU_TOPO_SWEEP", "300"))
+
+
+def test_fast_equals_reference_on_random_volumes():
+    """All nine counts of the fast path equal the reference path's on random small volumes (whole
+    volumes, so 8 octants each), and enough of them have m1 > 0 for the test to mean something."""
+    bad, positive = [], 0
+    for seed in range(_SWEEP):
+        a, g = sweep_pair(seed)
+        ref = topo_counts(a, g, workers=1, method="reference")
+        if topo_counts(a, g, workers=1, method="fast") != ref:
+            bad.append((seed, a.shape, ref))
+        positive += ref[1][0] > 0
+    assert bad == []
+    assert positive > _SWEEP // 4
+
+
+def test_fast_path_certificate_and_timings():
+    """m1 = 0 without any reduction when one of b1(X), b1(Y), b1(U) is 0; timings name the parts."""
+    ring = np.zeros((3, 7, 7), bool)
+    ring[1, 1:6, 1:6] = True
+    ring[1, 2:5, 2:5] = False
+    parts: dict[str, float] = {}
+    assert topo_counts_octant(ring, ring, timings=parts) == {0: (0, 0, 0), 1: (1, 1, 1), 2: (0, 0, 0)}
+    assert set(parts) == {"closed forms", "dim 0", "dim 2", "dim 1"}
+    plate = ring.copy()
+    plate[1, 2:5, 2:5] = True  # b1 = 0: certificate
+    assert topo_counts_octant(ring, plate)[1] == (0, 1, 0)
+    with pytest.raises(ValueError, match="method"):
+        topo_counts(ring, ring, method="official")
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -11,7 +11,7 @@ Example::
     s.score, s.topo_score, s.surface_dice, s.voi_score
 """
 
-from .score import DatasetScore, ScoreBound, VolumeScore, preprocess, score_bound, score_dataset, score_volume
+from .score import DatasetScore, GroundTruthCache, ScoreBound, VolumeScore, preprocess, score_bound, score_dataset, score_volume
 from .surface_dice import surface_dice
 from .voi import VoiResult, voi
 
@@ -20,6 +20,7 @@ __all__ = [
     "score_dataset",
     "score_bound",
     "ScoreBound",
+    "GroundTruthCache",
     "VolumeScore",
     "DatasetScore",
     "preprocess",

@@ -35,11 +35,14 @@ __all__ = [
     "VolumeScore",
     "DatasetScore",
     "ScoreBound",
+    "GroundTruthCache",
     "preprocess",
     "score_volume",
     "score_bound",
     "score_dataset",
     "list_volumes",
+    "is_os_metadata",
+    "zip_metadata_warning",
     "read_located",
     "prediction_warnings",
 ]
@@ -189,24 +192,75 @@ class ScoreBound:
     exact_octants: int = 0
 
 
-def _sd_voi(pred_bin: np.ndarray, gt_bin: np.ndarray, reuse: ScoreBound | None) -> tuple[float, float, float, float]:
-    """``(SurfaceDice, VOI score, split, merge)``, from ``reuse`` when given (same masks)."""
+@dataclass
+class GroundTruthCache:
+    """What the score needs of one ground-truth volume alone, computed at its first use and shared
+    by every prediction scored against the same labels afterwards (``tune``'s candidates).
+
+    Filled lazily by :func:`score_volume` / :func:`score_bound`: the GT's TopoScore closed forms per
+    octant (:func:`~kaggle_utils.metrics.topo.gt_closed_forms`), its 26-connected component labels
+    for VOI (:func:`~kaggle_utils.metrics.voi.component_labels`) and its SurfaceDice side (surfels,
+    areas and the tolerance map, :func:`~kaggle_utils.metrics.surface_dice.prepare_surface`). The
+    scores are bit-for-bit those without the cache. The binarized GT is kept to check that later
+    calls pass the same volume (a different one raises ``ValueError``). 3-4 bytes per voxel plus
+    the component labels (2 or 4 bytes per voxel): keep one per volume being scored, not all.
+    """
+
+    gt_bin: np.ndarray | None = None
+    topo_forms: list | None = None
+    voi_labels: np.ndarray | None = None
+    surface: object | None = None
+
+    def bind(self, gt_bin: np.ndarray) -> None:
+        """Remember ``gt_bin`` (``bool (Z, Y, X)``) at first use; raise if a later one differs."""
+        if self.gt_bin is None:
+            self.gt_bin = gt_bin.copy()
+        elif self.gt_bin.shape != gt_bin.shape or not np.array_equal(self.gt_bin, gt_bin):
+            raise ValueError("score_volume: gt_cache holds another ground-truth volume than the one given")
+
+
+def _sd_voi(pred_bin: np.ndarray, gt_bin: np.ndarray, reuse: ScoreBound | None,
+            gt_cache: GroundTruthCache | None = None) -> tuple[float, float, float, float]:
+    """``(SurfaceDice, VOI score, split, merge)``, from ``reuse`` when given (same masks); the GT's
+    parts from ``gt_cache`` (bound to ``gt_bin`` by the caller), filled in when missing."""
     if reuse is not None:
         return reuse.surface_dice, reuse.voi_score, reuse.voi_split, reuse.voi_merge
-    from .surface_dice import surface_dice
-    from .voi import voi
+    from .surface_dice import prepare_surface, surface_dice
+    from .voi import component_labels, voi
 
-    v = voi(pred_bin, gt_bin, alpha=VOI_ALPHA)
-    return surface_dice(pred_bin, gt_bin, tau=SD_TOLERANCE), v.score, v.split, v.merge
+    if gt_cache is None:
+        v = voi(pred_bin, gt_bin, alpha=VOI_ALPHA)
+        return surface_dice(pred_bin, gt_bin, tau=SD_TOLERANCE), v.score, v.split, v.merge
+    if gt_cache.voi_labels is None:
+        labels = component_labels(gt_bin, connectivity=26)
+        gt_cache.voi_labels = labels.astype(np.uint16) if labels.max(initial=0) < 2**16 else labels
+    if gt_cache.surface is None:
+        gt_cache.surface = prepare_surface(gt_bin, tau=SD_TOLERANCE)
+    v = voi(pred_bin, gt_bin, alpha=VOI_ALPHA, gt_labels=gt_cache.voi_labels)
+    sd = surface_dice(pred_bin, gt_bin, tau=SD_TOLERANCE, gt_prepared=gt_cache.surface)
+    return sd, v.score, v.split, v.merge
+
+
+def _gt_forms(gt_bin: np.ndarray, gt_cache: GroundTruthCache | None) -> list | None:
+    """The GT's per-octant closed forms from ``gt_cache`` (computed and stored at first use)."""
+    if gt_cache is None:
+        return None
+    if gt_cache.topo_forms is None:
+        from .topo import gt_closed_forms
+
+        gt_cache.topo_forms = gt_closed_forms(gt_bin)
+    return gt_cache.topo_forms
 
 
 def _score_ours(pred_bin: np.ndarray, gt_bin: np.ndarray, topo_cache: OctantCache | None = None,
-                reuse: ScoreBound | None = None) -> VolumeScore:
+                reuse: ScoreBound | None = None, gt_cache: GroundTruthCache | None = None) -> VolumeScore:
     from .topo import topo_counts, topo_f1_from_counts, topo_score_from_counts
 
-    counts = topo_counts(pred_bin, gt_bin, cache=topo_cache)
+    if gt_cache is not None:
+        gt_cache.bind(gt_bin)
+    counts = topo_counts(pred_bin, gt_bin, cache=topo_cache, gt_forms=_gt_forms(gt_bin, gt_cache))
     topo = float(topo_score_from_counts(counts))
-    sd, voi_score, split, merge = _sd_voi(pred_bin, gt_bin, reuse)
+    sd, voi_score, split, merge = _sd_voi(pred_bin, gt_bin, reuse, gt_cache)
     return VolumeScore(
         score=_combine(topo, sd, voi_score), topo_score=topo, surface_dice=sd, voi_score=voi_score,
         voi_split=split, voi_merge=merge,
@@ -238,7 +292,8 @@ def _score_official(pred: np.ndarray, gt: np.ndarray) -> VolumeScore:
 
 
 def score_volume(pred: np.ndarray, gt: np.ndarray, *, backend: str = "ours",
-                 topo_cache: OctantCache | None = None, reuse: ScoreBound | None = None) -> VolumeScore:
+                 topo_cache: OctantCache | None = None, reuse: ScoreBound | None = None,
+                 gt_cache: GroundTruthCache | None = None) -> VolumeScore:
     """Competition score of one prediction against its label volume.
 
     Args:
@@ -251,6 +306,8 @@ def score_volume(pred: np.ndarray, gt: np.ndarray, *, backend: str = "ours",
             counts. Same result with or without it; ignored by ``"official"``.
         reuse: the :func:`score_bound` of the same pair: its exact SurfaceDice and VOI are taken
             instead of computed again (the caller guarantees the masks are the same).
+        gt_cache: a :class:`GroundTruthCache` kept across calls with the same ``gt``: what depends
+            on the ground truth alone is computed once. Same result; ignored by ``"official"``.
 
     Returns:
         :class:`VolumeScore`.
@@ -263,22 +320,25 @@ def score_volume(pred: np.ndarray, gt: np.ndarray, *, backend: str = "ours",
     pred_bin, gt_bin = preprocess(pred, gt)
     if backend == "official":
         return _score_official(np.asarray(pred), np.asarray(gt))
-    return _score_ours(pred_bin, gt_bin, topo_cache, reuse)
+    return _score_ours(pred_bin, gt_bin, topo_cache, reuse, gt_cache)
 
 
-def score_bound(pred: np.ndarray, gt: np.ndarray, *, topo_cache: OctantCache | None = None) -> ScoreBound:
+def score_bound(pred: np.ndarray, gt: np.ndarray, *, topo_cache: OctantCache | None = None,
+                gt_cache: GroundTruthCache | None = None) -> ScoreBound:
     """An upper bound of :func:`score_volume` for about a fifth of its cost (:class:`ScoreBound`).
 
     Used by ``tune`` to drop candidates that cannot reach the ones it keeps without their full
     TopoScore. Inputs and errors as :func:`score_volume` (backend ``"ours"``); octants known to
-    ``topo_cache`` count exactly.
+    ``topo_cache`` count exactly; ``gt_cache`` as in :func:`score_volume` (SurfaceDice and VOI).
     """
     from .topo import topo_counts_bound, topo_score_from_counts
 
     pred_bin, gt_bin = preprocess(pred, gt)
+    if gt_cache is not None:
+        gt_cache.bind(gt_bin)
     counts, n_exact = topo_counts_bound(pred_bin, gt_bin, cache=topo_cache)
     topo = float(topo_score_from_counts(counts))
-    sd, voi_score, split, merge = _sd_voi(pred_bin, gt_bin, None)
+    sd, voi_score, split, merge = _sd_voi(pred_bin, gt_bin, None, gt_cache)
     return ScoreBound(upper=_combine(topo, sd, voi_score), topo_upper=topo, surface_dice=sd, voi_score=voi_score,
                       voi_split=split, voi_merge=merge, exact_octants=n_exact)
 
@@ -290,6 +350,39 @@ def score_bound(pred: np.ndarray, gt: np.ndarray, *, topo_cache: OctantCache | N
 # a volume's location: ("file", path) or ("zip", zip_path, member); small and picklable
 Locator = tuple[str, ...]
 _TIF_SUFFIXES = (".tif", ".tiff")
+
+
+#: Entries an operating system adds when it zips a folder: never predictions, never scored.
+_OS_METADATA_DIRS = ("__MACOSX",)
+_OS_METADATA_FILES = (".DS_Store", "Thumbs.db", "desktop.ini")
+
+
+def is_os_metadata(entry: str) -> bool:
+    """Whether a zip entry is operating-system clutter: ``__MACOSX/...`` (macOS resource forks, also
+    named ``._{id}.tif``), ``.DS_Store``, ``._*`` AppleDouble files, Windows' ``Thumbs.db``/``desktop.ini``."""
+    parts = [p for p in entry.replace("\\", "/").split("/") if p]
+    if not parts:
+        return False
+    return any(p in _OS_METADATA_DIRS for p in parts) or parts[-1] in _OS_METADATA_FILES or parts[-1].startswith("._")
+
+
+def zip_metadata_warning(zip_path: str | os.PathLike) -> str | None:
+    """One line naming the OS clutter entries of a prediction zip that scoring ignores, or ``None``.
+
+    ``score`` ignores them, as Kaggle's scorer reads only the ``{id}.tif`` entries it expects, so the number
+    is that of the real entries; ``validate-submission`` still refuses a zip that carries them.
+    """
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            junk = [n for n in zf.namelist() if is_os_metadata(n)]
+    except (zipfile.BadZipFile, OSError):
+        return None  # list_volumes reports an unreadable zip
+    if not junk:
+        return None
+    shown = ", ".join(junk[:4]) + (f" and {len(junk) - 4} more" if len(junk) > 4 else "")
+    return (f"{zip_path}: ignored {len(junk)} operating-system entr{'y' if len(junk) == 1 else 'ies'} ({shown}); "
+            f"only the {{id}}.tif entries were scored. Remove them before submitting "
+            f"(zip -d {Path(zip_path).name} '__MACOSX/*' '*.DS_Store'), validate-submission refuses them")
 
 
 def list_volumes(source: str | os.PathLike, *, role: str = "pred") -> dict[str, Locator]:
@@ -325,6 +418,8 @@ def list_volumes(source: str | os.PathLike, *, role: str = "pred") -> dict[str, 
                 raise DataError(f"{path}: not a readable zip ({exc})") from None
             for name in names:
                 member = Path(name)
+                if is_os_metadata(name):  # never a prediction, even a __MACOSX/{id}.tif copy
+                    continue
                 if member.suffix.lower() in _TIF_SUFFIXES and not member.name.startswith("."):
                     if member.stem in out:
                         raise DataError(f"{path}: id {member.stem!r} appears twice in the zip")
@@ -480,7 +575,7 @@ def score_dataset(
             ids without prediction or ground truth, shape mismatch.
         ValueError: unknown backend or ``"official"`` not installed.
     """
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}, expected one of {BACKENDS}")
@@ -497,7 +592,7 @@ def score_dataset(
 
     results: dict[str, VolumeScore] = {}
     warns: dict[str, list[str]] = {}
-    bar = tqdm(total=len(wanted), desc="scoring", unit="vol", disable=not progress)
+    bar = progress_bar(total=len(wanted), desc="scoring", unit="vol", enabled=progress)
     try:
         if workers > 1 and len(wanted) > 1:
             with ProcessPoolExecutor(max_workers=min(workers, len(wanted))) as pool:
@@ -517,5 +612,6 @@ def score_dataset(
     mean = float(np.mean([v.score for v in volumes.values()])) if volumes else float("nan")
     nested = [f"{preds[i][1]}: entry {preds[i][2]!r} is inside a folder; Kaggle expects {i}.tif at the top of the zip"
               for i in sorted(wanted) if preds[i][0] == "zip" and "/" in preds[i][2].strip("/")]
-    found = tuple(nested + [w for i in sorted(warns) for w in warns[i]])
+    clutter = zip_metadata_warning(pred_path) if pred_path.suffix.lower() == ".zip" else None
+    found = tuple(([clutter] if clutter else []) + nested + [w for i in sorted(warns) for w in warns[i]])
     return DatasetScore(mean=mean, volumes=volumes, warnings=found)

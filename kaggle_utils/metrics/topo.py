@@ -32,6 +32,7 @@ Every filtration order is "value ascending, then id ascending".
 from __future__ import annotations
 
 import hashlib
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -52,10 +53,14 @@ __all__ = [
     "topo_score_from_counts",
     "topo_score",
     "closed_form_counts",
+    "gt_closed_forms",
+    "METHODS",
 ]
 
 Counts = dict[int, tuple[int, int, int]]
 DEFAULT_WEIGHTS = (0.34, 0.33, 0.33)
+# "fast": m1 by rank tests (BETTI.md section 11); "reference": the official code's five reductions
+METHODS = ("fast", "reference")
 # foreground complexes with more solid cubes than this get dim-2 clearing before their reduction
 _CLEAR_MIN_CUBES = 20000
 
@@ -111,14 +116,15 @@ def _n_components6(fg: np.ndarray) -> int:
     return int(cc3d.connected_components(fg, connectivity=6, return_N=True)[1])
 
 
-def _n_cavities(fg: np.ndarray) -> int:
-    """Number of 26-connected background components that do not touch the border."""
+def _cavities(fg: np.ndarray) -> tuple[int, np.ndarray | None]:
+    """Number of 26-connected background components that do not touch the border (cavities) and
+    their voxels (``bool``, same shape as ``fg``; None when there are none)."""
     bg = ~fg
     if not bg.any() or min(bg.shape) < 3:
-        return 0
+        return 0, None
     labels, n = cc3d.connected_components(bg, connectivity=26, return_N=True)
     if n == 0:
-        return 0
+        return 0, None
     border = np.concatenate(
         [
             labels[0].ravel(), labels[-1].ravel(),
@@ -127,11 +133,18 @@ def _n_cavities(fg: np.ndarray) -> int:
         ]
     )
     touching = np.unique(border)
-    return int(n - np.count_nonzero(touching))
+    n_cav = int(n - np.count_nonzero(touching))
+    if n_cav == 0:
+        return 0, None
+    inside = np.ones(n + 1, dtype=bool)
+    inside[touching] = False
+    inside[0] = False
+    return n_cav, inside[labels]
 
 
-def _euler(fg: np.ndarray) -> tuple[int, int]:
-    """Euler characteristic of the foreground cubical complex (V-construction) and its cube count."""
+def _euler(fg: np.ndarray) -> tuple[int, int, int]:
+    """Euler characteristic of the foreground cubical complex (V-construction), its cube count and
+    its number of edges minus vertices."""
     v = int(np.count_nonzero(fg))
     e_fg = [fg[1:] & fg[:-1], fg[:, 1:] & fg[:, :-1], fg[:, :, 1:] & fg[:, :, :-1]]
     e = sum(int(np.count_nonzero(x)) for x in e_fg)
@@ -142,7 +155,7 @@ def _euler(fg: np.ndarray) -> tuple[int, int]:
         + int(np.count_nonzero(e_fg[1][:, :, 1:] & e_fg[1][:, :, :-1]))  # axes 1,2
     )
     c = int(np.count_nonzero(sq01[:, :, 1:] & sq01[:, :, :-1]))
-    return v - e + f - c, c
+    return v - e + f - c, c, e - v
 
 
 def closed_form_counts(fg: np.ndarray) -> tuple[int, int, int]:
@@ -157,14 +170,16 @@ def closed_form_counts(fg: np.ndarray) -> tuple[int, int, int]:
     return _closed_form(np.ascontiguousarray(fg, dtype=bool))[:3]
 
 
-def _closed_form(fg: np.ndarray) -> tuple[int, int, int, int]:
-    """``(n0, n1, n2, number of foreground cubes)`` of a contiguous bool octant."""
+def _closed_form(fg: np.ndarray) -> tuple:
+    """``(n0, n1, n2, number of foreground cubes, dim Z1, cavity voxels)`` of a contiguous bool
+    octant; ``dim Z1`` is the dimension of the foreground's 1-cycle space, #edges - #vertices +
+    beta0; the cavity voxels as :func:`_cavities` (None without cavities)."""
     b0 = _n_components6(fg)
     if b0 == 0:
-        return 0, 0, 0, 0
-    b2 = _n_cavities(fg)
-    chi, cubes = _euler(fg)
-    return b0 - 1, b0 + b2 - chi, b2, cubes
+        return 0, 0, 0, 0, 0, None
+    b2, cavity = _cavities(fg)
+    chi, cubes, e_minus_v = _euler(fg)
+    return b0 - 1, b0 + b2 - chi, b2, cubes, e_minus_v + b0, cavity
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,6 +386,41 @@ def _dim0_matches(flags, X, Y, Z):
     return m
 
 
+@njit(cache=True, nogil=True)
+def _dim0_matches_fast(flags, X, Y, Z):
+    """:func:`_dim0_matches` with the vertex coordinates from nested loops instead of divisions and
+    the value-0 edges (phase 0) done in the same sweep order; same count."""
+    n = X * Y * Z
+    parent = np.arange(n, dtype=np.int32)
+    size = np.ones(n, dtype=np.int32)
+    fl = flags.copy()
+    strides = (Y * Z, Z, 1)
+    m = 0
+    for phase in range(2):
+        v = 0
+        for x in range(X):
+            for y in range(Y):
+                for z in range(Z):
+                    fv = flags[v] != 0
+                    if phase == 1 or fv:
+                        for t in range(3):
+                            if (t == 0 and x + 1 >= X) or (t == 1 and y + 1 >= Y) or (t == 2 and z + 1 >= Z):
+                                continue
+                            w = v + strides[t]
+                            if (fv and flags[w] != 0) != (phase == 0):
+                                continue
+                            a = _uf_find(parent, v)
+                            b = _uf_find(parent, w)
+                            if a == b:
+                                continue
+                            if phase == 1 and fl[a] == 3 and fl[b] == 3:
+                                m += 1
+                            r = _union_size(parent, size, a, b)
+                            fl[r] |= fl[a + b - r]
+                    v += 1
+    return m
+
+
 # ----------------------------------------------------------------------------------------------
 # Dimension 2: dual union-find over cubes (+ infinity node), 2-cells in reverse filtration order
 # ----------------------------------------------------------------------------------------------
@@ -550,6 +600,126 @@ def _cube_node(bg, labels, outside, c, u, nc, YZ, Z):
                     lab = labels[w]
                     return nc if outside[lab] else nc + 1 + lab
     return c
+
+
+# ----------------------------------------------------------------------------------------------
+# Dimension 2 without cube values (fast path): the partition after the value-1 sweep from cc3d
+# (input images) or from the sweep itself (comparison image), set maxima from the voxels
+# ----------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True)
+def _input_keys(bg, bg_c, labels, outside, n_labels, X, Y, Z):
+    """Dimension-2 keys of one input image: uint8 over cubes + infinity, 1 at the comparison-younger
+    cube of every pair (what ``_dim2_pass`` in INPUT mode writes to ``key_out``), and the pair count.
+
+    The sets after the value-1 sweep are the 26-connected background components (those touching the
+    border joined with the outside), one singleton per solid cube (:func:`_k0_clearing`). A set's
+    maximum (value, id) under the image is (1, largest cube id around one of its background voxels),
+    under the comparison image (1, the same over its comparison-background voxels) if it has any,
+    else (0, largest cube id around its voxels): the cubes with a background corner v are the cubes
+    around v, the largest of them the one at v's coordinates clipped to the cube grid. Only the value-0 2-cells then go through
+    the union-find, in descending id.
+    """
+    nc = (X - 1) * (Y - 1) * (Z - 1)
+    M = np.int64(nc + 1)
+    nodes = nc + 2 + n_labels
+    maxk = np.arange(nodes, dtype=np.int64)  # solid cubes: (0, own id); component nodes set below
+    maxk[nc] = 2 * M + nc
+    maxk[nc + 1:] = -1
+    maxc = maxk.copy()
+    v = 0
+    for x in range(X):
+        for y in range(Y):
+            cxy = (min(x, X - 2) * (Y - 1) + min(y, Y - 2)) * (Z - 1)
+            for z in range(Z):  # v = (x*Y + y)*Z + z; its top cube is cxy + min(z, Z - 2)
+                if bg[v] and not outside[labels[v]]:
+                    node = nc + 1 + labels[v]
+                    c = cxy + min(z, Z - 2)
+                    maxk[node] = max(maxk[node], M + c)
+                    maxc[node] = max(maxc[node], M + c if bg_c[v] else c)
+                v += 1
+    key = np.zeros(nc + 1, dtype=np.uint8)
+    parent = np.arange(nodes, dtype=np.int32)
+    rank = np.zeros(nodes, dtype=np.uint8)
+    YZ = Y * Z
+    count = 0
+    for v in range(X * Y * Z - 1, -1, -1):
+        if bg[v]:
+            continue
+        x, y, z = _coords(v, Y, Z)
+        for t in range(2, -1, -1):
+            if not _face_exists(x, y, z, t, X, Y, Z) or _face_value(bg, 3 * v + t, Y, Z):
+                continue
+            c1, c2 = _dual_pair(x, y, z, t, X, Y, Z, nc)
+            a = _uf_find(parent, _cube_node(bg, labels, outside, c1, v - _axis_stride(t, Y, Z), nc, YZ, Z))
+            b = _uf_find(parent, _cube_node(bg, labels, outside, c2, v, nc, YZ, Z))
+            if a == b:
+                continue
+            yk = min(maxk[a], maxk[b])
+            yc = min(maxc[a], maxc[b])
+            r = _union_rank(parent, rank, a, b)
+            maxk[r] = max(maxk[a], maxk[b])
+            maxc[r] = max(maxc[a], maxc[b])
+            if yk >= M:  # both sets reach a value-1 cube (or infinity): a finite pair
+                key[yc % M] = 1
+                count += 1
+    return key, count
+
+
+def _input_dim2_keys(fk: np.ndarray, bg: np.ndarray, bg_c: np.ndarray) -> np.ndarray:
+    """:func:`_input_keys` of one input octant (``fk`` bool (X, Y, Z) foreground, ``bg``/``bg_c``
+    its and the comparison image's inverted uint8 raveled masks)."""
+    labels, n = cc3d.connected_components(~fk, connectivity=26, return_N=True)
+    outside = np.zeros(n + 1, dtype=np.uint8)
+    for face in (labels[0], labels[-1], labels[:, 0], labels[:, -1], labels[:, :, 0], labels[:, :, -1]):
+        outside[face.ravel()] = 1
+    X, Y, Z = fk.shape
+    return _input_keys(bg, bg_c, labels.ravel().astype(np.int64, copy=False), outside, n, X, Y, Z)[0]
+
+
+@njit(cache=True, nogil=True)
+def _compare_pass(bg_c, X, Y, Z, key_a, key_g, count_pairs, cleared):
+    """Dual union-find of the comparison image: marks every union-causing 2-cell in ``cleared`` and,
+    with ``count_pairs``, returns m2 (pairs whose younger cube is keyed in ``key_a`` and ``key_g``).
+
+    Same as ``_dim2_pass`` in COMPARE (or CLEAR) mode, but the set maxima after the value-1 sweep
+    come from the background voxels (as in :func:`_input_keys`) instead of a pass over all cubes' values.
+    """
+    nc = (X - 1) * (Y - 1) * (Z - 1)
+    parent, rank, zeros = _dim2_value1_sweep(bg_c, X, Y, Z, cleared)
+    M = np.int64(nc + 1)
+    maxc = np.arange(nc + 1 if count_pairs else 0, dtype=np.int64)
+    if count_pairs:
+        v = 0
+        for x in range(X):
+            for y in range(Y):
+                cxy = (min(x, X - 2) * (Y - 1) + min(y, Y - 2)) * (Z - 1)
+                for z in range(Z):  # v = (x*Y + y)*Z + z, top cube cxy + min(z, Z - 2)
+                    if bg_c[v]:
+                        c = cxy + min(z, Z - 2)
+                        r = _uf_find(parent, c)
+                        maxc[r] = max(maxc[r], M + c)
+                    v += 1
+        r = _uf_find(parent, nc)
+        maxc[r] = 2 * M + nc
+    count = 0
+    for i in range(zeros.shape[0]):
+        f = zeros[i]
+        c1, c2 = _dual_neighbours(f, X, Y, Z, nc)
+        a = _uf_find(parent, c1)
+        b = _uf_find(parent, c2)
+        if a == b:
+            continue
+        cleared[f] = 1
+        r = _union_rank(parent, rank, a, b)
+        if not count_pairs:
+            continue
+        y = min(maxc[a], maxc[b])
+        maxc[r] = max(maxc[a], maxc[b])
+        if y >= M and key_a[y % M] and key_g[y % M]:
+            count += 1
+    return count
 
 
 # ----------------------------------------------------------------------------------------------
@@ -859,70 +1029,275 @@ def _births(cols, lows, bg, Y, Z, n):
 
 
 # ----------------------------------------------------------------------------------------------
+# Dimension 1 by rank tests (BETTI.md section 11): m1 without the input, comparison and full
+# image reductions
+# ----------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _rows_outside(f, bg, Y, Z, buf):
+    """Boundary edges of 2-cell ``f`` that are not foreground edges of ``bg`` (value 1 there),
+    written to ``buf`` in descending id; returns how many (0 to 4)."""
+    e0, e1, e2, e3, w0, w1, w2, w3 = _face_boundary(f, bg, Y, Z)
+    n = 0
+    if w3:
+        buf[n] = e3
+        n += 1
+    if w2:
+        buf[n] = e2
+        n += 1
+    if w1:
+        buf[n] = e1
+        n += 1
+    if w0:
+        buf[n] = e0
+        n += 1
+    return n
+
+
+@njit(cache=True, nogil=True)
+def _reduce_column_outside(i, e, cols, bg, Y, Z, owner, slot, start, length, pool, work, spare, other):
+    """:func:`_reduce_column` for the boundary matrix with the foreground edge rows of ``bg``
+    deleted (rows are edge ids): ``(number of entries left, work, spare)``, pivot ``work[0]``."""
+    wl = _rows_outside(cols[i], bg, Y, Z, work)
+    while True:
+        j = owner[e]
+        if slot[j] < 0:
+            ol = _rows_outside(cols[j], bg, Y, Z, other)
+            src, off = other, 0
+        else:
+            src, off, ol = pool, start[slot[j]], length[slot[j]]
+        spare = _ensure(spare, wl + ol)
+        wl = _symdiff_desc(work, wl, src, off, ol, spare)
+        work, spare = spare, work
+        if wl == 0:
+            return wl, work, spare
+        e = work[0]
+        if owner[e] < 0:
+            return wl, work, spare
+
+
+@njit(cache=True, nogil=True)
+def _dependent_outside(cols, bg, bg_c, X, Y, Z, stop, n_dep):
+    """Which comparison columns are dependent on the earlier ones once the foreground edges of one
+    input image are deleted from the rows, i.e. ``boundary(d) in W<d + C1(foreground)``.
+
+    Args:
+        cols: int64 (n,) comparison 2-cells not cleared by dimension 2, comparison order (value 0
+            then value 1 in ``bg_c``, ascending id within each): their boundaries are independent.
+        bg, bg_c: uint8 (X*Y*Z,) inverted input image and comparison image.
+        stop: only the first ``stop`` columns are looked at.
+        n_dep: how many of all ``cols`` are dependent, the 1-cycle rank of the input's foreground
+            complex (BETTI.md section 11); the scan ends once that many were found.
+
+    Returns:
+        ``(dep, last)``: uint8 (n,), 1 at the dependent columns of comparison value 1, and one past
+        the index of the last of them (0: none).
+    """
+    ncols = cols.shape[0]
+    dep = np.zeros(ncols, dtype=np.uint8)
+    owner = np.full(3 * X * Y * Z, -1, dtype=np.int32)
+    slot = np.full(ncols, -1, dtype=np.int32)
+    start = np.empty(256, dtype=np.int64)
+    length = np.empty(256, dtype=np.int32)
+    pool = np.empty(1024, dtype=np.int64)
+    work = np.empty(1024, dtype=np.int64)
+    spare = np.empty(1024, dtype=np.int64)
+    other = np.empty(4, dtype=np.int64)
+    n_slots = pool_len = found = last = 0
+    for i in range(min(stop, ncols)):
+        if found == n_dep:
+            break
+        e, val = _max_edge(cols[i], bg, Y, Z)
+        if val == 0:  # a foreground square of the input: zero once its rows are deleted
+            found += 1
+            continue
+        if owner[e] < 0:  # its largest remaining row is free: independent, the column stays raw
+            owner[e] = i
+            continue
+        wl, work, spare = _reduce_column_outside(i, e, cols, bg, Y, Z, owner, slot, start, length, pool,
+                                                 work, spare, other)
+        if wl == 0:
+            found += 1
+            if _face_value(bg_c, cols[i], Y, Z):
+                dep[i] = 1
+                last = i + 1
+            continue
+        owner[work[0]] = i
+        pool = _ensure(pool, pool_len + wl)
+        pool[pool_len:pool_len + wl] = work[:wl]
+        start = _ensure(start, n_slots + 1)
+        length = _ensure(length, n_slots + 1)
+        slot[i] = n_slots
+        start[n_slots] = pool_len
+        length[n_slots] = wl
+        n_slots += 1
+        pool_len += wl
+    return dep, last
+
+
+@njit(cache=True, nogil=True)
+def _columns_by_value(bg, cleared, X, Y, Z):
+    """:func:`_column_order` as int32, in one pass without divisions: the value-0 2-cells not
+    cleared (ascending id), then the value-1 ones (ascending id)."""
+    zeros = np.empty(1024, dtype=np.int32)
+    ones = np.empty(3 * X * Y * Z, dtype=np.int32)
+    n0 = n1 = 0
+    v = 0
+    for x in range(X):
+        for y in range(Y):
+            for z in range(Z):
+                for t in range(3):
+                    f = 3 * v + t
+                    if cleared[f] or not _face_exists(x, y, z, t, X, Y, Z):
+                        continue
+                    if _face_value(bg, f, Y, Z):
+                        ones[n1] = f
+                        n1 += 1
+                    else:
+                        zeros = _ensure(zeros, n0 + 1)
+                        zeros[n0] = f
+                        n0 += 1
+                v += 1
+    out = np.empty(n0 + n1, dtype=np.int32)
+    out[:n0] = zeros[:n0]
+    out[n0:] = ones[:n1]
+    return out
+
+
+def _dim1_rank(bg_a, bg_g, bg_c, cleared_c, X, Y, Z, z1_a, z1_g) -> int:
+    """m1 of one octant by the rank characterization of BETTI.md section 11.
+
+    A comparison 2-cell d of value 1 is a match iff it is not cleared by dimension 2 (so its
+    boundary is independent of the earlier ones) and its boundary is dependent on the earlier
+    boundaries plus the prediction's foreground edges, and also plus the GT's. ``z1_a``, ``z1_g``:
+    1-cycle ranks of the two foreground complexes (:func:`_closed_form`), which bound each scan.
+    """
+    cols = _columns_by_value(bg_c, cleared_c, X, Y, Z)
+    dep_a, last = _dependent_outside(cols, bg_a, bg_c, X, Y, Z, cols.shape[0], z1_a)
+    if last == 0:
+        return 0
+    dep_g, _ = _dependent_outside(cols, bg_g, bg_c, X, Y, Z, last, z1_g)
+    return int(np.count_nonzero(dep_a[:last] & dep_g[:last]))
+
+
+# ----------------------------------------------------------------------------------------------
 # One octant
 # ----------------------------------------------------------------------------------------------
 
 
-def _octant_base(pred: np.ndarray, gt: np.ndarray) -> tuple:
+class _Clock:
+    """Adds the CPU seconds of the calling thread between marks to named totals (no-op without a dict)."""
+
+    def __init__(self, out: dict[str, float] | None) -> None:
+        self.out = out
+        self.t = time.thread_time() if out is not None else 0.0
+
+    def mark(self, name: str) -> None:
+        """Charge the time since the last mark to ``name``."""
+        if self.out is None:
+            return
+        now = time.thread_time()
+        self.out[name] = self.out.get(name, 0.0) + now - self.t
+        self.t = now
+
+
+def _octant_base(pred: np.ndarray, gt: np.ndarray, clock: _Clock | None = None, gt_form: tuple | None = None,
+                 method: str = "fast") -> tuple:
     """What both the exact counts and their bound start from: the contiguous ``bool`` masks of
     prediction, GT and comparison image (``pred | gt``), their closed forms and m_0.
+    ``gt_form``: the GT's :func:`_closed_form`, when known (:func:`gt_closed_forms`); ``method``
+    picks the m_0 kernel (:func:`_dim0_matches_fast` or the reference :func:`_dim0_matches`).
 
     Returns:
         ``(fa, fg, fc, pa, pg, pc, m0)``; ``p*`` as :func:`_closed_form`.
     """
+    clock = clock or _Clock(None)
     fa = np.ascontiguousarray(pred, dtype=bool)
     fg_ = np.ascontiguousarray(gt, dtype=bool)
     fc = fa | fg_
-    pa, pg, pc = _closed_form(fa), _closed_form(fg_), _closed_form(fc)
+    pg = _closed_form(fg_) if gt_form is None else gt_form
+    pa, pc = _closed_form(fa), _closed_form(fc)
+    clock.mark("closed forms")
     m0 = 0
     if pa[0] > 0 and pg[0] > 0 and pc[0] > 0:  # dimension 0: one union-find pass
         X, Y, Z = fa.shape
         flags = (fa.astype(np.uint8) | (fg_.astype(np.uint8) << 1)).ravel()
-        m0 = int(_dim0_matches(flags, X, Y, Z))
+        m0 = int((_dim0_matches if method == "reference" else _dim0_matches_fast)(flags, X, Y, Z))
+    clock.mark("dim 0")
     return fa, fg_, fc, pa, pg, pc, m0
 
 
-def topo_counts_octant(pred: np.ndarray, gt: np.ndarray) -> Counts:
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"topo_counts: unknown method {method!r}, expected one of {METHODS}")
+
+
+def topo_counts_octant(pred: np.ndarray, gt: np.ndarray, method: str = "fast",
+                       timings: dict[str, float] | None = None, gt_form: tuple | None = None) -> Counts:
     """Betti-matching counts of one octant (no further splitting).
 
     Args:
         pred, gt: ``bool (X, Y, Z)`` foreground masks of the same shape.
+        method: ``"fast"`` (m_1 by the rank tests of :func:`_dim1_rank`) or ``"reference"``
+            (m_1 by the five reductions of the official code, :func:`_dim1_counts`); same counts.
+        timings: if given, CPU seconds of this thread are added to its keys ``"closed forms"``,
+            ``"dim 0"``, ``"dim 2"`` (dual union-find passes and clearings) and ``"dim 1"``.
+        gt_form: the GT's closed forms (:func:`gt_closed_forms`), computed here when None.
 
     Returns:
         ``{k: (m_k, p_k, g_k)}`` for k = 0, 1, 2.
     """
-    fa, fg_, fc, pa, pg, pc, m0 = _octant_base(pred, gt)
+    _check_method(method)
+    clock = _Clock(timings)
+    fa, fg_, fc, pa, pg, pc, m0 = _octant_base(pred, gt, clock, gt_form, method)
     X, Y, Z = fa.shape
     m1 = m2 = 0
     need2 = pa[2] > 0 and pg[2] > 0 and pc[2] > 0
-    need1 = pa[1] > 0 and pg[1] > 0 and pc[1] > 0
+    if need2 and method == "fast":  # a match needs a voxel background in both inside cavities of both
+        need2 = bool(np.any(pa[5] & pg[5] & ~fc))
+    need1 = pa[1] > 0 and pg[1] > 0 and pc[1] > 0  # m1 <= min(b1(X), b1(Y), b1(U)) (BETTI.md 11)
     if need1 or need2:
         n = X * Y * Z
         bg_a = (~fa).astype(np.uint8).ravel()
         bg_g = (~fg_).astype(np.uint8).ravel()
         bg_c = (~fc).astype(np.uint8).ravel()
-        cleared = {k: np.zeros(3 * n, dtype=np.uint8) for k in "agc"}
-        if min(X, Y, Z) > 1:
-            nc1 = (X - 1) * (Y - 1) * (Z - 1) + 1
-            cube_c = _cube_values(bg_c, X, Y, Z) if need2 else np.zeros(1, np.uint8)
-            key_a = np.zeros(nc1, dtype=np.uint8)
-            key_g = np.zeros(nc1, dtype=np.uint8)
-            for bg, fk, key, keys, solid in ((bg_a, fa, "a", key_a, pa[3]), (bg_g, fg_, "g", key_g, pg[3])):
-                # input images: the dual union-find is needed for the dim-2 keys; otherwise only
-                # its clearing of the foreground-complex columns, worth it with many solid cubes
-                if need2:
-                    cube_k = _cube_values(bg, X, Y, Z)
-                    _dim2_pass(bg, cube_k, cube_c, X, Y, Z, Dim2Mode.INPUT, key_a, key_g, keys,
-                               cleared[key])
-                    del cube_k
-                elif solid > _CLEAR_MIN_CUBES:
-                    _k0_clearing(fk, cleared[key])
-            mode = Dim2Mode.COMPARE if need2 else Dim2Mode.CLEAR
-            m2 = int(_dim2_pass(bg_c, cube_c, cube_c, X, Y, Z, mode, key_a, key_g, key_g, cleared["c"]))
-            del cube_c
-        if need1:
+        cleared = {k: np.zeros(3 * n, dtype=np.uint8) for k in ("agc" if method == "reference" else "c")}
+        if min(X, Y, Z) > 1 and method == "reference":
+            m2 = _dim2_all(fa, fg_, bg_a, bg_g, bg_c, pa, pg, cleared, need2, True)
+        elif min(X, Y, Z) > 1:
+            key_a = _input_dim2_keys(fa, bg_a, bg_c) if need2 else np.zeros(0, np.uint8)
+            key_g = _input_dim2_keys(fg_, bg_g, bg_c) if need2 else key_a
+            m2 = int(_compare_pass(bg_c, X, Y, Z, key_a, key_g, need2, cleared["c"]))
+        clock.mark("dim 2")
+        if need1 and method == "reference":
             m1 = _dim1_counts(bg_a, bg_g, bg_c, cleared, X, Y, Z, pc[1])
+        elif need1:
+            m1 = _dim1_rank(bg_a, bg_g, bg_c, cleared["c"], X, Y, Z, pa[4], pg[4])
+        clock.mark("dim 1")
     return {0: (m0, pa[0], pg[0]), 1: (m1, pa[1], pg[1]), 2: (m2, pa[2], pg[2])}
+
+
+def _dim2_all(fa, fg_, bg_a, bg_g, bg_c, pa, pg, cleared, need2: bool, clear_inputs: bool) -> int:
+    """Dual union-find passes of one octant (all axes > 1) as the reference path runs them: m2 (0
+    unless ``need2``) and the clearings in ``cleared`` (``"c"`` always; ``"a"``/``"g"`` for the input
+    reductions when ``clear_inputs``, or as a by-product of the input passes when ``need2``)."""
+    X, Y, Z = fa.shape
+    nc1 = (X - 1) * (Y - 1) * (Z - 1) + 1
+    cube_c = _cube_values(bg_c, X, Y, Z) if need2 else np.zeros(1, np.uint8)
+    key_a = np.zeros(nc1, dtype=np.uint8)
+    key_g = np.zeros(nc1, dtype=np.uint8)
+    for bg, fk, key, keys, solid in ((bg_a, fa, "a", key_a, pa[3]), (bg_g, fg_, "g", key_g, pg[3])):
+        # input images: the dual union-find is needed for the dim-2 keys; otherwise only
+        # its clearing of the foreground-complex columns, worth it with many solid cubes
+        if need2:
+            cube_k = _cube_values(bg, X, Y, Z)
+            _dim2_pass(bg, cube_k, cube_c, X, Y, Z, Dim2Mode.INPUT, key_a, key_g, keys, cleared[key])
+            del cube_k
+        elif clear_inputs and solid > _CLEAR_MIN_CUBES:
+            _k0_clearing(fk, cleared[key])
+    mode = Dim2Mode.COMPARE if need2 else Dim2Mode.CLEAR
+    return int(_dim2_pass(bg_c, cube_c, cube_c, X, Y, Z, mode, key_a, key_g, key_g, cleared["c"]))
 
 
 def topo_bound_octant(pred: np.ndarray, gt: np.ndarray) -> Counts:
@@ -1016,7 +1391,20 @@ class OctantCache:
         return h.digest()
 
 
-def topo_counts(pred: np.ndarray, gt: np.ndarray, workers: int = 2, cache: OctantCache | None = None) -> Counts:
+def gt_closed_forms(gt: np.ndarray) -> list[tuple]:
+    """Closed forms (:func:`_closed_form`) of the ground truth's octants, in :func:`octant_slices`
+    order: what :func:`topo_counts` needs of the GT alone, to compute once per volume.
+
+    Args:
+        gt: binary ``(Z, Y, X)`` ground truth, as :func:`topo_counts` takes it.
+    """
+    fg = _check_pair(gt, gt)[1]
+    return [_closed_form(np.ascontiguousarray(fg[sl])) for sl in octant_slices(fg.shape)]
+
+
+def topo_counts(pred: np.ndarray, gt: np.ndarray, workers: int = 2, cache: OctantCache | None = None,
+                method: str = "fast", timings: dict[str, float] | None = None,
+                gt_forms: Sequence[tuple] | None = None) -> Counts:
     """Official Betti-matching counts summed over the 2x2x2 octants.
 
     Args:
@@ -1025,24 +1413,39 @@ def topo_counts(pred: np.ndarray, gt: np.ndarray, workers: int = 2, cache: Octan
         workers: threads over octants (the numba kernels release the GIL).
         cache: reuse the counts of octants seen before (:class:`OctantCache`); only the others
             are computed. The result is the same with or without it.
+        method: ``"fast"`` or ``"reference"`` (:func:`topo_counts_octant`); same counts.
+        timings: if given, CPU seconds per part summed over the octants (keys as
+            :func:`topo_counts_octant`).
+        gt_forms: :func:`gt_closed_forms` of this ``gt`` (the caller guarantees it), so that the
+            GT's closed forms are not computed again.
 
     Returns:
         ``{k: (m_k, p_k, g_k)}`` for k = 0, 1, 2 (ints).
     """
+    _check_method(method)
     fp, fg = _check_pair(pred, gt)
     slices = octant_slices(fp.shape)
+    if gt_forms is not None and len(gt_forms) != len(slices):
+        raise ValueError(f"topo_counts: gt_forms has {len(gt_forms)} octants, the volume {len(slices)}")
     keys = [OctantCache.key(fp[sl], fg[sl]) for sl in slices] if cache is not None else [None] * len(slices)
     known = {i: cache.entries[k] for i, k in enumerate(keys) if cache is not None and k in cache.entries}
     todo = [i for i in range(len(slices)) if i not in known]
 
+    parts: list[dict[str, float]] = [{} for _ in slices]
+
     def one(i):
-        return topo_counts_octant(fp[slices[i]], fg[slices[i]])
+        return topo_counts_octant(fp[slices[i]], fg[slices[i]], method, parts[i] if timings is not None else None,
+                                  None if gt_forms is None else gt_forms[i])
 
     if workers > 1 and len(todo) > 1:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             computed = dict(zip(todo, pool.map(one, todo)))
     else:
         computed = {i: one(i) for i in todo}
+    if timings is not None:
+        for part in parts:
+            for name, sec in part.items():
+                timings[name] = timings.get(name, 0.0) + sec
     if cache is not None:
         cache.hits += len(known)
         cache.misses += len(todo)
