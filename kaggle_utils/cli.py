@@ -11,13 +11,40 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
-from .config import shipped_configs
+from .config import ConfigError, shipped_configs
 
 __all__ = ["main", "build_parser"]
+
+
+def _add_set(p: argparse.ArgumentParser, example: str, relative_to: str) -> None:
+    """``--set KEY=VALUE`` (repeatable): config overrides, values parsed as YAML."""
+    p.add_argument("--set", dest="set", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a config key (repeatable), the value parsed as YAML, e.g. --set {example}; "
+                        f"key paths {relative_to}, checked like the file's")
+
+
+def _split_sections(overrides: dict, sections: tuple[str, ...]) -> dict[str, dict]:
+    """``{"inference.batch_size": 4, "postprocess.threshold": .4}`` -> one dict per section, the
+    section prefix removed; a key of no listed section is a ConfigError naming it."""
+    out: dict[str, dict] = {s: {} for s in sections}
+    for key, value in overrides.items():
+        section, _, rest = key.partition(".")
+        if section not in out or not rest:
+            raise ConfigError(f"--set {key}: key must start with one of {', '.join(s + '.' for s in sections)}")
+        out[section][rest] = value
+    return out
+
+
+def _add_no_progress(p: argparse.ArgumentParser) -> None:
+    """``--no-progress`` of every long command (bars are also off where nobody watches: kaggle_utils.progress)."""
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (they are drawn only on a terminal or in an interactive notebook anyway; "
+                        "KAGGLE_UTILS_PROGRESS=0/1 turns them off/on everywhere)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -35,6 +62,7 @@ def _args_synth(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preview", type=Path, default=None, help="also save a slice montage PNG here")
     p.add_argument("--no-test-labels", action="store_true",
                    help="do not write test_labels/ (the hidden answers used to score a synthetic submission)")
+    _add_no_progress(p)
 
 
 def _run_synth(args: argparse.Namespace) -> int:
@@ -44,6 +72,7 @@ def _run_synth(args: argparse.Namespace) -> int:
         root = generate_dataset(
             args.out, n_train=args.n_train, n_test=args.n_test, size=args.size,
             n_scrolls=args.n_scrolls, seed=args.seed, test_labels=not args.no_test_labels,
+            progress=not args.no_progress,
         )
         print(f"wrote synthetic competition data to {root}")
         if args.preview is not None:
@@ -63,6 +92,56 @@ def _run_synth(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# prepare
+# ----------------------------------------------------------------------------------------------
+
+
+def _part_arg(value: str) -> tuple[int, int]:
+    """``--part K/N``."""
+    try:
+        k, n = (int(v) for v in value.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not K/N, e.g. 1/2") from None
+    return k, n
+
+
+def _args_prepare(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="competition-layout folder with train.csv, train_images/, train_labels/ (default: Kaggle mount)")
+    p.add_argument("--out", required=True, type=Path, help="cache folder to write (resumes what is there)")
+    p.add_argument("--labels", choices=("npy", "packed", "none"), default="npy",
+                   help="label storage: npy (1 byte/voxel), packed (2 bits/voxel, a quarter), none (images only; "
+                        "training decodes labels from the TIFFs)")
+    p.add_argument("--ids", nargs="+", default=None, help="prepare only these ids")
+    p.add_argument("--folds", nargs="+", type=int, default=None,
+                   help="prepare only the volumes of these scroll-grouped folds (of --n-folds)")
+    p.add_argument("--n-folds", type=int, default=5, help="folds for --folds (train.n_folds)")
+    p.add_argument("--part", type=_part_arg, default=None, metavar="K/N",
+                   help="every N-th volume from the K-th (1-based): split the cache over N datasets")
+    p.add_argument("--surface-points", type=int, default=50_000, help="surface index size (sampler.surface_points)")
+    p.add_argument("--workers", type=_workers_arg, default=max(1, min(4, os.cpu_count() or 1)),
+                   help="volumes decoded in parallel (threads)")
+    _add_no_progress(p)
+
+
+def _run_prepare(args: argparse.Namespace) -> int:
+    from .data import find_data_root
+    from .outputs import check_output
+    from .prepare import prepare
+
+    check_output(args.out, "dir", what="--out")  # read-only, a file in the way, a full disk: before any decode
+    try:
+        report = prepare(find_data_root(args.data_dir), args.out, ids=args.ids, folds=args.folds,
+                         n_folds=args.n_folds, part=args.part, labels=args.labels,
+                         surface_points=args.surface_points, workers=args.workers, progress=not args.no_progress)
+    except OSError as exc:  # full or read-only disk
+        print(f"error: prepare: cannot write {exc.filename or args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    print(report)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # check-data
 # ----------------------------------------------------------------------------------------------
 
@@ -70,12 +149,13 @@ def _run_synth(args: argparse.Namespace) -> int:
 def _args_check_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("data_dir", type=Path, help="competition-layout folder (train.csv, train_images/, ...)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_no_progress(p)
 
 
 def _run_check_data(args: argparse.Namespace) -> int:
     from .data import check_data
 
-    rows = check_data(args.data_dir)
+    rows = check_data(args.data_dir, progress=not args.no_progress)
     n_bad = sum(bool(r["problems"]) for r in rows)
     if args.json:
         print(json.dumps({"volumes": rows, "n_problems": n_bad}, indent=1, default=str))
@@ -102,7 +182,7 @@ def _run_check_data(args: argparse.Namespace) -> int:
 
 
 def _args_diagnose(p: argparse.ArgumentParser) -> None:
-    p.add_argument("pred", type=Path, help="submission.zip or folder of {id}.tif / {id}.npy predictions")
+    p.add_argument("pred", type=Path, help="submission.zip or folder of {id}.tif predictions or {id}.npz / {id}.npy probabilities")
     p.add_argument("--data-dir", type=Path, default=None, help="competition-layout folder (labels of train ids are used)")
     p.add_argument("--out", type=Path, default=Path("report.png"), help="report PNG to write")
 
@@ -130,10 +210,22 @@ def _args_score(p: argparse.ArgumentParser) -> None:
     p.add_argument("pred", type=Path, help="predictions: a .tif, a folder of {id}.tif or a submission.zip")
     p.add_argument("gt", type=Path, help="labels: a .tif, a folder of {id}.tif or a competition-layout folder")
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
-    p.add_argument("--workers", type=int, default=1, help="processes scoring volumes in parallel")
+    p.add_argument("--workers", type=_workers_arg, default=1, help="processes scoring volumes in parallel (>= 1)")
     p.add_argument("--backend", choices=("ours", "official"), default="ours",
                    help="'ours' (fast, same numbers) or the official topometrics package")
     p.add_argument("--ids", nargs="+", default=None, help="score only these volume ids")
+    _add_no_progress(p)
+
+
+def _workers_arg(value: str) -> int:
+    """``--workers``: a whole number of processes, at least 1 (0 and negatives are refused, not read as 'auto')."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of processes >= 1, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (processes running in parallel), got {n}")
+    return n
 
 
 def _run_score(args: argparse.Namespace) -> int:
@@ -141,7 +233,7 @@ def _run_score(args: argparse.Namespace) -> int:
 
     try:
         result = score_dataset(args.pred, args.gt, ids=args.ids, workers=args.workers,
-                               progress=not args.json, backend=args.backend)
+                               progress=not (args.json or args.no_progress), backend=args.backend)
     except ValueError as exc:  # DataError is caught by main(); other user errors here
         from .data import DataError
 
@@ -181,7 +273,9 @@ def _args_predict(p: argparse.ArgumentParser) -> None:
                         "checkpoint's postprocess section")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--save-probs", type=Path, default=None,
-                   help="also write per-volume float16 probabilities {id}.npy + {id}.json here")
+                   help="also write per-volume probabilities {id}.npz (uint8) or {id}.npy (float16) + {id}.json here")
+    p.add_argument("--probs-format", choices=("uint8", "float16"), default="uint8",
+                   help="format of --save-probs: uint8 (compact .npz, p*255 rounded, default) or float16 (.npy)")
     p.add_argument("--tta", choices=("none", "flips", "rot90", "flips+rot90"), default=None,
                    help="TTA preset (overrides the config)")
     p.add_argument("--time-limit-s", dest="time_limit_s", type=float, default=9 * 3600 * 0.9,
@@ -189,25 +283,36 @@ def _args_predict(p: argparse.ArgumentParser) -> None:
                         "(default 29160 = 90%% of 9 h)")
     p.add_argument("--time-limit", dest="time_limit_s", type=float, default=argparse.SUPPRESS,
                    help=argparse.SUPPRESS)  # another spelling, as train accepts it
+    p.add_argument("--memory-gb", type=float, default=None,
+                   help="memory budget in GiB (default: 80%% of the free memory); the read-ahead is dropped when "
+                        "only that does not fit, and a run that cannot fit stops before any volume")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_set(p, "postprocess.threshold=0.4", "start with inference. (needs --config) or postprocess. (needs --postprocess)")
+    _add_no_progress(p)
 
 
 def _run_predict(args: argparse.Namespace) -> int:
     import logging
     import warnings
 
-    from .config import load_config
+    from .config import ConfigError, load_config, parse_overrides
     from .data import find_data_root
     from .inference import InferenceConfig
     from .models import CheckpointError
-    from .postprocess import load_postprocess
+    from .postprocess import PostprocessConfig
     from .predict import Interrupted, PredictError, PredictFailed, PredictWarning, predict_dataset, resolve_device
     from .submission import OutputPathError, SubmissionError
 
+    sets = _split_sections(parse_overrides(args.set), ("inference", "postprocess"))
+    for section, flag, value in (("inference", "--config", args.config), ("postprocess", "--postprocess", args.postprocess)):
+        if sets[section] and value is None:
+            raise ConfigError(f"--set {section}.{next(iter(sets[section]))}: needs {flag} FILE to apply to "
+                              f"(a shipped name such as kaggle-t4 is fine)")
     inference_cfg = None
     if args.config is not None:
-        inference_cfg = load_config(InferenceConfig, args.config, section="inference")
-    pp_cfg = load_postprocess(args.postprocess) if args.postprocess is not None else None
+        inference_cfg = load_config(InferenceConfig, args.config, section="inference", overrides=sets["inference"])
+    pp_cfg = (load_config(PostprocessConfig, args.postprocess, section="postprocess", overrides=sets["postprocess"])
+              if args.postprocess is not None else None)
     try:
         device = resolve_device(args.device)
     except PredictError as exc:
@@ -226,8 +331,8 @@ def _run_predict(args: argparse.Namespace) -> int:
             report = predict_dataset(
                 [str(c) for c in args.checkpoint], find_data_root(args.data_dir), args.out,
                 inference_cfg=inference_cfg, postprocess_cfg=pp_cfg, device=device,
-                save_probs=args.save_probs, tta=args.tta, time_limit_s=args.time_limit_s,
-                progress=not args.json,
+                save_probs=args.save_probs, probs_format=args.probs_format, tta=args.tta, time_limit_s=args.time_limit_s,
+                progress=not (args.json or args.no_progress), memory_gb=args.memory_gb,
             )
     except PredictFailed as exc:
         for vid, msg in exc.errors.items():
@@ -316,15 +421,28 @@ def _args_train(p: argparse.ArgumentParser) -> None:
                    help=argparse.SUPPRESS)  # the old spelling
     p.add_argument("--time-budget", type=float, default=None, metavar="S",
                    help="plan the whole run to end inside S seconds (train.time_budget_s): the LR schedule follows "
-                        "the budget's elapsed fraction, and the run ends finished: annealed, validated, best.pt, "
-                        "last.pt, out-of-fold probabilities. --time-limit-s is instead a hard stop of a run meant "
+                        "the budget's elapsed fraction, and the run ends finished: annealed, last.pt (with a held-out "
+                        "fold also validated, best.pt, out-of-fold probabilities; --fold all has none). With --fold -1 "
+                        "S covers all folds, an equal share "
+                        "each (one log line says so). --time-limit-s is instead a hard stop of a run meant "
                         "to be resumed")
     p.add_argument("--init-from", default=None, metavar="CKPT",
                    help="start from this checkpoint's weights (train.init_from; same network, any patch size) with "
                         "a new optimizer and schedule, e.g. fine-tune a 128^3 model at 192^3")
     p.add_argument("--epochs", type=int, default=None, help="override train.epochs")
+    p.add_argument("--prepared", nargs="+", default=None, metavar="DIR",
+                   help="read patches from the cache(s) written by 'prepare' (sampler.prepared): memory-mapped, "
+                        "nothing decoded; several folders, e.g. one per attached dataset")
+    p.add_argument("--memory-gb", type=float, default=None,
+                   help="the run's memory budget in GiB (train.memory_gb; default: 80%% of the free memory)")
     p.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: CUDA when available)")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    _add_no_progress(p)
+    _add_set(p, "optim.lr=1e-3 --set sampler.patch_size=[64,64,64]", "as in the YAML (section.key)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="do not train: build the configured network, time a few real steps at the configured patch, "
+                        "batch and precision on --device, print s/step, data-loader wait, peak memory and the "
+                        "epochs/patches that fit the time budget; writes RUN_DIR/dry_run.json")
+    p.add_argument("--dry-run-steps", type=int, default=5, metavar="N", help="timed steps of --dry-run (after 2 warm-up)")
 
 
 def _fold_arg(value: str) -> int | str:
@@ -343,8 +461,16 @@ def _run_train(args: argparse.Namespace) -> int:
     from .data import find_data_root
     from .train import check_fold, load_train_config, train, train_folds
 
-    overrides = {"train.epochs": args.epochs} if args.epochs is not None else None
-    cfg = load_train_config(args.config, overrides)
+    from .config import parse_overrides
+
+    overrides = parse_overrides(args.set)
+    if args.epochs is not None:
+        overrides["train.epochs"] = args.epochs
+    if args.prepared is not None:
+        overrides["sampler.prepared"] = [str(p) for p in args.prepared]
+    if args.memory_gb is not None:
+        overrides["train.memory_gb"] = args.memory_gb
+    cfg = load_train_config(args.config, overrides or None)
     # train() shows its log lines on stdout itself (rank 0 only), as in a notebook: no handler here
     if args.fold != -1:
         check_fold(args.fold, cfg.train.n_folds)  # ConfigError naming train.n_folds: one line, exit 2
@@ -352,6 +478,8 @@ def _run_train(args: argparse.Namespace) -> int:
                   time_limit=args.time_limit_s, device=args.device, progress=not args.no_progress,
                   time_budget=args.time_budget, init_from=args.init_from)
     data_dir = find_data_root(args.data_dir)
+    if args.dry_run:
+        return _dry_run(args, cfg, data_dir)
     if args.fold == -1:
         results = train_folds(cfg, data_dir, args.out, **kwargs)
     else:
@@ -399,7 +527,7 @@ def _args_tune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--space", type=Path, default=None,
                    help="search-space YAML (SearchSpace keys), or 'winners': the built-in space that also tries each of "
                         "the winners' post-processing steps (tune.WINNERS_SPACE); default: the built-in basic space")
-    p.add_argument("--workers", type=int, default=1, help="processes scoring candidates in parallel")
+    p.add_argument("--workers", type=_workers_arg, default=1, help="processes scoring candidates in parallel (>= 1)")
     p.add_argument("--out", type=Path, default=Path("best-postprocess.yaml"),
                    help="best post-processing YAML (for predict --postprocess)")
     p.add_argument("--plot", type=Path, default=None,
@@ -411,22 +539,29 @@ def _args_tune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=("coordinate", "random", "halving", "exhaustive"), default=None,
                    help="search method (overrides the space's 'method'); halving: successive halving, "
                         "a fraction of exhaustive's (candidate, volume) pairs")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    _add_no_progress(p)
+    _add_set(p, "threshold=[0.3,0.4,0.5] --set base.border=3", "as in the --space YAML (SearchSpace keys)")
 
 
 def _run_tune(args: argparse.Namespace) -> int:
     from .data import atomic_path, find_data_root
     from .postprocess import save_postprocess
     from .tune import WINNERS_SPACE, load_labels, load_probs, load_search_space, plot_threshold_curves, tune
+    from .config import parse_overrides
+    from .outputs import check_output
 
+    overrides = parse_overrides(args.set)
+    for option, path in (("--out", args.out), ("--plot", args.plot), ("--json", args.json)):
+        if path is not None:  # a search may take hours: never lose it to an unwritable output
+            check_output(path, "file", what=option)
     if args.space is not None and str(args.space) == "winners":
-        space = load_search_space(data=WINNERS_SPACE)
+        space = load_search_space(data=WINNERS_SPACE, overrides=overrides)
     else:
-        space = load_search_space(args.space)
+        space = load_search_space(args.space, overrides=overrides)
     if args.method is not None:
         space.method = args.method
     probs = load_probs(args.probs)
-    labels = load_labels(find_data_root(args.data_dir), [p.id for p in probs])
+    labels = load_labels(find_data_root(args.data_dir), [p.id for p in probs], probs)  # shapes checked first
     result = tune(probs, labels, space, workers=args.workers, seed=args.seed, progress=not args.no_progress,
                   curve=args.plot is not None)
     print(result.format_table(top=args.top))
@@ -442,6 +577,86 @@ def _run_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dry_run(args: argparse.Namespace, cfg: Any, data_dir: Path) -> int:
+    """``train --dry-run``: :func:`kaggle_utils.plan.dry_run`, printed and written to ``RUN_DIR/dry_run.json`` (rank 0)."""
+    import os
+
+    from .data import atomic_path
+    from .plan import dry_run
+
+    if args.dry_run_steps < 1:
+        raise ConfigError(f"--dry-run-steps: must be >= 1, got {args.dry_run_steps}")
+    report = dry_run(cfg, data_dir, fold=0 if args.fold == -1 else args.fold, device=args.device,
+                     steps=args.dry_run_steps, config_name=str(args.config), time_budget=args.time_budget)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("\n".join(report.lines()))
+        args.out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(args.out / "dry_run.json") as tmp:
+            Path(tmp).write_text(json.dumps(report.to_json(), indent=1) + "\n")
+        print(f"wrote {args.out / 'dry_run.json'}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# kaggle-setup / kaggle-push
+# ----------------------------------------------------------------------------------------------
+
+
+def _args_kaggle_setup(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--user", required=True, help="your Kaggle user name (kaggle.com/<user>)")
+    p.add_argument("--root", type=Path, default=Path("."), help="repository root (default: the current folder)")
+
+
+def _run_kaggle_setup(args: argparse.Namespace) -> int:
+    from .kaggle_cli import METADATA_FILES, KaggleSetupError, set_user
+
+    try:
+        changed = set_user(args.root, args.user)
+    except KaggleSetupError as exc:
+        print(f"error: kaggle-setup: {exc}", file=sys.stderr)
+        return 2
+    for path in changed:
+        print(f"wrote {path}")
+    print(f"{len(changed)} of {len(METADATA_FILES)} metadata file(s) changed; owner {args.user}")
+    return 0
+
+
+def _args_kaggle_push(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", type=Path, help="folder with kernel-metadata.json (e.g. . or notebooks/train) or "
+                                             "dataset-metadata.json (e.g. datasets/kaggle-utils-wheels)")
+    p.add_argument("-m", "--message", default=None, help="dataset: push a new version with this message "
+                                                         "(default: create the dataset)")
+    p.add_argument("--dir-mode", choices=("skip", "zip", "tar"), default=None, help="dataset: how sub-folders go up")
+    p.add_argument("--dry-run", action="store_true", help="check and print the kaggle command, do not run it")
+
+
+def _run_kaggle_push(args: argparse.Namespace) -> int:
+    import shlex
+    import shutil
+    import subprocess
+
+    from .kaggle_cli import KaggleSetupError, push_command, push_problems
+
+    try:
+        problems = push_problems(args.folder)
+        cmd = push_command(args.folder, args.message, args.dir_mode)
+    except KaggleSetupError as exc:
+        print(f"error: kaggle-push: {exc}", file=sys.stderr)
+        return 2
+    for problem in problems:
+        print(f"error: kaggle-push: {problem}", file=sys.stderr)
+    if problems:
+        return 2
+    print(shlex.join(cmd))
+    if args.dry_run:
+        return 0
+    if shutil.which("kaggle") is None:
+        print("error: kaggle-push: the Kaggle CLI is not installed (pip install kaggle; token in ~/.kaggle/kaggle.json)",
+              file=sys.stderr)
+        return 2
+    return subprocess.run(cmd).returncode
+
+
 # ----------------------------------------------------------------------------------------------
 # registry
 # ----------------------------------------------------------------------------------------------
@@ -450,6 +665,8 @@ _Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[
 
 COMMANDS: list[_Command] = [
     ("synth", "write a synthetic dataset in the competition layout", _args_synth, _run_synth),
+    ("prepare", "decode the training volumes once into a memory-mapped cache (sampler.prepared / train --prepared)",
+     _args_prepare, _run_prepare),
     ("check-data", "validate a competition-layout folder and report label shares", _args_check_data, _run_check_data),
     ("baseline", "write a trivial baseline submission (all-zero or Otsu threshold)", _args_baseline, _run_baseline),
     ("diagnose", "per-volume foreground shares, collapse verdict and a report PNG", _args_diagnose, _run_diagnose),
@@ -461,14 +678,40 @@ COMMANDS: list[_Command] = [
      _args_export, _run_export),
     ("train", "train one fold (or all with --fold -1) from a YAML config; --resume continues", _args_train, _run_train),
     ("tune", "search post-processing on out-of-fold probabilities -> best-postprocess.yaml", _args_tune, _run_tune),
+    ("kaggle-setup", "write your Kaggle user name into the four Kaggle metadata files (replaces 'kaggleuser')",
+     _args_kaggle_setup, _run_kaggle_setup),
+    ("kaggle-push", "push a kernel or dataset folder with the Kaggle CLI, refused while 'kaggleuser' or a missing "
+     "machine_shape is left", _args_kaggle_push, _run_kaggle_push),
 ]
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: ``kaggle_utils 0.1.0 (commit 1a2b3c4d5e)``; the stamp (a git call) only when asked."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .version import version_stamp
+
+        print(f"kaggle_utils {version_stamp()}")
+        parser.exit(0)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``error: <command>: <problem>``, exit 2), as every other error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        command = self.prog.removeprefix("python -m kaggle_utils").strip()
+        self.exit(2, f"error: {command + ': ' if command else ''}{message} (--help lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="python -m kaggle_utils",
         description="Vesuvius Challenge - Surface Detection toolkit: data, training, inference, scoring.",
     )
+    parser.add_argument("--version", action=_VersionAction, help="print the version and git commit, then exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_text, add_args, run in COMMANDS:
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -480,11 +723,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from .config import ConfigError
     from .data import DataError
+    from .environment import UnsupportedGPUError
+    from .outputs import OutputError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except (DataError, ConfigError) as exc:
+    except (DataError, ConfigError, OutputError, UnsupportedGPUError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -6,9 +6,11 @@ rejects unknown keys and wrong types with a :class:`ConfigError` naming the key 
 
 :func:`load_config` is the one YAML loader: every command and helper that reads a config file
 (training configs, ``predict --config``/``--postprocess``, ``tune --space``) goes through it.
-A config argument is resolved by :func:`resolve_config_path`: an existing file, or a path with a
-folder, is that file; a bare name such as ``kaggle-t4`` or ``kaggle-t4.yaml`` that is not a file
-is one of the configs shipped in the package (``kaggle_utils/configs/``, listed by
+A config may inherit from another with a top-level ``base:`` key (a file relative to it, or a
+shipped name; deep-merged, :func:`load_yaml_tree`), and the CLI's ``--set KEY=VALUE`` overrides
+any key on top (:func:`parse_overrides`). A config argument is resolved by
+:func:`resolve_config_path`: an existing file, or a path with a folder, is that file; a bare
+name such as ``kaggle-t4`` or ``kaggle-t4.yaml`` that is not a file is one of the configs shipped in the package (``kaggle_utils/configs/``, listed by
 :func:`shipped_configs`); anything else is a :class:`ConfigError` naming the path.
 
 Renamed keys stay readable: a dataclass lists ``{old: new}`` in a ``CONFIG_ALIASES`` class
@@ -27,7 +29,7 @@ import types
 import typing
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import yaml
 
@@ -38,6 +40,10 @@ __all__ = [
     "from_dict",
     "to_dict",
     "load_yaml",
+    "load_yaml_tree",
+    "deep_merge",
+    "parse_overrides",
+    "BASE_KEY",
     "load_config",
     "save_config",
     "resolve_config_path",
@@ -110,6 +116,10 @@ def _names_its_key(message: str, prefix: str) -> bool:
     return re.match(r"^[A-Za-z_]\w*\.[A-Za-z_][\w.\[\]]*[: ]", message) is not None
 
 
+#: A number written as text: PyYAML (YAML 1.1) loads ``2e-3`` or ``1E4`` as a string, not a float.
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _convert(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -159,6 +169,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            return float(value)  # ``2e-3``: YAML 1.1 (PyYAML) reads a float without a dot as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -269,6 +281,80 @@ def load_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
+#: The key of config inheritance (:func:`load_yaml_tree`): ``base: kaggle-t4`` or ``base: ./my-base.yaml``.
+BASE_KEY = "base"
+
+_DOTTED_KEY = re.compile(r"[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*")
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """``base`` with ``over`` on top: mappings merged key by key (recursively), any other value
+    (numbers, strings, lists) replaced. Neither input is modified."""
+    out = dict(base)
+    for key, value in over.items():
+        old = out.get(key)
+        out[key] = deep_merge(old, value) if isinstance(value, dict) and isinstance(old, dict) else value
+    return out
+
+
+def _base_path(text: Any, child: Path) -> Path:
+    """The file that ``base: text`` in ``child`` names: a file relative to ``child``'s folder (``.yaml``
+    may be left off), else a shipped config name; a :class:`ConfigError` naming ``child`` otherwise."""
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError(f"{child}: {BASE_KEY}: expected a config file or shipped config name, got {text!r}")
+    suffixed = text if text.endswith((".yaml", ".yml")) else text + ".yaml"
+    for candidate in (child.parent / text, child.parent / suffixed):
+        if candidate.is_file():
+            return candidate
+    has_folder = os.sep in text or (os.altsep is not None and os.altsep in text)
+    if not has_folder and (SHIPPED_CONFIG_DIR / suffixed).is_file():
+        return SHIPPED_CONFIG_DIR / suffixed
+    raise ConfigError(f"{child}: {BASE_KEY}: {text}: no such file next to it ({child.parent / suffixed}) and not a "
+                      f"shipped config name ({', '.join(shipped_configs())})")
+
+
+def load_yaml_tree(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict:
+    """Read a YAML mapping and the configs it inherits from: a top-level ``base: NAME`` (a file
+    relative to this one, or a shipped config name) is read first (recursively) and this file's
+    keys are deep-merged on top (:func:`deep_merge`); ``base`` itself is dropped. A ``base:`` that
+    holds a mapping is a setting, not inheritance (``tune``'s search space has one) and is kept.
+
+    Raises:
+        ConfigError: a missing base, or a cycle (``a.yaml -> b.yaml -> a.yaml``), naming the files.
+    """
+    path = Path(path)
+    here = path.resolve()
+    if here in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain[_chain.index(here):], here))
+        raise ConfigError(f"{_chain[0]}: {BASE_KEY}: inheritance cycle {cycle}")
+    data = load_yaml(path)
+    if BASE_KEY not in data or isinstance(data[BASE_KEY], dict):
+        return data
+    parent = load_yaml_tree(_base_path(data[BASE_KEY], path), (*_chain, here))
+    return deep_merge(parent, {k: v for k, v in data.items() if k != BASE_KEY})
+
+
+def parse_overrides(items: Sequence[str], flag: str = "--set") -> dict[str, Any]:
+    """``["optim.lr=1e-3", "sampler.patch_size=[64,64,64]"]`` -> ``{"optim.lr": "1e-3", ...}``: each
+    value parsed as YAML (``[64,64,64]`` a list, ``null`` None, ``1e-3`` the string a float field
+    accepts); the key paths are checked when the config is built (:func:`from_dict` messages).
+
+    Raises:
+        ConfigError: an item without ``=``, a key that is not a dotted name, or a value that is not YAML.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not _DOTTED_KEY.fullmatch(key):
+            raise ConfigError(f"{flag} {item!r}: expected KEY=VALUE with a dotted key, e.g. {flag} optim.lr=1e-3")
+        try:
+            out[key] = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{flag} {key}: invalid YAML value {text!r} ({str(exc).splitlines()[0]})") from None
+    return out
+
+
 def _set_dotted(data: dict, key: str, value: Any) -> None:
     node = data
     *parents, last = key.split(".")
@@ -292,12 +378,13 @@ def load_config(
 
     Args:
         cls: the dataclass (``TrainConfig``, ``PostprocessConfig``, ``InferenceConfig``, ...).
-        path: a YAML file or a shipped config name (see :func:`resolve_config_path`).
+        path: a YAML file or a shipped config name (see :func:`resolve_config_path`); a top-level
+            ``base:`` inherits from another config (:func:`load_yaml_tree`).
         section: for one section of a whole config: the file may hold that section's keys bare
             (as ``tune`` writes them) or under a top-level ``<section>:`` key (a training config);
             key paths in messages start with ``<section>.``.
         overrides: ``{"dotted.key": value}`` set on top of the file (``{"train.epochs": 3}``),
-            relative to ``cls``.
+            relative to ``cls`` (the CLI's ``--set``, :func:`parse_overrides`).
         transform: ``f(mapping, prefix) -> mapping`` applied before :func:`from_dict` (``tune``
             expands its ``{start, stop, step}`` ranges with it).
 
@@ -305,7 +392,7 @@ def load_config(
         ConfigError: one line naming the file and, where it is about a key, the key path.
     """
     resolved = resolve_config_path(path)
-    data = load_yaml(resolved)
+    data = load_yaml_tree(resolved)
     prefix = section or ""
     if section is not None and isinstance(data.get(section), dict):
         data = data[section]

@@ -22,6 +22,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from .outputs import DiskFullError, disk_full_error, is_disk_full
+
 __all__ = [
     "KAGGLE_SLUG",
     "IGNORE_LABEL",
@@ -36,6 +38,7 @@ __all__ = [
     "read_label",
     "read_tiff",
     "read_tiff_shape",
+    "check_tiff_header",
     "mask_shape",
     "write_volume",
     "write_probs",
@@ -202,14 +205,19 @@ def read_label(path: str | os.PathLike) -> np.ndarray:
 
 
 class _TiffErrors(logging.Handler):
-    """Collects the ERROR records tifffile logs (instead of raising) while it reads a damaged file."""
+    """Collects the ERROR records tifffile logs (instead of raising) while it reads a damaged file, in
+    this thread only (threads reading other files at once log to the same logger)."""
 
     def __init__(self) -> None:
+        import threading
+
         super().__init__(level=logging.ERROR)
         self.messages: list[str] = []
+        self.thread = threading.get_ident()
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
+        if record.thread == self.thread:
+            self.messages.append(record.getMessage())
 
 
 def read_tiff(source: str | os.PathLike | bytes, what: str | os.PathLike | None = None) -> np.ndarray:
@@ -271,6 +279,59 @@ def read_tiff_shape(path: str | os.PathLike) -> tuple[int, ...]:
         raise DataError(f"{path}: cannot read TIFF header ({type(exc).__name__}: {exc})") from None
 
 
+def check_tiff_header(path: str | os.PathLike) -> tuple[int, int, int]:
+    """Check a volume TIFF from its headers only and return its ``(Z, Y, X)`` shape (no pixel decoding).
+
+    Reads every page's header and checks that each page's pixel data lies inside the file, so a
+    truncated or damaged file is found in milliseconds instead of by a full decode: what
+    :func:`read_volume` would refuse, short of a bad compressed stream inside an intact layout.
+
+    Raises:
+        MissingCodecError: a compression whose codec is not installed (LZW without ``imagecodecs``).
+        DataError: missing or empty file, "corrupt TIFF, truncated or damaged", not 3D, not ``uint8``;
+            one line naming the file.
+    """
+    import tifffile
+
+    path = Path(path)
+    _check_is_file(path)
+    size = path.stat().st_size
+    if size == 0:
+        raise DataError(f"{path}: empty file (0 bytes), expected a TIFF volume")
+    errors = _TiffErrors()
+    tiff_log = logging.getLogger("tifffile")
+    tiff_log.addHandler(errors)
+    propagate, tiff_log.propagate = tiff_log.propagate, False
+    try:
+        with tifffile.TiffFile(path) as tif:
+            problem = tiff_codec_problem(tif, path) if len(tif.pages) else None
+            if problem is not None:
+                raise MissingCodecError(problem)
+            n_pages = 0
+            for page in tif.pages:  # each IFD parsed: a cut file fails here ("corrupted IFD structure")
+                n_pages += 1
+                ends = [o + b for o, b in zip(page.dataoffsets, page.databytecounts)]
+                if ends and max(ends) > size:
+                    raise ValueError(f"page {n_pages - 1} data ends at byte {max(ends)}, the file has {size}")
+            if n_pages == 0 or not tif.series:
+                raise ValueError("no image pages")
+            shape, dtype = tuple(int(n) for n in tif.series[0].shape), tif.series[0].dtype
+        if errors.messages:
+            raise ValueError("; ".join(errors.messages[:2]))
+    except MissingCodecError:
+        raise
+    except Exception as exc:  # tifffile raises many types for broken files
+        raise DataError(f"{path}: corrupt TIFF, truncated or damaged ({type(exc).__name__}: {exc})") from None
+    finally:
+        tiff_log.removeHandler(errors)
+        tiff_log.propagate = propagate
+    if len(shape) != 3:
+        raise DataError(f"{path}: expected a 3D volume (z, y, x), got {len(shape)}D array of shape {shape}")
+    if dtype != np.uint8:
+        raise DataError(f"{path}: expected dtype uint8, got {dtype}")
+    return shape  # type: ignore[return-value]
+
+
 def mask_shape(image_path: str | os.PathLike) -> tuple[int, int, int]:
     """The ``(Z, Y, X)`` shape a submitted mask of this test image must have, from headers only.
 
@@ -302,7 +363,8 @@ def _current_umask() -> int:
 class atomic_path:
     """Context manager yielding a temporary path beside ``path``; renamed onto it on success.
 
-    A killed or failing write leaves no half-written file at ``path``::
+    A killed or failing write leaves no half-written file at ``path`` (the previous file stays); a write
+    that ran out of space raises :class:`~kaggle_utils.outputs.DiskFullError` ("disk full: ...")::
 
         with atomic_path("sub.zip") as tmp:
             write_zip(tmp)
@@ -313,10 +375,15 @@ class atomic_path:
         self.tmp: Path | None = None
 
     def __enter__(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(
-            prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent
-        )
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(
+                prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent
+            )
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise disk_full_error(self.path, exc) from None
+            raise
         os.close(fd)
         os.chmod(name, 0o666 & ~_current_umask())  # mkstemp creates 0600; give the usual mode
         self.tmp = Path(name)
@@ -325,9 +392,17 @@ class atomic_path:
     def __exit__(self, exc_type, exc, tb) -> None:
         assert self.tmp is not None
         if exc_type is None:
-            os.replace(self.tmp, self.path)
+            try:
+                os.replace(self.tmp, self.path)
+            except OSError as err:
+                self.tmp.unlink(missing_ok=True)
+                if is_disk_full(err):
+                    raise disk_full_error(self.path, err) from None
+                raise
         else:
-            self.tmp.unlink(missing_ok=True)
+            self.tmp.unlink(missing_ok=True)  # the previous file at ``path`` is untouched
+            if exc is not None and is_disk_full(exc) and not isinstance(exc, DiskFullError):
+                raise disk_full_error(self.path, exc) from None  # not torch's "unexpected pos ..."
 
 
 def write_volume(path: str | os.PathLike, volume: np.ndarray, compression: str | None = "lzw") -> Path:
@@ -366,28 +441,18 @@ def write_volume(path: str | os.PathLike, volume: np.ndarray, compression: str |
 
 
 def write_probs(folder: str | os.PathLike, volume_id: str, scroll_id: str, prob: np.ndarray,
-                fold: object = None, **extra: object) -> Path:
-    """Save one volume's probabilities as ``{id}.npy`` (float16 ``(Z, Y, X)``) + ``{id}.json`` sidecar.
+                fold: object = None, fmt: str = "uint8", **extra: object) -> Path:
+    """Save one volume's probabilities: :func:`kaggle_utils.probs.write_probs` (kept here for old callers).
 
-    The format of out-of-fold probabilities (``train``) and ``predict --save-probs``, read by
-    :func:`kaggle_utils.tune.load_probs`. The sidecar holds ``id, scroll_id, fold, shape, dtype`` and
-    ``extra``. Both files are written atomically.
+    ``fmt="uint8"`` (default) writes the compact ``{id}.npz``, ``"float16"`` the old ``{id}.npy``;
+    both with an ``{id}.json`` sidecar. Read them with :func:`kaggle_utils.probs.read_probs`.
 
     Returns:
-        the ``.npy`` path.
+        the probability file's path.
     """
-    import json
+    from .probs import write_probs as _write_probs
 
-    folder = Path(folder)
-    npy = folder / f"{volume_id}.npy"
-    with atomic_path(npy) as tmp:
-        with open(tmp, "wb") as fh:
-            np.save(fh, np.asarray(prob).astype(np.float16))
-    meta = {"id": volume_id, "scroll_id": scroll_id, "fold": fold, "shape": list(np.shape(prob)),
-            "dtype": "float16", **extra}
-    with atomic_path(folder / f"{volume_id}.json") as tmp:
-        Path(tmp).write_text(json.dumps(meta, indent=1, default=str))
-    return npy
+    return _write_probs(folder, volume_id, scroll_id, prob, fold, fmt=fmt, **extra)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -473,11 +538,17 @@ def find_data_root(explicit: str | os.PathLike | None = None) -> Path:
 
 
 def _read_csv(csv_path: Path) -> list[dict[str, str]]:
+    """Rows of ``train.csv``/``test.csv`` as ``{column: value}``, stripped; a UTF-8 byte-order mark and
+    CRLF line ends (a CSV saved by Excel) are read like plain UTF-8 with LF."""
     if not csv_path.exists():
         raise DataError(f"{csv_path}: CSV file not found")
     if csv_path.is_dir():
         raise DataError(f"{csv_path}: is a directory, expected a CSV file")
-    with open(csv_path, newline="") as fh:
+    try:
+        text = csv_path.read_text(encoding="utf-8-sig")  # "-sig": drops Excel's BOM, else "\ufeffid"
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{csv_path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as CSV UTF-8") from None
+    with io.StringIO(text, newline="") as fh:  # the csv module handles \r\n, \n and \r line ends itself
         reader = csv.DictReader(fh)
         if not reader.fieldnames:
             raise DataError(f"{csv_path}: empty CSV (no header), expected columns id,scroll_id")
@@ -676,21 +747,21 @@ def label_shares(label: np.ndarray) -> tuple[float, float, float]:
     return tuple(float(c / total) for c in counts)  # type: ignore[return-value]
 
 
-def check_data(root: str | os.PathLike, splits: Sequence[str] = ("train", "test")) -> list[dict]:
+def check_data(root: str | os.PathLike, splits: Sequence[str] = ("train", "test"), progress: bool = True) -> list[dict]:
     """Validate a competition-layout folder volume by volume.
 
     Returns one dict per volume: ``split, id, scroll_id, shape, dtype, share0, share1, share2,
     problems`` (a list of messages; empty when the volume is fine). Problems with the CSVs or the
-    file lists raise :class:`DataError`.
+    file lists raise :class:`DataError`. ``progress``: a bar per split (only where someone watches).
     """
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     rows: list[dict] = []
     for split in splits:
         if split == "test" and not (Path(root) / "test.csv").exists():
             continue
         index = load_index(root, split)
-        for rec in tqdm(index.records, desc=f"check {split}", unit="vol", leave=False):
+        for rec in progress_bar(index.records, enabled=progress, desc=f"check {split}", unit="vol", leave=False):
             row: dict = {
                 "split": split, "id": rec.id, "scroll_id": rec.scroll_id,
                 "shape": None, "dtype": None, "share0": None, "share1": None, "share2": None,

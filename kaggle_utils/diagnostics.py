@@ -34,7 +34,9 @@ __all__ = [
     "COLLAPSE_MAX_RATIO",
     "COLLAPSE_RECOVER_RATIO",
     "COLLAPSE_MAX_FG",
+    "COLLAPSE_MIN_RATIO",
     "COLLAPSE_STOP_AFTER",
+    "healthy_band",
     "CollapseVerdict",
     "CollapseGuard",
     "fg_fraction",
@@ -57,7 +59,8 @@ TYPICAL_SURFACE_SHARE = (0.09, 0.26)
 # The one collapse rule, for the training guard and for ``diagnose`` alike (docs/collapse.md shows
 # the measured distributions it is chosen from). A validation (or a set of finished predictions)
 # is flagged when the mean predicted share of labelled voxels exceeds COLLAPSE_MAX_RATIO x the
-# labelled surface share or COLLAPSE_MAX_FG; a run that was flagged stays flagged (hysteresis)
+# labelled surface share or COLLAPSE_MAX_FG, or falls below COLLAPSE_MIN_RATIO x it (the uniform
+# collapse has two directions); a run that was flagged stays flagged (hysteresis)
 # until the ratio is back at or below COLLAPSE_RECOVER_RATIO, and its summary says it was flagged
 # even then (CollapseGuard).
 
@@ -67,6 +70,10 @@ COLLAPSE_MAX_RATIO = 2.0
 COLLAPSE_RECOVER_RATIO = 1.5
 #: Flag ``foreground`` collapse above this absolute predicted share of labelled voxels.
 COLLAPSE_MAX_FG = 0.5
+#: Flag ``under`` (strong under-segmentation) below this multiple of the labelled surface share: the
+#: mirror of COLLAPSE_MAX_RATIO (a factor of 2 too little, as 2 too much). Healthy runs were at or
+#: above 0.57x from their second validation on and 0.89x from epoch 5 (docs/collapse.md).
+COLLAPSE_MIN_RATIO = 1.0 / COLLAPSE_MAX_RATIO
 #: Flagged validations in a row before :meth:`CollapseGuard.should_stop` says stop (healthy runs
 #: were flagged for at most 2 in a row while young; collapsed ones for 8 or more).
 COLLAPSE_STOP_AFTER = 3
@@ -77,7 +84,8 @@ class CollapseVerdict:
     """Outcome of :func:`collapse_verdict`.
 
     ``kind`` is ``"healthy"``, ``"foreground"`` (far too much foreground), ``"empty"`` (almost
-    nothing predicted), ``"uniform"`` (the same share for every volume whatever its content) or
+    nothing predicted), ``"under"`` (strong under-segmentation: less than
+    :data:`COLLAPSE_MIN_RATIO` x the surface share), ``"uniform"`` (the same share for every volume whatever its content) or
     ``"constant"`` (probabilities barely vary inside volumes).
     """
 
@@ -123,6 +131,28 @@ def surface_share(label: np.ndarray, ignore_label: int | None = IGNORE_LABEL) ->
     return fg_fraction(label == 1, label, ignore_label)
 
 
+def healthy_band(reference: float, max_ratio: float = COLLAPSE_MAX_RATIO, under_ratio: float = COLLAPSE_MIN_RATIO,
+                 max_fg: float = COLLAPSE_MAX_FG) -> tuple[float, float]:
+    """``(low, high)``: the mean predicted foreground shares that :func:`collapse_verdict` calls
+    neither ``under`` nor ``foreground`` for a surface share ``reference`` (labelled, or the middle of
+    :data:`TYPICAL_SURFACE_SHARE` without labels): ``under_ratio`` x to ``max_ratio`` x it, capped at
+    ``max_fg``. The band the histograms shade."""
+    return float(under_ratio * reference), float(min(max_ratio * reference, max_fg))
+
+
+def _too_little(mean: float, ref: float, min_ratio: float, under_ratio: float, labelled: bool) -> tuple[str, str] | None:
+    """``(kind, reason)`` of a mean predicted share ``mean`` far below the surface share ``ref``:
+    ``empty`` below ``min_ratio`` x ``ref``, ``under`` below ``under_ratio`` x; ``None`` otherwise."""
+    if ref <= 0:
+        return None
+    if mean < min_ratio * ref:
+        return "empty", f"predicted foreground {100 * mean:.3f}% is under {min_ratio:g}x the surface share ({100 * ref:.1f}%)"
+    if mean < under_ratio * ref:
+        return "under", (f"predicted foreground is {mean / ref:.2f}x the {'labelled' if labelled else 'typical'} surface "
+                         f"share ({100 * mean:.1f}% vs {100 * ref:.1f}%), limit {under_ratio:g}x: strong under-segmentation")
+    return None
+
+
 def collapse_verdict(
     pred_fg: Sequence[float],
     label_fg: Sequence[float] | None = None,
@@ -132,6 +162,7 @@ def collapse_verdict(
     max_fg: float = COLLAPSE_MAX_FG,
     recover_ratio: float = COLLAPSE_RECOVER_RATIO,
     min_ratio: float = 0.05,
+    under_ratio: float = COLLAPSE_MIN_RATIO,
     uniform_rel_spread: float = 0.1,
     min_prob_std: float = 0.02,
 ) -> CollapseVerdict:
@@ -149,6 +180,7 @@ def collapse_verdict(
             adds a note, and :class:`CollapseGuard` keeps a run that was flagged flagged until
             the ratio is at or below it (:data:`COLLAPSE_RECOVER_RATIO`).
         min_ratio: "empty" collapse below ``min_ratio`` x the labelled share.
+        under_ratio: "under" below ``under_ratio`` x the labelled share (:data:`COLLAPSE_MIN_RATIO`).
         uniform_rel_spread: "uniform" if the spread (std) of predicted shares across >= 4 volumes is
             below this fraction of the labelled shares' spread while those vary.
         min_prob_std: "constant" if the mean within-volume probability std is below this.
@@ -179,9 +211,10 @@ def collapse_verdict(
         kind = "foreground"
         reasons.append(f"predicted foreground is {p.mean() / ref:.1f}x the {'labelled' if label_fg is not None else 'typical'} "
                        f"surface share ({100 * ref:.1f}%), limit {max_ratio:g}x")
-    if kind == "healthy" and ref > 0 and p.mean() < min_ratio * ref:
-        kind = "empty"
-        reasons.append(f"predicted foreground {100 * p.mean():.3f}% is under {min_ratio:g}x the surface share ({100 * ref:.1f}%)")
+    low = _too_little(float(p.mean()), ref, min_ratio, under_ratio, label_fg is not None)
+    if kind == "healthy" and low is not None:
+        kind = low[0]
+        reasons.append(low[1])
     if kind == "healthy" and p.size >= 4 and ref_std > 0 and p.std() < uniform_rel_spread * ref_std:
         kind = "uniform"
         reasons.append(f"predicted share barely varies across volumes (std {100 * p.std():.3f}% vs labelled std "
@@ -193,6 +226,7 @@ def collapse_verdict(
             kind = "constant"
             reasons.append(f"probabilities nearly constant inside volumes (mean std {s:.4f} < {min_prob_std})")
     stats["max_ratio"], stats["recover_ratio"], stats["max_fg"] = float(max_ratio), float(recover_ratio), float(max_fg)
+    stats["under_ratio"], stats["healthy_band"] = float(under_ratio), healthy_band(ref, max_ratio, under_ratio, max_fg)
     notes: list[str] = []
     if kind == "healthy" and ref > 0 and p.mean() > recover_ratio * ref:
         notes.append(f"predicted foreground is {p.mean() / ref:.1f}x the {'labelled' if label_fg is not None else 'typical'}"
@@ -365,9 +399,14 @@ def plot_fg_histogram(pred_fg: Sequence[float], label_fg: Sequence[float] | None
                       verdict: CollapseVerdict | None = None) -> "Figure":
     """Histogram of per-volume predicted foreground % beside the labelled surface % (collapse at a glance).
 
+    The shaded band is where the verdict's mean predicted share is healthy (:func:`healthy_band`:
+    :data:`COLLAPSE_MIN_RATIO` to :data:`COLLAPSE_MAX_RATIO` x the reference share); the dashed line
+    is that mean, so title, band and bars agree.
+
     Args:
         pred_fg: predicted foreground share per volume (0-1).
-        label_fg: labelled surface share of the same volumes; ``None``: the typical range is shaded.
+        label_fg: labelled surface share of the same volumes (shares of labelled voxels); ``None``:
+            test predictions (shares of all voxels), judged against :data:`TYPICAL_SURFACE_SHARE`.
         out: also write the figure as PNG here.
         ax: draw into these axes (of another figure) instead of a new figure.
         verdict: the verdict shown in the title; default :func:`collapse_verdict` of the shares.
@@ -379,19 +418,26 @@ def plot_fg_histogram(pred_fg: Sequence[float], label_fg: Sequence[float] | None
     if ax is None:
         fig = _figure((6.4, 3.6))
         ax = fig.subplots()
+    from matplotlib.ticker import MaxNLocator
+
     p = 100 * np.asarray(pred_fg, dtype=float)
     bins = np.linspace(0, 100, 51)
+    verdict = verdict or collapse_verdict(pred_fg, label_fg)
+    st = verdict.stats
+    of = "labelled voxels" if label_fg is not None else "all voxels"
+    ref_name = "labelled surface share" if label_fg is not None else "typical surface share"
+    lo, hi = (100 * x for x in st["healthy_band"])
+    ax.axvspan(lo, hi, color="tab:green", alpha=0.15,
+               label=f"healthy mean: {st['under_ratio']:g}-{st['max_ratio']:g}x the {ref_name} ({lo:.1f}-{hi:.1f}%)")
     ax.hist(p, bins=bins, alpha=0.7, color="tab:red", label=f"predicted fg (n={p.size})")
     if label_fg is not None:
         ax.hist(100 * np.asarray(label_fg, dtype=float), bins=bins, alpha=0.6, color="tab:blue", label="labelled surface")
-    else:
-        lo, hi = (100 * x for x in TYPICAL_SURFACE_SHARE)
-        ax.axvspan(lo, hi, color="tab:blue", alpha=0.2, label="typical surface share")
-    verdict = verdict or collapse_verdict(pred_fg, label_fg)
+    ax.axvline(100 * st["pred_fg_mean"], color="tab:red", ls="--", lw=1, label=f"mean predicted {100 * st['pred_fg_mean']:.1f}%")
     ax.set_title(("COLLAPSE: " + verdict.kind) if verdict.collapsed else "healthy",
                  color="tab:red" if verdict.collapsed else "tab:green")
-    ax.set_xlabel("foreground share per volume (%)")
+    ax.set_xlabel(f"foreground share per volume (% of {of})")
     ax.set_ylabel("volumes")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=8)
     return _save(fig if fig is not None else ax.figure, out)
 
@@ -459,23 +505,90 @@ def _flatten(row: dict, prefix: str = "") -> dict:
     return flat
 
 
+#: Validation score and its parts (``metrics.jsonl`` key, legend), drawn on one 0-1 axis.
+_SCORE_KEYS = (("val_score", "score"), ("val_topo", "TopoScore"), ("val_sd", "SurfaceDice"),
+               ("val_voi", "VOI score"), ("val_dice", "Dice (labelled voxels)"))
+
+
+def _curve(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """``(epochs, values)`` of the rows holding a finite ``key`` (epoch: the row's, else its 1-based index)."""
+    pts = [(r.get("epoch", i + 1), r[key]) for i, r in enumerate(rows) if key in r]
+    return ([p[0] for p in pts], [p[1] for p in pts]) if pts else ([], [])
+
+
+def _loss_panel(ax: "Axes", rows: list[dict]) -> None:
+    keys = sorted({k for r in rows for k in r if k in ("train_loss", "loss") or k.startswith(("train_", "parts."))})
+    for k in sorted(keys, key=lambda k: (k not in ("train_loss", "loss"), k)):
+        total = k in ("train_loss", "loss")
+        ax.plot(*_curve(rows, k), marker="o", ms=3, lw=2.2 if total else 1.2, color="k" if total else None,
+                label="total" if total else k.removeprefix("train_").removeprefix("parts."))
+    ax.set_title("training loss and its parts"), ax.set_ylabel("loss")
+
+
+def _score_panel(ax: "Axes", rows: list[dict]) -> bool:
+    drawn = False
+    for k, name in _SCORE_KEYS:
+        x, y = _curve(rows, k)
+        if x:
+            ax.plot(x, y, marker="o", ms=3, lw=2.2 if k == "val_score" else 1.2, label=name,
+                    color="k" if k == "val_score" else None)
+            drawn = True
+    ax.set_ylim(0, 1), ax.set_title("validation score and its parts"), ax.set_ylabel("score (0-1)")
+    return drawn
+
+
+def _fg_panel(ax: "Axes", raw: list[dict], rows: list[dict]) -> bool:
+    x, y = _curve(rows, "val_fg_pct")
+    if not x:
+        return False
+    _, lo = _curve(rows, "val_fg_min_pct")
+    _, hi = _curve(rows, "val_fg_max_pct")
+    if len(lo) == len(x) == len(hi):
+        ax.fill_between(x, lo, hi, color="tab:red", alpha=0.15, label="predicted, min-max per volume")
+    ax.plot(x, y, marker="o", ms=3, color="tab:red", label="predicted (mean)")
+    xl, yl = _curve(rows, "val_label_fg_pct")
+    if xl:
+        ax.plot(xl, yl, ls="--", color="tab:blue", label="labelled surface")
+        band = [healthy_band(v / 100) for v in yl]
+        ax.fill_between(xl, [100 * b[0] for b in band], [100 * b[1] for b in band], color="tab:green", alpha=0.1,
+                        label=f"healthy mean ({COLLAPSE_MIN_RATIO:g}-{COLLAPSE_MAX_RATIO:g}x labelled)")
+    bad = [(r.get("epoch", i + 1), r["val_fg_pct"]) for i, r in enumerate(raw)
+           if r.get("collapse") not in (None, "healthy") and "val_fg_pct" in r]
+    if bad:
+        ax.plot(*zip(*bad), ls="none", marker="x", ms=8, color="k", label="collapse guard flagged")
+    ax.set_ylim(bottom=0), ax.set_title("foreground share of labelled voxels"), ax.set_ylabel("% of labelled voxels")
+    return True
+
+
 def plot_training_log(metrics_jsonl: str | os.PathLike, out: str | os.PathLike | None = None) -> "Figure":
-    """Loss-part curves (left) and validation metrics (right) from a run's ``metrics.jsonl``; returns the figure."""
-    rows = [_flatten(r) for r in _read_jsonl(metrics_jsonl)]
-    fig = _figure((11, 3.8))
-    ax_l, ax_v = fig.subplots(1, 2)
-    keys = sorted({k for r in rows for k in r} - {"epoch"})
-    x_of = lambda r, i: r.get("epoch", i)  # noqa: E731
-    for k in keys:
-        pts = [(x_of(r, i), r[k]) for i, r in enumerate(rows) if k in r]
-        if not pts:
-            continue
-        ax = ax_v if k.startswith("val") else ax_l
-        if k in ("lr", "time_s", "seconds") or k.endswith("lr"):
-            continue
-        ax.plot(*zip(*pts), marker="o", ms=3, label=k)
-    ax_l.set_title("training loss and parts"), ax_l.set_xlabel("epoch"), ax_l.legend(fontsize=7)
-    ax_v.set_title("validation"), ax_v.set_xlabel("epoch"), ax_v.legend(fontsize=7)
+    """A run's curves from its ``metrics.jsonl``, one quantity per axis (as nnU-Net's progress plot):
+    training loss and its parts; validation score and its parts (0-1); predicted and labelled
+    foreground share (% of labelled voxels, collapse flags marked); learning rate (log scale).
+    Epochs have integer ticks. Returns the figure."""
+    from matplotlib.ticker import MaxNLocator
+
+    raw = _read_jsonl(metrics_jsonl)
+    rows = [_flatten(r) for r in raw]
+    fig = _figure((12, 7))
+    (ax_loss, ax_score), (ax_fg, ax_lr) = fig.subplots(2, 2)
+    _loss_panel(ax_loss, rows)
+    validated = _score_panel(ax_score, rows)
+    fg = _fg_panel(ax_fg, raw, rows)
+    x, y = _curve(rows, "lr")
+    if x:
+        ax_lr.plot(x, y, marker="o", ms=3, color="tab:purple")
+        ax_lr.set_yscale("log")
+    ax_lr.set_title("learning rate"), ax_lr.set_ylabel("lr (log scale)")
+    for ax, has in ((ax_loss, True), (ax_score, validated), (ax_fg, fg), (ax_lr, bool(x))):
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if not has:
+            ax.text(0.5, 0.5, "no validation in this run" if ax in (ax_score, ax_fg) else "not logged",
+                    ha="center", va="center", transform=ax.transAxes, color="gray")
+        elif ax is not ax_lr:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
     return _save(fig, out)
 
 
@@ -524,13 +637,16 @@ def fold_table(index, folds: dict[str, int]) -> str:
 
 
 def load_predictions(source: str | os.PathLike) -> Iterable[tuple[str, np.ndarray]]:
-    """Yield ``(id, volume)`` from a ``submission.zip``, or a folder of ``{id}.tif`` / ``{id}.npy``.
+    """Yield ``(id, volume)`` from a ``submission.zip``, or a folder of ``{id}.tif`` or probability files.
 
-    Volumes are returned as stored: uint8 binary/probability TIFFs, float TIFFs or float16 ``.npy``.
-    TIFFs are found and read by the scorer's :func:`~kaggle_utils.metrics.score.list_volumes` /
-    :func:`~kaggle_utils.metrics.score.read_located` (a corrupt TIFF is a :class:`DataError` naming it).
+    TIFFs are returned as stored (uint8 binary/probability TIFFs, float TIFFs), found and read by the
+    scorer's :func:`~kaggle_utils.metrics.score.list_volumes` / :func:`~kaggle_utils.metrics.score.read_located`
+    (a corrupt TIFF is a :class:`DataError` naming it). Probability files (``{id}.npz`` compact,
+    ``{id}.npy`` float16: ``train``'s ``oof/``, ``predict --save-probs``) are read by
+    :func:`kaggle_utils.probs.read_probs` and returned as ``float32`` probabilities.
     """
     from .metrics.score import list_volumes, read_located
+    from .probs import as_probability, find_prob_files, read_probs
 
     source = Path(source)
     if source.is_file() and source.suffix == ".zip":
@@ -539,15 +655,15 @@ def load_predictions(source: str | os.PathLike) -> Iterable[tuple[str, np.ndarra
         return
     if source.is_dir():
         tifs = list_volumes(source, role="pred") if any(source.glob("*.tif")) else {}
-        npys = sorted(source.glob("*.npy"))
-        if not tifs and not npys:
-            raise DataError(f"{source}: no .tif or .npy predictions found")
+        prob_files = find_prob_files(source, recursive=False)
+        if not tifs and not prob_files:
+            raise DataError(f"{source}: no .tif, .npz or .npy predictions found")
         for vid, loc in tifs.items():
             yield vid, read_located(loc)
-        for f in npys:
-            yield f.stem, np.load(f)
+        for f in prob_files:
+            yield f.stem, as_probability(read_probs(f))
         return
-    raise DataError(f"{source}: expected a submission .zip or a folder of .tif/.npy predictions")
+    raise DataError(f"{source}: expected a submission .zip or a folder of .tif/.npz/.npy predictions")
 
 
 def _to_prob(vol: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
@@ -568,7 +684,7 @@ def diagnose(pred_source: str | os.PathLike, data_dir: str | os.PathLike | None 
     """Per-volume foreground shares of stored predictions, a collapse verdict and a report PNG.
 
     Args:
-        pred_source: ``submission.zip`` or folder of ``{id}.tif``/``{id}.npy`` (binary or probabilities).
+        pred_source: ``submission.zip`` or folder of ``{id}.tif`` (binary or probabilities) or probability files.
         data_dir: competition-layout folder; labels of train ids are used when present.
         out_png: where to write the report (histogram, probability histogram, montage of the first id).
         ids: restrict to these ids.
@@ -594,6 +710,10 @@ def diagnose_figure(pred_source: str | os.PathLike, data_dir: str | os.PathLike 
 
 
 def _diagnose(pred_source, data_dir, out_png, ids, figure: bool) -> tuple[CollapseVerdict, list[dict], "Figure | None"]:
+    if out_png is not None:
+        from .outputs import check_output
+
+        check_output(out_png, "file", what="--out")  # OutputError before any prediction is read
     labels = {}
     images = {}
     if data_dir is not None:

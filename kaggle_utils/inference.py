@@ -840,9 +840,9 @@ def _window_batches(
     """Step 2: the planned windows in batches of ``batch_size`` (a tqdm bar when ``progress``)."""
     batches: Iterable = _batches(windows, batch_size)
     if progress:
-        from tqdm.auto import tqdm
+        from .progress import progress_bar
 
-        batches = tqdm(batches, total=math.ceil(len(windows) / batch_size), desc="windows", leave=False)
+        batches = progress_bar(batches, total=math.ceil(len(windows) / batch_size), desc="windows", leave=False)
     return batches
 
 

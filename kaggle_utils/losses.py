@@ -781,6 +781,10 @@ class LossConfig:
     entropy_form: RegForm | None = None
     deep_supervision: bool = False
 
+    def __post_init__(self) -> None:
+        if self.focal_alpha is not None and not 0.0 <= self.focal_alpha <= 1.0:
+            raise ValueError(f"loss.focal_alpha: must be a probability weight in [0, 1], got {self.focal_alpha}")
+
 
 _KWARG_FIELDS = (
     "smooth", "dice_batch", "focal_gamma", "focal_alpha", "boundary_max_distance", "cldice_iters",

@@ -51,6 +51,7 @@ __all__ = [
     "build_model",
     "describe_model",
     "model_divisor",
+    "bottleneck_min_voxels",
     "validate_patch_size",
     "CheckpointError",
     "EXPORT_FORMAT",
@@ -228,7 +229,34 @@ def model_divisor(cfg: ModelConfig | None = None) -> int:
     return 32
 
 
-def validate_patch_size(shape: int | Sequence[int], divisor: int = 32, name: str = "patch_size") -> tuple[int, int, int]:
+def bottleneck_min_voxels(cfg: ModelConfig | None = None, batch_size: int | None = None) -> int:
+    """Fewest voxels the deepest feature map may have: 2 for the nnU-Net archs, 1 otherwise (2 at batch 1).
+
+    nnU-Net's networks normalize with ``InstanceNorm3d``, which computes a mean and variance over each
+    sample's spatial voxels and raises ("Expected more than 1 spatial element") on a 1x1x1 map, in
+    training and in eval mode alike. The smp-3d networks use BatchNorm, which pools over the batch too:
+    a 1x1x1 map fails only when training with one patch per batch (``batch_size`` 1).
+    """
+    if cfg is not None and cfg.arch in NNUNET_ARCHITECTURES:
+        return 2
+    return 2 if batch_size == 1 else 1
+
+
+def _check_bottleneck(edges: tuple[int, ...], divisor: int, min_voxels: int, name: str) -> None:
+    """``ValueError`` naming the patch when its deepest feature map (``edges // divisor``) is too small."""
+    deepest = [e // divisor for e in edges]
+    if math.prod(deepest) >= min_voxels:
+        return
+    raise ValueError(
+        f"{name}: {list(edges)} leaves a {'x'.join(map(str, deepest))} feature map after the network's {divisor}x "
+        f"downsampling, and its normalization (InstanceNorm; BatchNorm at batch size 1) needs more than one voxel "
+        f"there: make at least one edge "
+        f"{2 * divisor} (the smallest cube that works is {2 * divisor}^3)"
+    )
+
+
+def validate_patch_size(shape: int | Sequence[int], divisor: int = 32, name: str = "patch_size",
+                        min_bottleneck_voxels: int = 1) -> tuple[int, int, int]:
     """Check a 3D patch size before it reaches the network.
 
     smp-3d encoders halve every edge ``log2(divisor)`` times and concatenate the skip connections
@@ -239,12 +267,15 @@ def validate_patch_size(shape: int | Sequence[int], divisor: int = 32, name: str
         shape: one edge length (cube) or ``(Z, Y, X)``.
         divisor: required multiple (:func:`model_divisor`; 32 for a 5-stage encoder).
         name: the config key to name in the error.
+        min_bottleneck_voxels: fewest voxels the deepest feature map (each edge / ``divisor``) must
+            have (:func:`bottleneck_min_voxels`: 2 for the InstanceNorm of the nnU-Net archs).
 
     Returns:
         ``(Z, Y, X)`` as a tuple of ints.
 
     Raises:
-        ValueError: wrong number of edges, non-positive edge or an edge not a multiple of ``divisor``.
+        ValueError: wrong number of edges, non-positive edge, an edge not a multiple of ``divisor``,
+            or a deepest feature map of fewer than ``min_bottleneck_voxels`` voxels.
     """
     edges = (int(shape),) * 3 if isinstance(shape, (int, float)) else tuple(int(s) for s in shape)
     if len(edges) != 3:
@@ -259,6 +290,7 @@ def validate_patch_size(shape: int | Sequence[int], divisor: int = 32, name: str
             f"{name}: every edge must be a positive multiple of {divisor} (the encoder downsamples "
             f"{divisor}x), got {list(edges)}: {details}"
         )
+    _check_bottleneck(edges, divisor, min_bottleneck_voxels, name)
     return edges  # type: ignore[return-value]
 
 
@@ -404,14 +436,38 @@ def save_checkpoint(path: str | os.PathLike, **state: Any) -> Path:
         **state: what to store, e.g. ``model=state_dict, model_config=to_dict(cfg.model),
             config=to_dict(cfg), epoch=3``. Only tensors, numbers, strings, bools, ``None`` and
             lists/tuples/dicts of them, so :func:`load_checkpoint` can use ``weights_only=True``.
-            ``nn.Module`` values are stored as their (unwrapped) state dict.
+            ``nn.Module`` values are stored as their (unwrapped) state dict. ``kaggle_utils_version``
+            (:func:`kaggle_utils.version.version_stamp`) is added unless given.
     """
     from .data import atomic_path
+    from .version import CHECKPOINT_KEY, version_stamp
 
     state = {k: (unwrap_model(v).state_dict() if isinstance(v, nn.Module) else v) for k, v in state.items()}
+    state.setdefault(CHECKPOINT_KEY, version_stamp())  # which code wrote it: "0.1.0 (commit 1a2b3c4d5e)"
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
     return Path(path)
+
+
+def _load_failure(path: Path, exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused ``path``, in our words.
+
+    Never torch's own message: for pickled objects it advises ``weights_only=False``, which would run
+    any code the file carries; a kaggle_utils checkpoint never needs it.
+    """
+    import zipfile
+
+    if path.stat().st_size == 0:
+        return "empty file (0 bytes)"
+    with open(path, "rb") as fh:
+        if fh.read(6) == b"\x93NUMPY":
+            return "it is a numpy .npy file, not a torch checkpoint"
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut one has lost its directory
+        return "truncated or not a torch file"
+    if "weights only load failed" in str(exc).lower():
+        return ("it holds pickled Python objects beyond tensors and plain values (a whole pickled model, a numpy "
+                "file, another tool's checkpoint?); kaggle_utils loads weights only and never runs pickled code")
+    return f"truncated or not a torch file ({type(exc).__name__})"
 
 
 def _torch_load(path: Path, map_location: str | torch.device = "cpu") -> dict:
@@ -421,9 +477,7 @@ def _torch_load(path: Path, map_location: str | torch.device = "cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated file, not a torch file, pickled objects outside the allowlist
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(f"{path}: cannot load checkpoint, truncated or not a torch file "
-                              f"({type(exc).__name__}: {first})") from None
+        raise CheckpointError(f"{path}: cannot load checkpoint, {_load_failure(path, exc)}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path}: not a kaggle_utils checkpoint (no 'model' entry)")
     if ckpt.get("format") == EXPORT_FORMAT and int(ckpt.get("format_version") or 0) > EXPORT_VERSION:
@@ -487,8 +541,9 @@ def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, fp16: bool
     Keeps the weights (the EMA weights when the checkpoint has them, else the model's; floating
     tensors cast to float16 with ``fp16``, integer buffers unchanged), ``model_config``, the
     ``config`` sections ``model``, ``inference``, ``postprocess`` and ``sampler.normalization`` (the
-    intensity normalization inference must repeat), ``fold`` (for ``predict --save-probs`` sidecars)
-    and ``format``/``format_version``/``weights``/``dtype`` markers. Drops optimizer, scaler,
+    intensity normalization inference must repeat), ``fold`` (for ``predict --save-probs`` sidecars),
+    ``trained_with`` (the version stamp of the code that trained it; ``kaggle_utils_version`` is the
+    exporting code's) and ``format``/``format_version``/``weights``/``dtype`` markers. Drops optimizer, scaler,
     scheduler, RNG states, metrics and history. The file loads with ``torch.load(weights_only=True)``
     through :func:`load_checkpoint` and ``predict``.
 
@@ -502,11 +557,16 @@ def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, fp16: bool
 
     Raises:
         CheckpointError: ``src`` is not a usable checkpoint or ``dst`` is the same file.
+        OutputError: ``dst`` cannot be written (checked before ``src`` is read) or has no room for the weights
+            (``DiskFullError``, before writing).
     """
+    from .outputs import check_output
+
     src, dst = Path(src), Path(dst)
-    ckpt = _torch_load(src)
-    if dst.exists() and dst.resolve() == src.resolve():
+    if dst.exists() and dst.is_file() and src.is_file() and dst.resolve() == src.resolve():
         raise CheckpointError(f"{dst}: refusing to overwrite the source checkpoint; choose another --out")
+    check_output(dst, "file", what="--out")  # read-only, a folder in the way: before loading anything
+    ckpt = _torch_load(src)
     model_dict = _model_config_dict(src, ckpt)
     use_ema = isinstance(ckpt.get("ema"), dict)
     state = ckpt["ema"] if use_ema else ckpt["model"]
@@ -524,10 +584,14 @@ def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, fp16: bool
     fold = ckpt.get("fold")
     if fold is None:
         fold = (cfg.get("train") or {}).get("fold")
+    check_output(dst, "file", need_bytes=sum(v.numel() * v.element_size() for v in state.values()), what="--out")
     weights_kind = "ema" if use_ema else ("model" if ckpt.get("format") != EXPORT_FORMAT else ckpt.get("weights", "model"))
+    from .version import CHECKPOINT_KEY
+
     return save_checkpoint(
         dst, format=EXPORT_FORMAT, format_version=EXPORT_VERSION, model=state, model_config=model_dict,
         config=config, fold=fold, weights=weights_kind,
+        trained_with=ckpt.get("trained_with") or ckpt.get(CHECKPOINT_KEY) or "unknown (no version stamp)",
         dtype="float16" if any(v.dtype == torch.float16 for v in state.values()) else "float32",
     )
 

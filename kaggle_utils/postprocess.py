@@ -150,6 +150,11 @@ class PostprocessConfig:
     CONFIG_ALIASES: ClassVar[dict[str, str]] = {"fill_holes": "fill_pinholes"}
 
     def __post_init__(self) -> None:
+        # probabilities: outside [0, 1] every voxel (or none) passes, an all-ones or all-empty submission
+        for name in ("threshold", "hysteresis_low", "hysteresis_high"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"postprocess.{name} must be a probability in [0, 1], got {value}")
         if (self.hysteresis_low is None) != (self.hysteresis_high is None):
             raise ValueError(
                 "postprocess.hysteresis_low and postprocess.hysteresis_high must be set together "

@@ -24,7 +24,6 @@ import logging
 import os
 import shutil
 import signal
-import tempfile
 import threading
 import time
 import warnings
@@ -35,8 +34,10 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from . import submission as _submission
+from .environment import check_gpu_supported
 from .data import DataError, MissingCodecError, atomic_path, load_index, mask_shape, normalize_intensity, \
-    read_volume, write_probs, write_volume
+    read_volume, write_volume
+from .probs import check_prob_format, write_probs
 from .submission import SUBMISSION_TIFF_COMPRESSION, SubmissionError, _as_mask, _check_id
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "resolve_device",
     "check_out_path",
     "load_models",
+    "trained_with",
 ]
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,12 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+def _version_stamp() -> str:
+    from .version import version_stamp
+
+    return version_stamp()
+
+
 @dataclass
 class PredictReport:
     """What :func:`predict_dataset` did.
@@ -108,6 +116,7 @@ class PredictReport:
         reused: ids whose mask was taken from the staging folder of an earlier, interrupted run
             (:func:`staging_dir`) instead of being predicted again.
         device: the device the models ran on.
+        code_version: the version stamp of the code that predicted (:func:`kaggle_utils.version.version_stamp`).
     """
 
     out_zip: Path
@@ -119,19 +128,20 @@ class PredictReport:
     notes: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
     device: str | None = None
+    code_version: str = field(default_factory=_version_stamp)
 
     def __str__(self) -> str:
         lines = [f"note: {n}" for n in self.notes]
         lines += [f"error: {vid}: {msg}" for vid, msg in self.errors.items()]
         lines.append(f"wrote {self.out_zip}: {self.n_volumes} volume(s) in {self.seconds:.0f} s, "
-                     f"{len(self.errors)} failed (submitted empty), validated")
+                     f"{len(self.errors)} failed (submitted empty), validated (kaggle_utils {self.code_version})")
         return "\n".join(lines)
 
     def to_json(self) -> dict:
         return {
             "out_zip": str(self.out_zip), "n_volumes": self.n_volumes, "seconds": self.seconds,
             "volumes": self.volumes, "errors": self.errors, "tta": _jsonable(self.tta), "notes": self.notes,
-            "reused": self.reused, "device": self.device,
+            "reused": self.reused, "device": self.device, "code_version": self.code_version,
         }
 
 
@@ -175,17 +185,12 @@ def check_out_path(out_zip: str | os.PathLike, save_probs: str | os.PathLike | N
     if parts.exists() and not parts.is_dir():
         raise PredictError(f"{parts}: exists and is not a folder; it is where finished masks are staged: remove it")
     if save_probs is not None:
-        folder = Path(save_probs)
+        from .outputs import OutputError, check_output
+
         try:
-            if folder.exists() and not folder.is_dir():
-                raise NotADirectoryError(20, "not a folder")
-            folder.mkdir(parents=True, exist_ok=True)
-            fd, probe = tempfile.mkstemp(prefix=".ku-write-test.", dir=folder)
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as exc:
-            raise PredictError(f"{folder}: cannot write probabilities (--save-probs) there "
-                               f"({type(exc).__name__}: {exc.strerror or exc})") from None
+            check_output(save_probs, "dir", what="--save-probs")
+        except OutputError as exc:
+            raise PredictError(f"cannot write probabilities there: {exc}") from None
     return out_zip
 
 
@@ -204,8 +209,8 @@ def load_models(checkpoints: Sequence[str | os.PathLike], device: str) -> tuple[
             raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint")
         try:
             model, cfg, ckpt = load_checkpoint(path, map_location="cpu")
-        except CheckpointError as exc:
-            raise CheckpointError(_without_unsafe_advice(str(exc))) from None
+        except CheckpointError:
+            raise  # models._torch_load words it; never torch's advice to unpickle with weights_only=False
         except Exception as exc:  # a config the model builder rejects, an odd 'model' entry, ...
             first = (str(exc).strip().splitlines() or [""])[0][:200]
             raise CheckpointError(f"{path}: cannot rebuild the model ({type(exc).__name__}: {first})") from None
@@ -214,15 +219,15 @@ def load_models(checkpoints: Sequence[str | os.PathLike], device: str) -> tuple[
         models.append(model.to(device).eval())
         cfgs.append(cfg or {})
         ckpts.append(ckpt)
+        log.info("predict: %s trained with kaggle_utils %s", path, trained_with(ckpt))
     return models, cfgs, ckpts
 
 
-def _without_unsafe_advice(message: str) -> str:
-    """Drop torch's advice to load with ``weights_only=False`` (it runs arbitrary code from the file)."""
-    if "weights_only" not in message:
-        return message
-    head = message.split("(", 1)[0].rstrip()
-    return f"{head} (it holds objects other than tensors and plain containers; re-export it with kaggle_utils)"
+def trained_with(ckpt: dict) -> str:
+    """The version stamp of the code that trained a checkpoint (an exported file keeps its training's)."""
+    from .version import CHECKPOINT_KEY
+
+    return str(ckpt.get("trained_with") or ckpt.get(CHECKPOINT_KEY) or "unknown (written before version stamps)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,6 +294,8 @@ class _Run:
     report: PredictReport
     staged: dict[str, Path] = field(default_factory=dict)
     empty_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    prefetch: int = 1  # volumes read ahead (0 when the memory budget has no room for them)
+    probs_format: str = "uint8"  # of save_probs (probs.PROB_FORMATS)
 
     def note(self, msg: str) -> None:
         """A note for the report, also warned about (and logged) at once."""
@@ -318,7 +325,7 @@ def _predict_one(run: _Run, rec: Any, loaded: Any, err: BaseException | None, ro
         if prob.shape != tuple(shape):
             raise RuntimeError(f"inference returned shape {prob.shape}, expected {tuple(shape)}")
         if run.probs_dir is not None:
-            write_probs(run.probs_dir, rec.id, rec.scroll_id, prob, run.fold)
+            write_probs(run.probs_dir, rec.id, rec.scroll_id, prob, run.fold, fmt=run.probs_format)
         mask = postprocess(prob, run.pp_cfg)
         del prob
         row["fg_fraction"] = float(mask.mean()) if mask.size else 0.0
@@ -356,15 +363,15 @@ def _fit_time_budget(run: _Run, since_change: list[float], remaining: int, secon
 
 def _predict_all(run: _Run, todo: list, time_limit_s: float, t_start: float, progress: bool) -> None:
     """Every record of ``todo`` through :func:`_predict_one`, next volume prefetched, TTA cut to the budget."""
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     def load(rec: Any) -> tuple[tuple[int, ...], np.ndarray]:
         vol = read_volume(rec.image_path)
         return vol.shape, normalize_intensity(vol, mode=run.normalization)
 
     since_change: list[float] = []
-    bar = tqdm(total=len(todo), desc="predict", unit="vol", disable=not progress)
-    volumes = _prefetch(todo, load)
+    bar = progress_bar(total=len(todo), desc="predict", unit="vol", enabled=progress)
+    volumes = _prefetch(todo, load, run.prefetch)
     try:
         for i, (rec, loaded, err) in enumerate(volumes):
             if isinstance(err, MissingCodecError):  # a setup problem that would empty every volume
@@ -455,8 +462,10 @@ def predict_dataset(
     tta: Any = None,
     device: str | None = None,
     save_probs: str | os.PathLike | None = None,
+    probs_format: str = "uint8",
     time_limit_s: float = DEFAULT_TIME_LIMIT_S,
     progress: bool = True,
+    memory_gb: float | None = None,
 ) -> PredictReport:
     """Predict every id of ``test.csv`` and write a validated ``submission.zip`` (see the module doc).
 
@@ -472,16 +481,21 @@ def predict_dataset(
         normalization: ``"zscore"`` | ``"fixed"``; overrides the checkpoint's (use with care).
         tta: TTA preset name or list of ``TTATransform`` overriding the inference config's.
         device: ``"cuda"``/``"cpu"``; default CUDA when available (:func:`resolve_device`).
-        save_probs: folder for per-volume ``{id}.npy`` (``float16 (Z, Y, X)``) + ``{id}.json`` sidecars.
+        save_probs: folder for per-volume probabilities + ``{id}.json`` sidecars (:func:`kaggle_utils.probs.write_probs`).
+        probs_format: ``"uint8"`` (compact ``{id}.npz``, default) or ``"float16"`` (``{id}.npy``).
         time_limit_s: wall-time budget; TTA passes are halved (:func:`plan_tta`) when the rest would not fit.
         progress: show a tqdm bar.
+        memory_gb: the memory budget in GiB; default 80 % of the free memory (:mod:`kaggle_utils.memory`).
+            The models, the volume being predicted and the one read ahead must fit it: without room for
+            the read-ahead it is turned off (a note), and a run that cannot fit at all stops before any
+            volume (:class:`PredictError` naming what to lower).
 
     Returns:
         :class:`PredictReport`. A volume that fails is submitted all-zero (in the shape the scorer
         reads from its image), its error in ``report.errors`` and one :class:`PredictWarning`.
 
     Raises:
-        PredictError: no GPU for ``device="cuda"`` (before any work).
+        PredictError: no GPU for ``device="cuda"``, or the memory budget too small (before any volume).
         OutputPathError: ``out_zip`` is a folder or not writable (before any work).
         CheckpointError: a checkpoint is missing, empty, truncated, not a kaggle_utils checkpoint or
             does not fit its architecture (before any volume is read).
@@ -492,13 +506,20 @@ def predict_dataset(
         DataError: ``data_dir`` is not a readable competition folder.
         Interrupted: SIGTERM/SIGINT; temp files removed, staged masks kept.
     """
+    from .memory import read_machine_memory
+
     t_start = time.perf_counter()
+    machine = read_machine_memory()  # before the models are loaded: the budget is shared with them
     _check_sources(checkpoints, models, data_dir)
+    check_prob_format(probs_format, "predict_dataset: probs_format")
     device = resolve_device(device)
+    check_gpu_supported(device)  # UnsupportedGPUError: e.g. a P100 with a cu128 torch, before any work
     out_zip = check_out_path(out_zip, save_probs)
     index = load_index(data_dir, "test")
     run = _new_run(checkpoints, models, normalization, device, inference_cfg, postprocess_cfg, tta,
                    out_zip, save_probs, len(index.records))
+    run.prefetch = _plan_memory(run, index.records, machine, memory_gb)
+    run.probs_format = probs_format
     with _SignalGuard():
         todo = _stage_reusable(run, index, out_zip)
         _predict_todo(run, todo, time_limit_s, t_start, progress)
@@ -509,6 +530,31 @@ def predict_dataset(
     if run.report.errors:
         _warn_once(f"{len(run.report.errors)} volume(s) failed and were submitted empty: {sorted(run.report.errors)}")
     return run.report
+
+
+def _plan_memory(run: _Run, records: Sequence, machine: Any, memory_gb: float | None) -> int:
+    """Volumes to read ahead under the memory budget (:func:`kaggle_utils.memory.plan_predict_memory`),
+    logged in one line; :class:`PredictError` when the models and the largest test volume cannot fit."""
+    from .memory import PredictMemoryInputs, budget_bytes, fmt_bytes, plan_predict_memory
+
+    voxels = 0
+    for rec in records:
+        try:
+            voxels = max(voxels, int(np.prod(mask_shape(rec.image_path))))
+        except DataError:
+            continue  # that volume fails on its own when it is read
+    model_bytes = sum(int(p.numel()) * 4 for m in run.models for p in getattr(m, "parameters", lambda: [])())
+    x = PredictMemoryInputs(n_models=len(run.models), model_bytes=model_bytes, voxels=voxels, prefetch=run.prefetch,
+                            on_gpu=str(run.device).startswith("cuda"))
+    budget, source = budget_bytes(machine, override_gb=memory_gb)
+    depth, costs, problem = plan_predict_memory(x, budget, source)
+    if problem is not None:
+        raise PredictError(problem)
+    log.info("predict memory: %s; %s of a %s budget (%s)", ", ".join(f"{k} {fmt_bytes(v)}" for k, v in costs.items()),
+             fmt_bytes(sum(costs.values())), fmt_bytes(budget), source)
+    if depth < run.prefetch:
+        run.note(f"memory: no room to read the next volume ahead ({fmt_bytes(budget)} budget); reading in turn")
+    return depth
 
 
 def _check_sources(checkpoints: Any, models: Any, data_dir: Any) -> None:
@@ -523,9 +569,12 @@ def _new_run(checkpoints: Any, models: Any, normalization: str | None, device: s
              postprocess_cfg: Any, tta: Any, out_zip: Path, save_probs: str | os.PathLike | None,
              n_volumes: int) -> _Run:
     """Load the models and settings (:func:`_setup`) into a fresh :class:`_Run` staging in ``<out_zip>.parts/``."""
+    from .version import version_stamp
+
     model_list, norm, fold, settings, pp_cfg, tta = _setup(checkpoints, models, normalization, device,
                                                            inference_cfg, postprocess_cfg, tta)
-    log.info("predict: %d model(s) on %s, %d test volume(s)", len(model_list), device, n_volumes)
+    log.info("predict: kaggle_utils %s, %d model(s) on %s, %d test volume(s)", version_stamp(), len(model_list),
+             device, n_volumes)
     probs_dir = Path(save_probs) if save_probs is not None else None
     return _Run(model_list, settings, tta, norm, pp_cfg, device, fold, staging_dir(out_zip), probs_dir,
                 PredictReport(out_zip=out_zip, tta=tta, device=device))
@@ -662,10 +711,11 @@ def _build_postprocess_cfg(postprocess_cfg: Any, cfgs: list[dict]):
     return from_dict(PostprocessConfig, section, "postprocess")
 
 
-def _prefetch(records: Sequence, load: Callable[[Any], Any]) -> Iterator[tuple[Any, Any, BaseException | None]]:
-    """Yield ``(record, load(record), error)``; the next record loads in a background thread
-    (:class:`~kaggle_utils.inference.VolumePrefetcher`). A failing load is yielded as its error
-    instead of ending the iteration."""
+def _prefetch(records: Sequence, load: Callable[[Any], Any], depth: int = 1
+              ) -> Iterator[tuple[Any, Any, BaseException | None]]:
+    """Yield ``(record, load(record), error)``; the next ``depth`` records load in a background thread
+    (:class:`~kaggle_utils.inference.VolumePrefetcher`; ``depth`` 0: in turn, no thread). A failing load
+    is yielded as its error instead of ending the iteration."""
     from .inference import VolumePrefetcher
 
     def safe(i: int):
@@ -674,7 +724,12 @@ def _prefetch(records: Sequence, load: Callable[[Any], Any]) -> Iterator[tuple[A
         except Exception as exc:  # reported per volume, never kills the run
             return None, exc
 
-    prefetcher = VolumePrefetcher(safe, range(len(records)), depth=1)
+    if depth < 1:
+        for i in range(len(records)):
+            loaded, err = safe(i)
+            yield records[i], loaded, err
+        return
+    prefetcher = VolumePrefetcher(safe, range(len(records)), depth=depth)
     try:
         for i, (loaded, err) in prefetcher:
             yield records[i], loaded, err

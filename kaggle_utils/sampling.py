@@ -44,6 +44,7 @@ from .data import (
     IntensityStats,
     VolumeRecord,
     atomic_path,
+    check_tiff_header,
     intensity_stats,
     normalize_intensity,
     read_label,
@@ -55,6 +56,7 @@ __all__ = [
     "AugmentConfig",
     "CachedVolume",
     "VolumeCache",
+    "default_cache",
     "PatchDataset",
     "EpochSampler",
     "augment_batch",
@@ -105,9 +107,16 @@ class SamplerConfig:
         max_tries: draws per item before the patch with the lowest ignore share seen is kept.
         balance_scrolls: pick a scroll uniformly first, then one of its volumes (otherwise every
             volume is equally likely, so a scroll with 382 volumes dominates one with 13).
-        cache_bytes: bound of the in-memory volume cache (LRU by bytes; per DataLoader worker).
+        cache_bytes: bound of the in-memory volume cache (LRU by bytes; per DataLoader worker);
+            ``None`` (the default): ``train`` gives each worker its share of the run's memory budget
+            (:mod:`kaggle_utils.memory`), and a dataset built outside ``train`` takes
+            :data:`~kaggle_utils.memory.DEFAULT_CACHE_BYTES`.
         cache_dir: folder for decoded volumes as memory-mapped ``.npy`` files (shared by workers
             through the OS page cache; survives restarts). ``None`` keeps volumes in memory only.
+        prepared: folder(s) of a cache written by ``python -m kaggle_utils prepare`` (a path or a
+            list, e.g. one per attached dataset): patches are cut from its memory-mapped arrays,
+            nothing is decoded (:class:`~kaggle_utils.prepare.PreparedVolumes`); ``cache_bytes``
+            then bounds only labels of a cache prepared without them.
         normalization: ``"zscore"`` or ``"fixed"``, passed to ``data.normalize_intensity``.
         surface_points: at most this many surface voxel coordinates kept per volume (a
             deterministic subsample) for surface-centred sampling.
@@ -121,8 +130,9 @@ class SamplerConfig:
     max_ignore_share: float = 0.9
     max_tries: int = 10
     balance_scrolls: bool = False
-    cache_bytes: int = 8 * 1024**3
+    cache_bytes: int | None = None
     cache_dir: str | None = None
+    prepared: str | list[str] | None = None
     normalization: str = "zscore"
     surface_points: int = 50_000
     ignore_label: int = IGNORE_LABEL
@@ -143,8 +153,13 @@ class SamplerConfig:
             raise ValueError(f"sampler.center_jitter must be in [0, 0.5], got {self.center_jitter}")
         if self.max_tries < 1:
             raise ValueError(f"sampler.max_tries must be >= 1, got {self.max_tries}")
-        if self.cache_bytes < 0:
-            raise ValueError(f"sampler.cache_bytes must be >= 0, got {self.cache_bytes}")
+        if self.cache_bytes is not None and self.cache_bytes < 0:
+            raise ValueError(f"sampler.cache_bytes must be >= 0 (or null: a share of the memory budget), "
+                             f"got {self.cache_bytes}")
+        if isinstance(self.prepared, str):
+            self.prepared = [self.prepared]
+        if self.prepared is not None and not self.prepared:
+            self.prepared = None
         if self.normalization not in _NORMALIZATION_MODES:
             raise ValueError(
                 f"sampler.normalization must be one of {list(_NORMALIZATION_MODES)}, got {self.normalization!r}"
@@ -346,6 +361,21 @@ class VolumeCache:
         with atomic_path(meta_p) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, stamp=stamp, stats=np.array([s.lo, s.hi, s.mean, s.std]), surface=vol.surface)
         return CachedVolume(np.load(img_p, mmap_mode="r"), np.load(lbl_p, mmap_mode="r"), vol.stats, vol.surface)
+
+
+def default_cache(cfg: SamplerConfig, cache_bytes: int | None = None):
+    """The volume source ``cfg`` asks for: :class:`~kaggle_utils.prepare.PreparedVolumes` over
+    ``cfg.prepared``, else a :class:`VolumeCache` of ``cache_bytes`` (default ``cfg.cache_bytes``, and
+    :data:`~kaggle_utils.memory.DEFAULT_CACHE_BYTES` when that is ``None``)."""
+    from .memory import DEFAULT_CACHE_BYTES
+
+    size = cache_bytes if cache_bytes is not None else cfg.cache_bytes
+    size = DEFAULT_CACHE_BYTES if size is None else int(size)
+    if cfg.prepared:
+        from .prepare import PreparedVolumes  # lazy: prepare builds on this module
+
+        return PreparedVolumes(cfg.prepared, cfg.surface_points, label_cache_bytes=size)
+    return VolumeCache(size, cfg.cache_dir, cfg.surface_points)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -685,7 +715,9 @@ class PatchDataset(Dataset):
         seed: base seed.
         augment: :class:`AugmentConfig` applied per sample on the CPU, or ``None`` (e.g. when
             augmenting whole batches on the GPU with :func:`augment_batch`).
-        cache: a :class:`VolumeCache` to share; built from ``cfg`` when ``None``.
+        cache: a :class:`VolumeCache` (or :class:`~kaggle_utils.prepare.PreparedVolumes`) to share;
+            built from ``cfg`` when ``None`` (``cfg.prepared`` opens the prepared cache, without
+            checking it against the data folder: ``train`` does that).
 
     Items:
         ``(image, label, meta)``: image ``float32 (1, Z, Y, X)`` tensor (normalized),
@@ -705,7 +737,7 @@ class PatchDataset(Dataset):
         self.seed = int(seed)
         self.augment = augment
         self.epoch = 0
-        self.cache = cache if cache is not None else VolumeCache(cfg.cache_bytes, cfg.cache_dir, cfg.surface_points)
+        self.cache = cache if cache is not None else default_cache(cfg)
         groups: dict[str, list[int]] = {}
         for i, r in enumerate(self.records):
             groups.setdefault(r.scroll_id, []).append(i)
@@ -913,30 +945,21 @@ def make_loader(dataset: PatchDataset, batch_size: int = 2, num_workers: int = 2
                        worker_init_fn=seed_worker, pin_memory=pin_memory, drop_last=drop_last, **kwargs)
 
 
-def _tiff_shape(path: str | os.PathLike) -> tuple[int, ...] | None:
-    """Shape of a TIFF volume from its header (no decoding), or ``None`` when it cannot be told."""
-    import tifffile
-
-    try:
-        with tifffile.TiffFile(path) as tif:
-            return tuple(int(n) for n in tif.series[0].shape)
-    except Exception:  # noqa: BLE001 - unreadable headers are reported when the volume is read
-        return None
-
-
 def _check_record(record: VolumeRecord) -> None:
+    """The per-id checks of ``check-data`` at train start: the image from its headers (a truncated file is a
+    "corrupt TIFF" naming it, before its label is compared with it), the label decoded, their shapes."""
     if record.label_path is None:
         raise DataError(f"{record.image_path}: id {record.id!r} has no label file; patches need labels")
+    shape = check_tiff_header(record.image_path)  # DataError: corrupt/truncated, not 3D, not uint8
     label = read_label(record.label_path)  # DataError: unreadable, or values outside {0, 1, 2}
-    shape = _tiff_shape(record.image_path)
-    if shape is not None and shape != label.shape:
+    if shape != label.shape:
         raise DataError(f"{record.label_path}: label shape {tuple(label.shape)} != image shape {shape} "
                         f"({record.image_path})")
 
 
 def check_labels(records: Sequence[VolumeRecord], workers: int = 1, progress: bool = True,
                  desc: str = "check labels") -> int:
-    """Read every label once before training: readable, values in ``{0, 1, 2}``, the image's shape.
+    """Check every volume once before training: image headers intact, label values in ``{0, 1, 2}``, same shape.
 
     A bad label otherwise surfaces only when a patch of it is first drawn, possibly hours into a
     run; this finds it in a few minutes (one LZW decode per label; the images' shapes come from
@@ -956,10 +979,10 @@ def check_labels(records: Sequence[VolumeRecord], workers: int = 1, progress: bo
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     records = list(records)
-    bar = tqdm(total=len(records), desc=desc, unit="label", leave=False, disable=not progress)
+    bar = progress_bar(total=len(records), desc=desc, unit="label", leave=False, enabled=progress)
     try:
         if workers <= 1 or len(records) <= 1:
             for rec in records:

@@ -112,23 +112,16 @@ def check_out_zip(out_zip: str | os.PathLike) -> Path:
     Raises:
         OutputPathError: ``out_zip`` is a folder, its parent is a file, or the folder is not writable.
     """
-    import tempfile
+    from .outputs import OutputError, check_output
 
     out_zip = Path(out_zip)
     if out_zip.is_dir():
         raise OutputPathError(f"{out_zip}: is a folder; --out must be the zip file to write, "
                               f"e.g. {out_zip / 'submission.zip'}")
-    folder = out_zip.parent
-    if folder.exists() and not folder.is_dir():
-        raise OutputPathError(f"{out_zip}: {folder} is a file, not a folder")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=f".{out_zip.name}.", suffix=".tmp", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise OutputPathError(f"{out_zip}: cannot write there ({type(exc).__name__}: {exc.strerror or exc})") from None
-    return out_zip
+        return check_output(out_zip, "file", what="--out")  # the shared check: writable, parents, free space
+    except OutputError as exc:
+        raise OutputPathError(str(exc)) from None
 
 
 def write_submission(

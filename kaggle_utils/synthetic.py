@@ -621,6 +621,7 @@ def generate_dataset(
     n_scrolls: int = 4,
     seed: int = 0,
     test_labels: bool = True,
+    progress: bool = True,
 ) -> Path:
     """Write a synthetic dataset in the competition layout.
 
@@ -639,6 +640,7 @@ def generate_dataset(
         seed: random seed; the same arguments give byte-identical files.
         test_labels: also write the hidden answers of the test volumes to ``test_labels/{id}.tif``
             (not part of Kaggle's layout; lets ``score`` grade a synthetic ``submission.zip``).
+        progress: a progress bar (:func:`kaggle_utils.progress.progress_bar`: only where someone watches).
 
     Returns:
         ``Path(out)``.
@@ -652,7 +654,7 @@ def generate_dataset(
     _prepare_folders(root, folders, splits)
     if not n_test:
         (root / "test.csv").unlink(missing_ok=True)
-    _write_splits(root, folders, splits, vol_seeds, styles)
+    _write_splits(root, folders, splits, vol_seeds, styles, progress)
     return root
 
 
@@ -722,12 +724,13 @@ def _write_splits(
     splits: list[_Split],
     vol_seeds: np.ndarray,
     styles: dict[str, ScrollStyle],
+    progress: bool = True,
 ) -> None:
     """Make and write every volume (and label, where the split has a label folder), then each ``{split}.csv``."""
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     i = 0
-    with tqdm(total=len(vol_seeds), desc="synth", unit="vol") as bar:
+    with progress_bar(total=len(vol_seeds), desc="synth", unit="vol", enabled=progress) as bar:
         for split, vids, sids, shapes in splits:
             img_dir, lbl_dir = folders[split]
             for vid, sid, shape in zip(vids, sids, shapes):

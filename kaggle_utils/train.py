@@ -19,8 +19,9 @@
   (one row per epoch) and ``val_volumes.jsonl`` (one row per validated volume and validation);
 * at the end, out-of-fold probabilities of the validation volumes from ``best.pt``, predicted with
   the ``inference`` settings (window, overlap, blending, TTA) as a submission would, in
-  ``RUN_DIR/oof/`` (``{id}.npy`` float16 ``(Z, Y, X)`` + ``{id}.json`` with ``id``, ``scroll_id``,
-  ``fold``, ``shape``, ``epoch``), for threshold/post-processing tuning.
+  ``RUN_DIR/oof/`` (``{id}.npz`` with uint8 codes ``round(p * 255)``, or ``{id}.npy`` float16 ``(Z, Y, X)``
+  with ``validation.oof_format: float16``; + ``{id}.json`` with ``id``, ``scroll_id``, ``fold``, ``shape``,
+  ``epoch``; :mod:`kaggle_utils.probs`), for threshold/post-processing tuning.
 
 Under ``torchrun --nproc_per_node N`` the same call uses DistributedDataParallel (NCCL on GPUs,
 gloo on CPU): every rank draws its own patches, rank 0 validates, logs and writes checkpoints.
@@ -77,13 +78,14 @@ from torch import nn
 
 from .config import ConfigError, canonical_dict, to_dict
 from .data import IGNORE_LABEL, DataError, atomic_path, load_index, normalize_intensity, read_label, read_volume, \
-    make_folds, split_fold, write_probs
+    make_folds, split_fold
 from .diagnostics import CollapseGuard, CollapseVerdict
-from .environment import warn_slow_conv3d_amp
+from .environment import check_gpu_supported, warn_slow_conv3d_amp
 from .inference import InferenceConfig, resolve_amp_dtype
 from .losses import build_loss
 from .models import build_model, model_divisor, save_checkpoint, set_deep_supervision
-from .sampling import PatchDataset, augment_batch, check_labels, make_loader
+from .probs import write_probs
+from .sampling import PatchDataset, augment_batch, check_labels, default_cache, make_loader
 from .train_config import LABEL_MODES, LoopConfig, OptimConfig, TrainConfig, ValidationConfig, load_train_config
 
 __all__ = [
@@ -161,6 +163,12 @@ def apply_label_mode(label: torch.Tensor, mode: str) -> torch.Tensor:
     raise ValueError(f"train.label_mode: must be one of {list(LABEL_MODES)}, got {mode!r}")
 
 
+#: With a time budget the warm-up ends by this share of the training phase at the latest (however
+#: few steps that is), so that the rest of the budget anneals: a budget shorter than
+#: ``optim.warmup_epochs`` ended at 94 % of the peak LR before (issue 25).
+BUDGET_WARMUP_SHARE = 0.1
+
+
 class LRSchedule:
     """The whole learning-rate schedule, stepped once per optimizer step: linear warmup, then
     cosine, poly, plateau or constant (``optim.schedule``).
@@ -172,7 +180,8 @@ class LRSchedule:
 
     With ``budget_s`` (a time budget for the training phase) ``t``, the fraction of the run done, is
     the elapsed fraction of the budget (:meth:`elapsed`, carried across resumes) instead of
-    ``step / total_steps``. Has ``state_dict``/``load_state_dict`` of plain numbers for checkpoints.
+    ``step / total_steps``, and the warm-up ends by :data:`BUDGET_WARMUP_SHARE` of the budget at
+    the latest (:meth:`warmup_done`). Has ``state_dict``/``load_state_dict`` of plain numbers for checkpoints.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int, epochs: int,
@@ -202,12 +211,24 @@ class LRSchedule:
         s = self.step_count if step is None else step
         return min(1.0, max(0.0, (s - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)))
 
+    def warmup_done(self, step: int | None = None) -> float:
+        """Share of the warm-up done, in [0, 1]: steps over ``warmup_steps``; with a budget, also the
+        elapsed time over :data:`BUDGET_WARMUP_SHARE` of it, whichever is further (a short budget
+        still warms up, then anneals, instead of ending inside a warm-up counted in steps)."""
+        if self.warmup_steps <= 0:
+            return 1.0
+        done = (self.step_count if step is None else step) / self.warmup_steps
+        if self.budget_s is not None:
+            done = max(done, self.elapsed() / (BUDGET_WARMUP_SHARE * max(self.budget_s, 1e-9)))
+        return min(1.0, done)
+
     def factor(self, step: int | None = None) -> float:
         """Multiplier of ``optim.lr`` at optimizer step ``step`` (default: the current one)."""
         s = self.step_count if step is None else step
         c = self.cfg
-        if self.warmup_steps > 0 and s < self.warmup_steps:
-            return 0.01 + 0.99 * s / self.warmup_steps
+        warm = self.warmup_done(s)
+        if warm < 1.0:
+            return 0.01 + 0.99 * warm
         if c.schedule == "cosine":
             t = self.fraction(s)
             return c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
@@ -364,17 +385,34 @@ def validation_verdict(rows: list[dict], vc: ValidationConfig) -> CollapseVerdic
     prob_std = [r["prob_std"] for r in rows] if all("prob_std" in r for r in rows) else None
     return collapse_verdict([r["fg"] for r in rows], [r["label_fg"] for r in rows], prob_std=prob_std,
                             max_ratio=vc.collapse_max_ratio, max_fg=vc.collapse_max_fg,
-                            recover_ratio=vc.collapse_recover_ratio)
+                            recover_ratio=vc.collapse_recover_ratio, under_ratio=vc.collapse_min_ratio)
+
+
+def _read_pair(rec: Any, source: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """``uint8 (Z, Y, X)`` image and label of ``rec``: from a prepared cache (``source``, a
+    :class:`~kaggle_utils.prepare.PreparedVolumes`) when it holds the volume, else decoded from the TIFFs."""
+    if source is not None and rec.id in source:
+        return np.asarray(source.image(rec.id)), np.asarray(source.label(rec))
+    return read_volume(rec.image_path), read_label(rec.label_path)
+
+
+def _read_image(rec: Any, source: Any = None) -> np.ndarray:
+    """``uint8 (Z, Y, X)`` image of ``rec``, from a prepared cache when it holds it (see :func:`_read_pair`)."""
+    if source is not None and rec.id in source:
+        return np.asarray(source.image(rec.id))
+    return read_volume(rec.image_path)
 
 
 def validate_volumes(model: nn.Module, records: list, cfg: TrainConfig, device: torch.device,
-                     progress: bool = False) -> tuple[dict, list[dict]]:
+                     progress: bool = False, source: Any = None) -> tuple[dict, list[dict]]:
     """Validate on whole volumes: sliding window → postprocess → Dice / foreground share / score.
 
     Args:
         model: network (put in eval mode; the caller restores train mode).
         records: ``VolumeRecord`` s with labels.
         cfg: the run's :class:`TrainConfig` (``validation``, ``postprocess``, ``inference``).
+        source: a prepared cache (:class:`~kaggle_utils.prepare.PreparedVolumes`) to read the volumes
+            it holds from (memory-mapped, not decoded); ``None`` reads the TIFFs.
 
     Returns:
         ``(summary, per_volume)``: summary keys ``val_dice`` (mean over volumes, Dice of label 1 on
@@ -385,15 +423,15 @@ def validate_volumes(model: nn.Module, records: list, cfg: TrainConfig, device: 
         run's :class:`~kaggle_utils.diagnostics.CollapseGuard` verdict), ``collapse_reasons``;
         per_volume one dict per volume with the same numbers.
     """
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     from .diagnostics import fg_fraction, surface_share
     from .metrics import score_volume
     from .postprocess import postprocess
 
     rows: list[dict] = []
-    for i, rec in enumerate(tqdm(records, desc="validate", unit="vol", leave=False, disable=not progress)):
-        image, label = read_volume(rec.image_path), read_label(rec.label_path)
+    for i, rec in enumerate(progress_bar(records, desc="validate", unit="vol", leave=False, enabled=progress)):
+        image, label = _read_pair(rec, source)
         t_predict = time.monotonic()
         prob = _predict(model, image, cfg, device)
         t_predict = time.monotonic() - t_predict
@@ -465,9 +503,9 @@ class TrainResult:
     collapse_guard: dict | None = None
 
     def __str__(self) -> str:
-        best = "-" if self.best_score is None else f"{self.best_score:.4f}"
-        text = (f"fold {self.fold}: {self.stopped} after {self.epochs_completed} epoch(s), best {best} at epoch "
-                f"{self.best_epoch}; {self.run_dir}")
+        best = ("no validation score, last.pt is the model" if self.best_score is None
+                else f"best {self.best_score:.4f} at epoch {self.best_epoch}")
+        text = f"fold {self.fold}: {self.stopped} after {self.epochs_completed} epoch(s), {best}; {self.run_dir}"
         return text + (f"\n  {self.collapse_summary}" if self.collapse_summary else "")
 
     @property
@@ -674,14 +712,14 @@ class _Dist:
 
 
 def _write_oof(model: nn.Module, records: list, cfg: TrainConfig, device: torch.device, run_dir: Path,
-               fold: int, epoch: int | None, progress: bool) -> Path:
-    from tqdm.auto import tqdm
+               fold: int, epoch: int | None, progress: bool, source: Any = None) -> Path:
+    from .progress import progress_bar
 
     oof = run_dir / "oof"
     oof.mkdir(parents=True, exist_ok=True)
-    for rec in tqdm(records, desc="oof", unit="vol", leave=False, disable=not progress):
-        prob = _predict(model, read_volume(rec.image_path), cfg, device, final=True)
-        write_probs(oof, rec.id, rec.scroll_id, prob, fold,
+    for rec in progress_bar(records, desc="oof", unit="vol", leave=False, enabled=progress):
+        prob = _predict(model, _read_image(rec, source), cfg, device, final=True)
+        write_probs(oof, rec.id, rec.scroll_id, prob, fold, fmt=cfg.validation.oof_format,
                     checkpoint="best.pt" if epoch is not None else "last.pt", epoch=epoch)
     return oof
 
@@ -700,8 +738,11 @@ _BROADCAST_REASONS: tuple[StopReason | None, ...] = (None, StopReason.COLLAPSE, 
 # resumes under the current rule)
 RESUME_SAFE_KEYS = frozenset({"train.time_limit_s", "train.num_workers", "train.check_labels", "train.init_from",
                               "sampler.cache_bytes", "sampler.cache_dir", "validation.write_oof",
+                              "validation.oof_format",
+                              "sampler.prepared", "train.memory_gb", "train.memory_fraction",
                               "validation.collapse_max_ratio", "validation.collapse_max_fg",
-                              "validation.collapse_recover_ratio", "validation.collapse_stop_after"})
+                              "validation.collapse_recover_ratio", "validation.collapse_stop_after",
+                              "validation.collapse_min_ratio"})
 
 
 @dataclass
@@ -730,6 +771,9 @@ class RunState:
             budgeted run validates after its first epoch until one has, so that the final validation
             and out-of-fold pass are planned from a measurement, not from ``train.budget_reserve``.
         progress: tqdm bars.
+        prepared: the prepared cache (:class:`~kaggle_utils.prepare.PreparedVolumes`) patches, validation and
+            out-of-fold volumes are read from (``sampler.prepared``), or ``None``.
+        memory: the run's :class:`~kaggle_utils.memory.MemoryPlan` (printed at start).
     """
 
     cfg: TrainConfig
@@ -762,6 +806,8 @@ class RunState:
     budget: float | None = None
     budget_done: bool = False
     budget_planned: bool = False
+    prepared: Any = None
+    memory: Any = None
 
     @property
     def device(self) -> torch.device:
@@ -878,9 +924,31 @@ def config_differences(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
     return [(k, a[k], b[k]) for k in sorted(set(a) & set(b)) if a[k] != b[k]]
 
 
+def _open_prepared(cfg: TrainConfig, train_idx: Any, val_idx: Any, dist: _Dist) -> Any:
+    """The prepared cache of ``sampler.prepared`` checked against the data folder (every training volume
+    prepared, from the same TIFFs; held-out volumes it lacks are read from the TIFFs), or ``None``."""
+    if not cfg.sampler.prepared:
+        return None
+    from .prepare import open_prepared
+
+    prepared = open_prepared(cfg.sampler.prepared, train_idx, cfg.sampler.surface_points)
+    held = list({r.id: r for r in val_idx if r.id in prepared}.values())
+    val_idx = {r.id for r in val_idx}
+    prepared.check(held)
+    if dist.main:
+        kinds = sorted({prepared.entries[r.id]["labels"] for r in train_idx})
+        logger.info(f"prepared cache {', '.join(map(str, prepared.folders))}: {len(train_idx)} training and "
+                    f"{len(held)} of {len(val_idx)} held-out volume(s) memory-mapped (labels {'/'.join(kinds)}, "
+                    f"checked by prepare)")
+    return prepared
+
+
 def _load_data(cfg: TrainConfig, data_dir: str | os.PathLike, fold: int, dist: _Dist,
-               progress: bool) -> tuple[Any, Any, list]:
-    """Split the data and (``train.check_labels``) read every label of the run once, on rank 0."""
+               progress: bool) -> tuple[Any, Any, list, Any]:
+    """Split the data, open the prepared cache (``sampler.prepared``) and (``train.check_labels``) check
+    every id of the run it does not hold once, on rank 0: image headers, labels, shapes
+    (``sampling.check_labels``), including held-out volumes beyond ``validation.n_volumes`` (their
+    out-of-fold probabilities are written at the end); ``(train, held out, validated, prepared)``."""
     index = load_index(data_dir, "train")
     train_idx, val_idx = split_train_val(index, fold, cfg.train.n_folds)
     vc = cfg.validation
@@ -891,39 +959,74 @@ def _load_data(cfg: TrainConfig, data_dir: str | os.PathLike, fold: int, dist: _
             raise ConfigError(f"validation.ids: {missing[:5]} not in {data_dir}/train.csv")
         candidates = list(index.subset(vc.ids))
     val_records = candidates[: vc.n_volumes] if vc.n_volumes is not None else candidates
-    if cfg.train.check_labels:
+    prepared = _open_prepared(cfg, train_idx, list(val_idx) + val_records, dist)
+    every = {r.id: r for r in [*train_idx, *val_idx, *val_records]}  # every id the run reads
+    to_check = [r for r in every.values() if prepared is None or r.id not in prepared]
+    if cfg.train.check_labels and to_check:
         error: DataError | None = None
         if dist.main:
             t0 = time.monotonic()
             try:
-                n = check_labels(list(train_idx) + val_records, workers=max(1, cfg.train.num_workers),
-                                 progress=progress)
+                n = check_labels(to_check, workers=max(1, cfg.train.num_workers), progress=progress)
                 logger.info(f"checked {n} label(s) in {time.monotonic() - t0:.1f}s (train.check_labels)")
             except DataError as exc:
                 error = exc
         if dist.broadcast_flag(int(error is not None)):
             raise error if error is not None else DataError("rank 0 found a bad label (its message is above)")
-    return train_idx, val_idx, val_records
+    return train_idx, val_idx, val_records, prepared
+
+
+def _plan_memory(cfg: TrainConfig, train_idx: Any, val_records: list, prepared: Any, model: nn.Module,
+                 dist: _Dist) -> Any:
+    """The run's :class:`~kaggle_utils.memory.MemoryPlan` (rank 0 reads the machine's memory; every rank
+    plans with its budget), logged in one line; :class:`~kaggle_utils.memory.MemoryBudgetError` when
+    the configuration cannot fit."""
+    from .memory import (MemoryBudgetError, budget_bytes, plan_train_memory, read_machine_memory,
+                         train_memory_inputs, volume_shapes)
+
+    tc = cfg.train
+    records = list(train_idx) + list(val_records)
+    shapes = volume_shapes(records, prepared)
+    labels = None
+    if prepared is not None:
+        labels = "none" if any(prepared.entries[r.id]["labels"] == "none" for r in train_idx) else "npy"
+    model_bytes = sum(p.numel() * 4 for p in model.parameters())
+    x = train_memory_inputs(cfg, [r.id for r in train_idx], [r.id for r in val_records], shapes, model_bytes,
+                            dist.world, dist.device.type == "cuda", labels)
+    budget, source = 0, ""
+    if dist.main:
+        budget, source = budget_bytes(read_machine_memory(), tc.memory_fraction, tc.memory_gb)
+    budget = int(dist.broadcast(float(budget)))
+    plan = plan_train_memory(x, budget, source)
+    if dist.main:
+        logger.info(plan.line())
+    if not plan.fits:
+        raise MemoryBudgetError(plan.problem)
+    return plan
 
 
 def _set_up(cfg: TrainConfig, data_dir: str | os.PathLike, run_dir: Path, fold: int | str, dist: _Dist,
             limit: float | None, t_start: float, progress: bool) -> RunState:
     """Data, loader, model, loss, optimizer, schedule, scaler and EMA of a fresh run (seeded by ``train.seed``)."""
     tc, dev = cfg.train, dist.device
+    check_gpu_supported(dev)  # a P100 with a cu128 torch: one line now, not a CUDA error at the first op
     if dev.type == "cuda":
         torch.backends.cudnn.deterministic = tc.deterministic
         torch.backends.cudnn.benchmark = not tc.deterministic
-    train_idx, val_idx, val_records = _load_data(cfg, data_dir, fold, dist, progress)
-    dataset = PatchDataset(train_idx, cfg.sampler, seed=tc.seed * 1000 + dist.rank)
-    loader = make_loader(dataset, batch_size=tc.batch_size, num_workers=tc.num_workers, pin_memory=dev.type == "cuda")
-    steps_per_epoch = math.ceil(len(loader) / cfg.optim.accumulate)
-
+    train_idx, val_idx, val_records, prepared = _load_data(cfg, data_dir, fold, dist, progress)
     _seed_everything(tc.seed)
     model = build_model(cfg.model)
+    memory = _plan_memory(cfg, train_idx, val_records, prepared, model, dist)
+    if prepared is not None:
+        prepared.label_cache_bytes = memory.cache_per_worker
+    dataset = PatchDataset(train_idx, cfg.sampler, seed=tc.seed * 1000 + dist.rank,
+                           cache=prepared if prepared is not None else default_cache(cfg.sampler, memory.cache_per_worker))
+    loader = make_loader(dataset, batch_size=tc.batch_size, num_workers=tc.num_workers, pin_memory=dev.type == "cuda")
+    steps_per_epoch = math.ceil(len(loader) / cfg.optim.accumulate)
     if tc.init_from:
         _init_from(model, cfg, tc.init_from)
     set_deep_supervision(model, cfg.loss.deep_supervision)
-    model = model.to(dev)
+    model = model.to(dev, memory_format=torch.channels_last_3d) if tc.channels_last else model.to(dev)
     if dist.main:
         warn_slow_conv3d_amp(dev, resolve_amp_dtype(tc.amp, dev) is not None)
     loss_fn = build_loss(cfg.loss).to(dev)
@@ -941,7 +1044,37 @@ def _set_up(cfg: TrainConfig, data_dir: str | os.PathLike, run_dir: Path, fold: 
     return RunState(cfg=cfg, fold=fold, run_dir=run_dir, dist=dist, train_idx=train_idx, val_idx=val_idx,
                     val_records=val_records, dataset=dataset, loader=loader, model=model, train_model=model,
                     loss_fn=loss_fn, optimizer=optimizer, schedule=schedule, scaler=scaler, ema=ema,
-                    t_start=t_start, limit=limit, progress=progress, budget=budget)
+                    t_start=t_start, limit=limit, progress=progress, budget=budget, prepared=prepared, memory=memory)
+
+
+def checkpoint_bytes(cfg: TrainConfig) -> int:
+    """About how many bytes one ``last.pt``/``best.pt`` of this config takes, without building real weights.
+
+    The network is built on torch's ``meta`` device (shapes only); a checkpoint holds its float32 weights,
+    the EMA copy (``train.ema``) and the optimizer's state: two moments for AdamW, one momentum buffer for
+    SGD (README: demo-cpu, 34.1 M parameters with EMA and AdamW -> 520.8 MiB = 4 x 4 bytes x 34.1 M).
+    """
+    import dataclasses
+
+    with torch.device("meta"):
+        model = build_model(dataclasses.replace(cfg.model, weights_path=None, encoder_weights=None))
+    n = sum(t.numel() for t in model.state_dict().values())
+    states = 2 if cfg.optim.name == "AdamW" else int(cfg.optim.momentum > 0)
+    return 4 * n * (1 + int(cfg.train.ema) + states)
+
+
+def check_run_dir(cfg: TrainConfig, run_dir: str | os.PathLike) -> Path:
+    """Before any work: the run folder can be created and written, with room for ``last.pt``, ``best.pt`` and
+    the temporary copy of an atomic write (3 checkpoints, :func:`checkpoint_bytes`).
+
+    Raises:
+        OutputError: read-only, a file in the way; DiskFullError: less free space than that.
+    """
+    from .outputs import check_output
+
+    run_dir = Path(run_dir)
+    reused = sum(p.stat().st_size for p in (run_dir / "last.pt", run_dir / "best.pt") if p.is_file())  # replaced
+    return check_output(run_dir, "dir", need_bytes=max(0, 3 * checkpoint_bytes(cfg) - reused), what="--out")
 
 
 def _init_from(model: nn.Module, cfg: TrainConfig, path: str | os.PathLike) -> None:
@@ -1085,6 +1218,10 @@ def _plan_budget(state: RunState, val_seconds: float, predict_seconds: float | N
         oof = per_volume * len(state.val_idx) * len(tta_transforms(cfg.inference.tta)) * overlap_cost
     reserve = max(cfg.train.budget_reserve * state.budget, 1.3 * (val_seconds + oof))
     state.schedule.budget_s = max(0.05 * state.budget, state.budget - reserve)
+    if state.budget - reserve < 0.05 * state.budget:
+        state.warn(f"time budget {state.budget:.0f}s: the final validation and out-of-fold pass alone need about "
+                   f"{reserve:.0f}s (estimated from the validation just timed); the run will end after the budget "
+                   f"(give a longer one)")
 
 
 def _train_step(state: RunState, i: int, image: torch.Tensor, label: torch.Tensor,
@@ -1097,6 +1234,8 @@ def _train_step(state: RunState, i: int, image: torch.Tensor, label: torch.Tenso
     label = label.to(dev, non_blocking=True)
     if cfg.train.augment:
         image, label = augment_batch(image, label, cfg.augment, aug_gen, cfg.sampler.ignore_label)
+    if cfg.train.channels_last:
+        image = image.contiguous(memory_format=torch.channels_last_3d)
     target = apply_label_mode(label, cfg.train.label_mode)
     last_micro = (i + 1) % accumulate == 0 or i + 1 == len(state.loader)
     no_sync = not last_micro and state.dist.world > 1
@@ -1122,7 +1261,7 @@ def _train_step(state: RunState, i: int, image: torch.Tensor, label: torch.Tenso
 def _train_epoch(state: RunState, epoch: int) -> dict | None:
     """Train epoch ``epoch`` (0-based); its metrics row (mean loss parts over ranks, lr), or ``None``
     when the time limit ran out inside it (every rank stops at the same batch)."""
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     tc, dist = state.cfg.train, state.dist
     seed = _epoch_seed(tc.seed, epoch, dist.rank)
@@ -1134,8 +1273,8 @@ def _train_epoch(state: RunState, epoch: int) -> dict | None:
     sums = {n: 0.0 for n in names}
     n_batches = 0
     state.optimizer.zero_grad(set_to_none=True)
-    bar = tqdm(state.loader, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch", leave=False,
-               disable=not (state.progress and dist.main))
+    bar = progress_bar(state.loader, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch", leave=False,
+                       enabled=state.progress and dist.main)
     try:
         for i, (image, label, _meta) in enumerate(bar):
             if state.limit is not None and dist.broadcast_flag(int(time.monotonic() - state.t_start > state.limit)):
@@ -1167,8 +1306,9 @@ def _validate_and_select(state: RunState, epoch: int, row: dict) -> tuple[bool, 
     improved, reason = False, None
     if due and state.dist.main and state.val_records:
         t_val = time.monotonic()
+        prepared = {"source": state.prepared} if state.prepared is not None else {}
         summary, per_volume = validate_volumes(state.eval_model, state.val_records, cfg, state.device,
-                                               progress=state.progress)
+                                               progress=state.progress, **prepared)
         _plan_budget(state, time.monotonic() - t_val, summary.get("val_predict_s"))
         state.model.train()
         row.update(summary)
@@ -1254,12 +1394,30 @@ def _run_epochs(state: RunState, on_epoch_end: Callable[[dict], bool | None] | N
         reason = _agree_on_stop(state, reason)
         if reason is None and state.budget_done:
             reason = StopReason.TIME_BUDGET
-            state.log(f"time budget {state.budget:.0f}s: training phase ended at {state.schedule.elapsed():.0f}s "
-                      f"(planned {state.schedule.budget_s:.0f}s, lr factor {state.schedule.factor():.3f}) after epoch "
-                      f"{state.epoch}, validated; the rest of the budget is for out-of-fold predictions")
+            state.log(_budget_end_line(state))
         if reason is not None:
             state.stopped = reason
             return
+
+
+def _budget_end_line(state: RunState) -> str:
+    """Where a budgeted run's training phase ended, and what the rest of the budget is for (only
+    what this run does: a run without a held-out fold neither validates nor writes OOF predictions)."""
+    sched = state.schedule
+    head = (f"time budget {state.budget:.0f}s: training phase ended at {sched.elapsed():.0f}s (planned "
+            f"{sched.budget_s:.0f}s, lr factor {sched.factor():.3f}) after epoch {state.epoch}")
+    oof = state.cfg.validation.write_oof and bool(state.val_idx.records)
+    if state.val_records:
+        return head + (", validated; the rest of the budget is for out-of-fold predictions" if oof
+                       else ", validated")
+    return head + "; no validation or out-of-fold predictions (nothing held out): last.pt is the model"
+
+
+def _best_text(state: RunState) -> str:
+    """``best 0.6123 at epoch 7``, or what stands in for it when nothing was validated."""
+    if state.best_score is None:
+        return "no validation score (nothing validated): last.pt is the model"
+    return f"best {state.best_score:.4f} at epoch {state.best_epoch}"
 
 
 def _finish(state: RunState) -> TrainResult:
@@ -1274,11 +1432,10 @@ def _finish(state: RunState) -> TrainResult:
 
             eval_model, _, _ = load_checkpoint(state.best_path, map_location=state.device)
         oof_dir = _write_oof(eval_model, list(state.val_idx), state.cfg, state.device, state.run_dir, state.fold,
-                             state.best_epoch, state.progress)
+                             state.best_epoch, state.progress, source=state.prepared)
         state.log(f"wrote out-of-fold probabilities of {len(state.val_idx)} volume(s) to {oof_dir}")
     state.dist.barrier()
-    state.log(f"fold {state.fold} finished ({state.stopped}) after {state.epoch} epoch(s); "
-              f"best {state.best_score} at epoch {state.best_epoch}")
+    state.log(f"fold {state.fold} finished ({state.stopped}) after {state.epoch} epoch(s); {_best_text(state)}")
     guard = state.guard
     if guard.history:  # the fold's last line: a run that was flagged says so, even when it looks healthy now
         (state.log if guard.state == "healthy" else state.warn)(f"fold {state.fold}: {guard.summary()}")
@@ -1367,11 +1524,13 @@ def train(
         ConfigError: ``fold`` is not a fold of ``train.n_folds``; ``device`` names no usable device;
             a resume with another config (see ``allow_config_change``).
         DataError: bad data (a label outside {0, 1, 2}, fewer scrolls than folds, ...), in one line.
+        OutputError: ``out_dir`` cannot be written or has no room for the checkpoints (before any work);
+            ``DiskFullError`` also when a checkpoint write runs out of space (the previous one is kept).
     """
     t_start = time.monotonic()
     check_fold(fold, cfg.train.n_folds)
     cfg = _with_overrides(cfg, time_budget, init_from)
-    run_dir = Path(out_dir)
+    run_dir = check_run_dir(cfg, out_dir)  # read-only, a file in the way, no room: one line, before any work
     dist = _Dist(device)
     handlers = _attach_log_handlers(run_dir, verbose) if dist.main else []
     try:
@@ -1425,19 +1584,47 @@ def _with_overrides(cfg: TrainConfig, time_budget: float | None, init_from: str 
         raise ConfigError(str(exc)) from None
 
 
+def fold_budget(run_budget: float | None, n_folds: int) -> float | None:
+    """Seconds of ``train.time_budget_s`` (or ``--time-budget``) each of ``n_folds`` folds trained in
+    turn gets when the budget is the whole run's: an equal share (``None``: no budget). Equal and
+    fixed, so that a resumed fold sees the budget it started with (a fold that ends early leaves its
+    rest unused)."""
+    if run_budget is None:
+        return None
+    return float(run_budget) / max(1, n_folds)
+
+
+def budget_split_line(run_budget: float, folds: list[int]) -> str:
+    """The log line that says how a whole run's time budget was split between ``folds``."""
+    share = fold_budget(run_budget, len(folds))
+    return (f"time budget {run_budget:.0f}s for the whole run of {len(folds)} fold(s) {folds}: {share:.0f}s per fold "
+            f"(each fold's schedule is planned and annealed inside its share)")
+
+
 def train_folds(cfg: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
                 folds: list[int] | None = None, **kwargs: Any) -> list[TrainResult]:
     """Train several folds in turn (default: all ``train.n_folds``), each in ``out_dir/fold{k}``.
 
-    A shared ``time_limit`` is split between what is left: each fold gets the remaining time.
+    A shared ``time_limit`` is split between what is left: each fold gets the remaining time. A
+    ``time_budget`` (default ``train.time_budget_s``) is the whole run's: each fold plans its run
+    inside an equal share (:func:`fold_budget`), said in one log line (also ``out_dir/train.log``).
     """
     folds = list(range(cfg.train.n_folds)) if folds is None else folds
     limit = kwargs.pop("time_limit", None)
+    run_budget = kwargs.pop("time_budget", None)
+    run_budget = cfg.train.time_budget_s if run_budget is None else run_budget
+    if run_budget is not None and int(os.environ.get("RANK", "0")) == 0:
+        handlers = _attach_log_handlers(Path(out_dir), kwargs.get("verbose", True))
+        try:
+            logger.info(budget_split_line(run_budget, folds))
+        finally:
+            _detach_log_handlers(handlers)
     t0 = time.monotonic()
     results = []
     for k in folds:
         left = None if limit is None else max(0.0, limit - (time.monotonic() - t0))
-        results.append(train(cfg, data_dir, Path(out_dir) / f"fold{k}", fold=k, time_limit=left, **kwargs))
+        results.append(train(cfg, data_dir, Path(out_dir) / f"fold{k}", fold=k, time_limit=left,
+                             time_budget=fold_budget(run_budget, len(folds)), **kwargs))
         if results[-1].stopped == "time_limit":
             break
     return results
@@ -1528,11 +1715,12 @@ def torchrun_command(nproc: int, config: str | os.PathLike, data_dir: str | os.P
                      fold: int = 0, *, epochs: int | None = None, resume: bool = False,
                      time_limit: float | None = None, device: str | None = None,
                      python: str | None = None, allow_config_change: bool = False,
-                     time_budget: float | None = None, init_from: str | os.PathLike | None = None) -> list[str]:
+                     time_budget: float | None = None, init_from: str | os.PathLike | None = None,
+                     prepared: Any = None, memory_gb: float | None = None) -> list[str]:
     """The command that trains one fold on ``nproc`` processes: ``python -m torch.distributed.run
     --standalone --nproc_per_node N -m kaggle_utils train --config CFG --fold K --data-dir D --out RUN
     --no-progress [--epochs E] [--resume | --resume-force] [--time-limit-s S] [--time-budget S]
-    [--init-from CKPT] [--device DEV]`` (``--resume-force`` with ``allow_config_change``;
+    [--init-from CKPT] [--prepared DIR ...] [--memory-gb G] [--device DEV]`` (``--resume-force`` with ``allow_config_change``;
     ``time_budget`` / ``init_from`` override ``train.time_budget_s`` / ``train.init_from`` as in :func:`train`).
 
     ``python -m torch.distributed.run`` is ``torchrun`` run by this interpreter (the notebook's).
@@ -1555,6 +1743,10 @@ def torchrun_command(nproc: int, config: str | os.PathLike, data_dir: str | os.P
         cmd += ["--time-budget", f"{float(time_budget):g}"]
     if init_from is not None:
         cmd += ["--init-from", str(init_from)]
+    if prepared:
+        cmd += ["--prepared", *([str(prepared)] if isinstance(prepared, (str, os.PathLike)) else map(str, prepared))]
+    if memory_gb is not None:
+        cmd += ["--memory-gb", f"{float(memory_gb):g}"]
     if device is not None:
         cmd += ["--device", str(device)]
     return cmd
@@ -1564,8 +1756,8 @@ def train_torchrun(nproc: int, config: str | os.PathLike, data_dir: str | os.Pat
                    folds: list[int] | None = None, *, epochs: int | None = None, resume: bool = False,
                    time_limit: float | None = None, device: str | None = None,
                    env: dict[str, str] | None = None, allow_config_change: bool = False,
-                   time_budget: float | None = None, init_from: str | os.PathLike | None = None
-                   ) -> list[TrainResult]:
+                   time_budget: float | None = None, init_from: str | os.PathLike | None = None,
+                   prepared: Any = None, memory_gb: float | None = None) -> list[TrainResult]:
     """Train folds with DistributedDataParallel on ``nproc`` processes (both T4s: ``nproc=2``) from a notebook.
 
     Runs :func:`torchrun_command` once per fold, writing ``out_dir/fold{k}`` as :func:`train_folds`
@@ -1582,9 +1774,11 @@ def train_torchrun(nproc: int, config: str | os.PathLike, data_dir: str | os.Pat
         resume: continue each fold from its ``last.pt`` (see :func:`stage_resume`).
         allow_config_change: resume even when the config differs from the checkpoints' (see :func:`train`).
         time_limit: seconds for all folds together (a hard stop, ``--time-limit-s``).
-        time_budget: seconds each fold's run may take, finished inside it (``--time-budget``,
-            ``train.time_budget_s``).
+        time_budget: seconds for all folds together (default ``train.time_budget_s``): each fold runs
+            with ``--time-budget`` of an equal share (:func:`fold_budget`), finished inside it.
         init_from: start every fold from this checkpoint's weights (``--init-from``, ``train.init_from``).
+        prepared: folder(s) of a prepared cache (``--prepared``, ``sampler.prepared``).
+        memory_gb: the memory budget of all ranks together (``--memory-gb``, ``train.memory_gb``).
         device: ``None`` (one GPU per rank) or ``"cpu"`` (gloo, for tests).
         env: extra environment variables for the subprocesses.
 
@@ -1592,10 +1786,16 @@ def train_torchrun(nproc: int, config: str | os.PathLike, data_dir: str | os.Pat
         One :class:`TrainResult` per finished fold (read back with :meth:`TrainResult.load`).
 
     Raises:
+        ConfigError: ``folds`` or ``time_budget`` is not given and ``config`` cannot be read here.
         RuntimeError: a launch exited with a non-zero status (its output is above).
     """
-    if folds is None:
-        folds = list(range(load_train_config(config).train.n_folds))
+    if folds is None or time_budget is None:
+        cfg = load_train_config(config)
+        folds = list(range(cfg.train.n_folds)) if folds is None else folds
+        time_budget = cfg.train.time_budget_s if time_budget is None else time_budget
+    if time_budget is not None:
+        print(budget_split_line(time_budget, folds), flush=True)
+        time_budget = fold_budget(time_budget, len(folds))
     run_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     t0 = time.monotonic()
     results: list[TrainResult] = []
@@ -1603,7 +1803,7 @@ def train_torchrun(nproc: int, config: str | os.PathLike, data_dir: str | os.Pat
         left = None if time_limit is None else max(0.0, time_limit - (time.monotonic() - t0))
         cmd = torchrun_command(nproc, config, data_dir, Path(out_dir) / f"fold{k}", k, epochs=epochs, resume=resume,
                                time_limit=left, device=device, allow_config_change=allow_config_change,
-                               time_budget=time_budget, init_from=init_from)
+                               time_budget=time_budget, init_from=init_from, prepared=prepared, memory_gb=memory_gb)
         print("$ " + " ".join(cmd), flush=True)
         tail: list[str] = []
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,

@@ -15,10 +15,16 @@ from typing import Literal
 
 from .config import load_config
 from .data import IGNORE_LABEL
-from .diagnostics import COLLAPSE_MAX_FG, COLLAPSE_MAX_RATIO, COLLAPSE_RECOVER_RATIO, COLLAPSE_STOP_AFTER
+from .diagnostics import (
+    COLLAPSE_MAX_FG,
+    COLLAPSE_MAX_RATIO,
+    COLLAPSE_MIN_RATIO,
+    COLLAPSE_RECOVER_RATIO,
+    COLLAPSE_STOP_AFTER,
+)
 from .inference import InferenceConfig, normalize_amp
 from .losses import LossConfig
-from .models import NNUNET_ARCHITECTURES, ModelConfig, model_divisor, validate_patch_size
+from .models import NNUNET_ARCHITECTURES, ModelConfig, bottleneck_min_voxels, model_divisor, validate_patch_size
 from .postprocess import PostprocessConfig
 from .sampling import AugmentConfig, SamplerConfig
 
@@ -77,6 +83,10 @@ class OptimConfig:
             raise ValueError(f"optim.accumulate: must be >= 1, got {self.accumulate}")
         if self.warmup_epochs < 0:
             raise ValueError(f"optim.warmup_epochs: must be >= 0, got {self.warmup_epochs}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"optim.momentum: must be in [0, 1), got {self.momentum}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         if not 0 < self.plateau_factor <= 1:
             raise ValueError(f"optim.plateau_factor: must be in (0, 1], got {self.plateau_factor}")
 
@@ -122,7 +132,15 @@ class LoopConfig:
         deterministic: cuDNN deterministic kernels (needed for bitwise resume on GPU).
         check_labels: read every training and validation label once before the first epoch
             (values in {0, 1, 2}, the image's shape; a tqdm bar), so that a bad label stops the run
-            in minutes rather than when a patch of it is first drawn, hours in.
+            in minutes rather than when a patch of it is first drawn, hours in. Volumes of a
+            prepared cache (``sampler.prepared``) were checked by ``prepare`` and are not read again.
+        memory_gb: the run's memory budget in GiB (CLI ``--memory-gb``); ``null``: ``memory_fraction``
+            of the memory free at start (:mod:`kaggle_utils.memory`). The decoded-volume caches of all
+            ranks and workers share it; a run that cannot fit stops before training, saying what to lower.
+        memory_fraction: share of the free memory (``MemAvailable``, or the cgroup's room) the budget takes.
+        channels_last: train in ``torch.channels_last_3d`` memory format (model and batches); on
+            tensor-core GPUs cuDNN may pick faster fp16 3D convolutions (``benchmarks/gpu.py``
+            measures both). Numerically equivalent up to float rounding.
     """
 
     epochs: int = 50
@@ -141,9 +159,16 @@ class LoopConfig:
     augment: bool = True
     deterministic: bool = True
     check_labels: bool = True
+    memory_gb: float | None = None
+    memory_fraction: float = 0.8
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         self.amp = normalize_amp(self.amp, "train.amp")
+        if self.memory_gb is not None and self.memory_gb <= 0:
+            raise ValueError(f"train.memory_gb: must be > 0 GiB (or null: a share of the free memory), got {self.memory_gb}")
+        if not 0 < self.memory_fraction <= 1:
+            raise ValueError(f"train.memory_fraction: must be in (0, 1], got {self.memory_fraction}")
         if self.n_folds < 1:
             raise ValueError(f"train.n_folds: must be >= 1 (1: no held-out fold, train on every volume), "
                              f"got {self.n_folds}")
@@ -180,18 +205,24 @@ class ValidationConfig:
             ``collapse_stop_after`` validations in a row were flagged, see
             :meth:`~kaggle_utils.diagnostics.CollapseGuard.should_stop`).
         stop_kinds: collapse kinds that ``on_collapse: stop`` acts on (``foreground``, ``uniform``,
-            ``constant``, ``empty``); ``empty`` is left out by default because young models often
-            predict nothing at first.
+            ``constant``, ``empty``, ``under``); ``empty`` and ``under`` are left out by default because
+            young models often predict little or nothing at first.
         collapse_max_ratio: the guard flags ``foreground`` collapse when the mean predicted share of
             labelled voxels exceeds this multiple of the labelled surface share
             (:data:`~kaggle_utils.diagnostics.COLLAPSE_MAX_RATIO`, the rule ``diagnose`` uses).
         collapse_max_fg: ... or exceeds this absolute share (:data:`~kaggle_utils.diagnostics.COLLAPSE_MAX_FG`).
+        collapse_min_ratio: the guard flags ``under`` (strong under-segmentation) below this multiple
+            of the labelled surface share (:data:`~kaggle_utils.diagnostics.COLLAPSE_MIN_RATIO`, 0.5:
+            the mirror of ``collapse_max_ratio``).
         collapse_recover_ratio: a run flagged for ``foreground`` stays flagged until the ratio is at
             or below this multiple (:data:`~kaggle_utils.diagnostics.COLLAPSE_RECOVER_RATIO`).
         collapse_stop_after: flagged validations in a row before ``on_collapse: stop`` ends the run
             (:data:`~kaggle_utils.diagnostics.COLLAPSE_STOP_AFTER`; healthy young runs were flagged
             for at most 2 in a row, collapsed ones for 7 or more, docs/collapse.md).
         write_oof: write out-of-fold probabilities of all validation volumes at the end of the fold.
+        oof_format: their file format (:mod:`kaggle_utils.probs`): ``uint8`` (compact ``{id}.npz``,
+            ``round(p * 255)``, 25-47 % of float16 on disk, default) or ``float16`` (``{id}.npy``,
+            62.5 MiB per 320³ volume).
         ids: with ``--fold all`` (or ``train.n_folds`` 1), the volume ids to validate on (they are
             also trained on: an in-sample check, not a held-out score); ``null``: no validation.
     """
@@ -208,9 +239,11 @@ class ValidationConfig:
     stop_kinds: list[str] = field(default_factory=lambda: ["foreground", "uniform", "constant"])
     collapse_max_ratio: float = COLLAPSE_MAX_RATIO
     collapse_max_fg: float = COLLAPSE_MAX_FG
+    collapse_min_ratio: float = COLLAPSE_MIN_RATIO
     collapse_recover_ratio: float = COLLAPSE_RECOVER_RATIO
     collapse_stop_after: int = COLLAPSE_STOP_AFTER
     write_oof: bool = True
+    oof_format: Literal["uint8", "float16"] = "uint8"
     ids: list[str] | None = None
 
     def __post_init__(self) -> None:
@@ -218,14 +251,19 @@ class ValidationConfig:
             raise ValueError(f"validation.every: must be >= 1, got {self.every}")
         if not 0 <= self.overlap < 1:
             raise ValueError(f"validation.overlap: must be in [0, 1), got {self.overlap}")
+        if not 0 < self.collapse_max_fg <= 1:
+            raise ValueError(f"validation.collapse_max_fg: must be a share in (0, 1], got {self.collapse_max_fg}")
         if self.collapse_stop_after < 1:
             raise ValueError(f"validation.collapse_stop_after: must be >= 1, got {self.collapse_stop_after}")
         if not 0 < self.collapse_recover_ratio <= self.collapse_max_ratio:
             raise ValueError(f"validation.collapse_recover_ratio: must be in (0, collapse_max_ratio "
                              f"{self.collapse_max_ratio:g}], got {self.collapse_recover_ratio}")
-        bad = sorted(set(self.stop_kinds) - {"foreground", "uniform", "constant", "empty"})
+        if not 0 <= self.collapse_min_ratio < 1:
+            raise ValueError(f"validation.collapse_min_ratio: must be in [0, 1), got {self.collapse_min_ratio}")
+        bad = sorted(set(self.stop_kinds) - {"foreground", "uniform", "constant", "empty", "under"})
         if bad:
-            raise ValueError(f"validation.stop_kinds: unknown kind(s) {bad}; use foreground, uniform, constant, empty")
+            raise ValueError(f"validation.stop_kinds: unknown kind(s) {bad}; use foreground, uniform, constant, "
+                             f"empty, under")
 
 
 @dataclass
@@ -256,11 +294,12 @@ class TrainConfig:
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
 
     def __post_init__(self) -> None:
-        div = model_divisor(self.model)
-        validate_patch_size(self.sampler.patch_size, div, "sampler.patch_size")
+        div, least = model_divisor(self.model), bottleneck_min_voxels(self.model)
+        validate_patch_size(self.sampler.patch_size, div, "sampler.patch_size",
+                            bottleneck_min_voxels(self.model, self.train.batch_size))  # BatchNorm trains per batch
         if self.validation.patch_size is not None:
-            validate_patch_size(self.validation.patch_size, div, "validation.patch_size")
-        validate_patch_size(self.inference.patch_size, div, "inference.patch_size")
+            validate_patch_size(self.validation.patch_size, div, "validation.patch_size", least)
+        validate_patch_size(self.inference.patch_size, div, "inference.patch_size", least)
         if self.loss.deep_supervision and self.model.arch not in NNUNET_ARCHITECTURES:
             raise ValueError(f"loss.deep_supervision: needs an nnU-Net network (model.arch one of "
                              f"{list(NNUNET_ARCHITECTURES)}), not {self.model.arch}")

@@ -8,7 +8,8 @@ folds.
 
 Pipeline:
 
-1. :func:`load_probs` reads a folder of probability volumes: ``{id}.npy`` (``float16 (Z, Y, X)``)
+1. :func:`load_probs` reads a folder of probability volumes: ``{id}.npz`` (compact ``uint8`` codes)
+   or ``{id}.npy`` (``float16 (Z, Y, X)``), through :func:`kaggle_utils.probs.read_probs`, each
    with an ``{id}.json`` sidecar (``id, scroll_id, fold, shape, dtype``) — the format written by
    ``train`` (``RUN_DIR/oof/``, ``RUN_DIR/fold{k}/oof/`` for all folds) and by
    ``predict --save-probs DIR``. Sub-folders are searched, so one call reads every fold.
@@ -53,9 +54,10 @@ from typing import Any, ClassVar, Iterable, Literal, Sequence
 
 import numpy as np
 
-from .config import ConfigError, from_dict, load_config
+from .config import ConfigError, deep_merge, from_dict, load_config
 from .data import DataError
 from .postprocess import PostprocessConfig, postprocess
+from .probs import as_probability, find_prob_files, read_probs
 
 __all__ = [
     "ProbVolume",
@@ -100,8 +102,9 @@ class ProbVolume:
         scroll_id: its scroll.
         fold: the fold it was held out in (``None`` when unknown, e.g. ``predict --save-probs``
             with an ensemble of several folds).
-        prob: ``float16`` or ``float32 (Z, Y, X)`` foreground probabilities in ``[0, 1]``.
-        path: the ``.npy`` file it came from (``None`` when built in memory).
+        prob: ``(Z, Y, X)`` foreground probabilities as stored: ``uint8`` codes ``round(p * 255)``
+            (the compact format), or ``float16``/``float32`` in ``[0, 1]``.
+        path: the file it came from (``None`` when built in memory).
     """
 
     id: str
@@ -109,6 +112,10 @@ class ProbVolume:
     fold: int | None
     prob: np.ndarray
     path: Path | None = None
+
+    def probability(self) -> np.ndarray:
+        """``float32 (Z, Y, X)`` probabilities (:func:`kaggle_utils.probs.as_probability`)."""
+        return as_probability(self.prob)
 
 
 def _as_fold(value: Any) -> int | None:
@@ -122,56 +129,72 @@ def _as_fold(value: Any) -> int | None:
 
 
 def load_probs(folder: str | os.PathLike, mmap: bool = False) -> list[ProbVolume]:
-    """Read every ``{id}.npy`` + ``{id}.json`` pair under ``folder`` (sub-folders included).
+    """Read every probability file (``{id}.npz`` compact or ``{id}.npy`` float16) with its ``{id}.json``
+    under ``folder`` (sub-folders included), through :func:`kaggle_utils.probs.read_probs`.
 
     Args:
         folder: a folder written by ``train`` (``RUN_DIR/oof``; ``RUN_DIR`` of ``--fold -1``
             holds one ``fold{k}/oof`` per fold) or by ``predict --save-probs``.
-        mmap: memory-map the arrays instead of reading them (saves memory for large sets).
+        mmap: memory-map ``.npy`` arrays instead of reading them (saves memory for large sets).
 
     Returns:
-        The volumes, sorted by id, ``prob`` as stored (``float16 (Z, Y, X)``).
+        The volumes, sorted by id, ``prob`` as stored (``uint8`` codes or ``float16 (Z, Y, X)``;
+        :meth:`ProbVolume.probability` gives ``float32``).
 
     Raises:
-        DataError: no probability files, a ``.npy`` without its sidecar (or the reverse), a
-            sidecar without ``scroll_id``, a shape mismatch, or the same id twice.
+        DataError: no probability files, a file without its sidecar, a sidecar without
+            ``scroll_id``, a shape mismatch, or the same id twice.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: probability folder not found")
-    npys = sorted(folder.rglob("*.npy"))
-    if not npys:
-        raise DataError(f"{folder}: no {{id}}.npy probability files found (looked in sub-folders too)")
+    files = find_prob_files(folder)
+    if not files:
+        raise DataError(f"{folder}: no {{id}}.npz / {{id}}.npy probability files found (looked in sub-folders too)")
     out: dict[str, ProbVolume] = {}
-    for npy in npys:
-        sidecar = npy.with_suffix(".json")
-        if not sidecar.is_file():
-            raise DataError(f"{npy}: sidecar {sidecar.name} (id, scroll_id, fold) not found")
-        try:
-            meta = json.loads(sidecar.read_text())
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{sidecar}: invalid JSON ({exc})") from None
-        vid = str(meta.get("id", npy.stem))
-        if "scroll_id" not in meta:
-            raise DataError(f"{sidecar}: key 'scroll_id' missing")
-        prob = np.load(npy, mmap_mode="r" if mmap else None)
+    for path in files:
+        meta = _read_sidecar(path)
+        vid = str(meta.get("id", path.stem))
+        prob = read_probs(path, mmap=mmap)
         if prob.ndim != 3:
-            raise DataError(f"{npy}: expected a 3D (Z, Y, X) array, got shape {prob.shape}")
+            raise DataError(f"{path}: expected a 3D (Z, Y, X) array, got shape {prob.shape}")
         if "shape" in meta and list(meta["shape"]) != list(prob.shape):
-            raise DataError(f"{npy}: shape {list(prob.shape)} differs from {sidecar.name} shape {meta['shape']}")
+            raise DataError(f"{path}: shape {list(prob.shape)} differs from {path.stem}.json shape {meta['shape']}")
         if vid in out:
-            raise DataError(f"{npy}: id {vid!r} also in {out[vid].path}; pass one run's probabilities")
-        out[vid] = ProbVolume(vid, str(meta["scroll_id"]), _as_fold(meta.get("fold")), prob, npy)
+            raise DataError(f"{path}: id {vid!r} also in {out[vid].path}; pass one run's probabilities")
+        out[vid] = ProbVolume(vid, str(meta["scroll_id"]), _as_fold(meta.get("fold")), prob, path)
     return [out[k] for k in sorted(out)]
 
 
-def load_labels(data_dir: str | os.PathLike, ids: Sequence[str]) -> list[np.ndarray]:
+def _read_sidecar(path: Path) -> dict:
+    """The ``{id}.json`` beside a probability file (must hold ``scroll_id``)."""
+    sidecar = path.with_suffix(".json")
+    if not sidecar.is_file():
+        raise DataError(f"{path}: sidecar {sidecar.name} (id, scroll_id, fold) not found")
+    try:
+        meta = json.loads(sidecar.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{sidecar}: invalid JSON ({exc})") from None
+    if "scroll_id" not in meta:
+        raise DataError(f"{sidecar}: key 'scroll_id' missing")
+    return meta
+
+
+def load_labels(data_dir: str | os.PathLike, ids: Sequence[str],
+                probs: Sequence[ProbVolume] | None = None) -> list[np.ndarray]:
     """Labels (``uint8 (Z, Y, X)``, values {0, 1, 2}) of ``ids`` from a competition-layout folder.
 
+    Args:
+        data_dir: competition-layout folder.
+        ids: the volumes, in order.
+        probs: their probabilities (same order): every label's shape is checked against them from the
+            TIFF headers before any label is decoded, so a mismatch stops ``tune`` before the search.
+
     Raises:
-        DataError: an id is not in ``train.csv`` (probabilities of test volumes have no labels).
+        DataError: an id is not in ``train.csv`` (probabilities of test volumes have no labels); a label
+            whose shape differs from its probabilities (naming both files).
     """
-    from .data import load_index, read_label
+    from .data import check_tiff_header, load_index, read_label
 
     index = load_index(data_dir, "train")
     by_id = {r.id: r for r in index}
@@ -181,6 +204,11 @@ def load_labels(data_dir: str | os.PathLike, ids: Sequence[str]) -> list[np.ndar
             f"{Path(data_dir) / 'train.csv'}: no label for id(s) {missing[:5]}"
             + (" ..." if len(missing) > 5 else "") + " (tune needs out-of-fold probabilities of train ids)"
         )
+    for p in probs or ():
+        shape = check_tiff_header(by_id[p.id].label_path)
+        if tuple(p.prob.shape) != shape:
+            raise DataError(f"{p.path or p.id}: probability shape {tuple(p.prob.shape)} != label shape {shape} of "
+                            f"{by_id[p.id].label_path} (probabilities of another data set or version?)")
     return [read_label(by_id[i].label_path) for i in ids]
 
 
@@ -324,22 +352,35 @@ def _expand_ranges(data: dict, where: str) -> dict:
     return out
 
 
-def load_search_space(path: str | os.PathLike | None = None, data: dict | None = None) -> SearchSpace:
+def load_search_space(path: str | os.PathLike | None = None, data: dict | None = None,
+                      overrides: dict[str, Any] | None = None) -> SearchSpace:
     """Build a :class:`SearchSpace` from a YAML file (or a dict); ``None`` for both: the defaults.
 
     Accepts the bare mapping or a top-level ``tune:`` section (read by
     :func:`kaggle_utils.config.load_config`, the one loader). Unknown keys raise
     :class:`~kaggle_utils.config.ConfigError` naming the file and the ``tune.`` key.
+    ``overrides`` (``tune --set``): ``{"threshold": [0.3, 0.4], "base.border": 3}`` on top (a leading
+    ``tune.`` is allowed), ranges as in the file.
     """
-    if path is None and data is None:
+    overrides = {k.removeprefix("tune."): v for k, v in (overrides or {}).items()}
+    if path is None and data is None and not overrides:
         return SearchSpace()
     if path is not None:
-        return load_config(SearchSpace, path, section="tune",
+        return load_config(SearchSpace, path, section="tune", overrides=overrides,
                            transform=lambda raw, prefix: _expand_ranges(raw, f"{prefix}."))
     raw = dict(data or {})
     if isinstance(raw.get("tune"), dict):
         raw = raw["tune"]
+    for key, value in overrides.items():
+        raw = deep_merge(raw, _nested(key, value))
     return from_dict(SearchSpace, _expand_ranges(raw, "tune."), "tune")
+
+
+def _nested(key: str, value: Any) -> dict:
+    """``"base.border", 3`` -> ``{"base": {"border": 3}}``."""
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
 
 
 #: A search space that tries each of the winners' post-processing steps (``load_search_space(data=
@@ -387,6 +428,17 @@ class _Evaluator:
         self.cache: dict[tuple[int, bytes], tuple[float, float, float, float]] = {}
         self.topo_cache = OctantCache() if octant_cache else None
         self._f32: tuple[int, np.ndarray] | None = None  # the last volume as float32 (tasks come volume by volume)
+        self._gt: dict[int, Any] = {}  # GroundTruthCache of the last two volumes scored
+
+    def _gt_cache(self, i: int) -> Any:
+        """The :class:`~kaggle_utils.metrics.GroundTruthCache` of volume ``i`` (the last two kept)."""
+        from .metrics import GroundTruthCache
+
+        if i not in self._gt:
+            while len(self._gt) >= 2:
+                del self._gt[next(iter(self._gt))]
+            self._gt[i] = GroundTruthCache()
+        return self._gt[i]
 
     def _mask(self, cfg: PostprocessConfig, i: int) -> tuple[np.ndarray, bytes]:
         """The ``bool (Z, Y, X)`` mask that reaches the scorer (ignore voxels zeroed) and its digest."""
@@ -394,7 +446,7 @@ class _Evaluator:
 
         # float32 as in predict, which thresholds the float32 probabilities before they are saved
         if self._f32 is None or self._f32[0] != i:
-            self._f32 = (i, np.asarray(self.probs[i], dtype=np.float32))
+            self._f32 = (i, as_probability(self.probs[i]))
         mask = postprocess(self._f32[1], cfg)
         mask[self.labels[i] == 2] = 0  # the scorer ignores these voxels; doing it here makes the cache key exact
         return mask, hashlib.blake2b(np.packbits(mask).tobytes(), digest_size=16).digest()
@@ -412,7 +464,7 @@ class _Evaluator:
         if hit is None:
             tc = self.topo_cache
             before = (tc.hits, tc.misses) if tc is not None else (0, 0)
-            s = score_volume(mask, self.labels[i], topo_cache=tc, reuse=reuse)
+            s = score_volume(mask, self.labels[i], topo_cache=tc, reuse=reuse, gt_cache=self._gt_cache(i))
             hit = (s.score, s.topo_score, s.surface_dice, s.voi_score)
             self.cache[(i, digest)] = hit
             if tc is not None:
@@ -434,7 +486,7 @@ class _Evaluator:
         counts = {"masks_reused": int(hit is not None), "octants_reused": 0, "octants_scored": 0, "pairs_bounded": 0}
         if hit is not None:
             return hit, t1 - t0, time.perf_counter() - t1, counts, None
-        b = score_bound(mask, self.labels[i], topo_cache=self.topo_cache)
+        b = score_bound(mask, self.labels[i], topo_cache=self.topo_cache, gt_cache=self._gt_cache(i))
         counts["pairs_bounded"] = 1
         return (b.upper, b.topo_upper, b.surface_dice, b.voi_score), t1 - t0, time.perf_counter() - t1, counts, b
 
@@ -685,7 +737,7 @@ class _Runner:
 
     def __init__(self, probs: Sequence[np.ndarray], labels: Sequence[np.ndarray], workers: int, progress: bool,
                  octant_cache: bool = True):
-        from tqdm.auto import tqdm
+        from .progress import progress_bar
 
         self.n = len(probs)
         self.workers = workers
@@ -706,7 +758,7 @@ class _Runner:
                                             initargs=(list(probs), list(labels), octant_cache))
         else:
             self.local = _Evaluator(probs, labels, octant_cache)
-        self.bar = tqdm(total=0, desc="tune", unit="vol", disable=not progress)
+        self.bar = progress_bar(total=0, desc="tune", unit="vol", enabled=progress)
 
     def close(self) -> None:
         self.bar.close()
@@ -994,8 +1046,9 @@ def tune(
     """Search post-processing settings that maximize the mean local competition score.
 
     Args:
-        probs: out-of-fold probability volumes (:func:`load_probs`), ``(Z, Y, X)`` each; they are
-            thresholded as ``float32`` (as ``predict`` does before saving them as float16).
+        probs: out-of-fold probability volumes (:func:`load_probs`), ``(Z, Y, X)`` each, ``uint8``
+            codes or floats; they are thresholded as ``float32`` (:func:`kaggle_utils.probs.as_probability`,
+            as ``predict`` thresholds its float32 probabilities before saving them).
         labels: ``uint8 (Z, Y, X)`` labels {0, 1, 2} in the same order and shapes.
         space: what to search (:class:`SearchSpace` defaults when ``None``).
         workers: processes scoring (candidate, volume) pairs in parallel (1: this process).
@@ -1019,10 +1072,10 @@ def tune(
         raise ValueError("tune: no probability volumes")
     if len(labels) != len(probs):
         raise ValueError(f"tune: {len(probs)} probability volumes but {len(labels)} labels")
-    for p, lab in zip(probs, labels):
+    for p, lab in zip(probs, labels):  # DataError: one line on the CLI, before the search
         if tuple(p.prob.shape) != tuple(np.shape(lab)):
-            raise ValueError(f"tune: volume {p.id}: probability shape {tuple(p.prob.shape)} != label shape "
-                             f"{tuple(np.shape(lab))}")
+            raise DataError(f"{p.path or p.id}: probability shape {tuple(p.prob.shape)} != label shape "
+                            f"{tuple(np.shape(lab))} of volume {p.id}")
     t0 = time.perf_counter()
     run = _Runner([p.prob for p in probs], labels, max(1, int(workers)), progress, octant_cache)
     try:

@@ -248,3 +248,46 @@ def test_data_folder_faults_never_trace_back(faults, capsys, tmp_path, command, 
 
 def test_fixture_volumes_are_what_the_faults_claim(faults):
     assert read_volume(faults["dirs"]["good"] / "test_images" / f"{faults['first']}.tif").shape == faults["shape"]
+
+
+def test_score_ignores_macos_zip_clutter_with_a_warning_naming_it(faults, capsys, tmp_path):
+    """A Finder-made zip carries __MACOSX/ and .DS_Store: the real {id}.tif entries are scored, the clutter
+    is named in one warning, and a correct copy under __MACOSX/ never stands in for a wrong real entry."""
+    rc_good, out_good, _ = _run(["score", str(faults["zips"]["good"]), str(faults["dirs"]["good"])], capsys)
+    zeros = tmp_path / "zeros.zip"
+    with zipfile.ZipFile(zeros, "w") as zf:
+        for i, m in faults["masks"].items():
+            zf.writestr(f"{i}.tif", _tif(np.zeros_like(m)))
+    rc_zero, out_zero, _ = _run(["score", str(zeros), str(faults["dirs"]["good"])], capsys)
+    for real, expect in ((faults["zips"]["good"], out_good), (zeros, out_zero)):
+        mac = tmp_path / f"mac-{real.name}"
+        shutil.copy(real, mac)
+        with zipfile.ZipFile(mac, "a") as zf:
+            zf.writestr(".DS_Store", b"\x00\x00\x00\x01Bud1")
+            zf.writestr("__MACOSX/", b"")
+            for i, m in faults["masks"].items():
+                zf.writestr(f"__MACOSX/._{i}.tif", b"\x00\x05\x16\x07 AppleDouble")
+                zf.writestr(f"__MACOSX/{i}.tif", _tif(m))  # the right answer, in the wrong place
+        rc, out, err = _run(["score", str(mac), str(faults["dirs"]["good"])], capsys)
+        assert rc == 0 and out == expect, err  # the zeros zip still scores like zeros, not 1.0
+        warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+        assert len(warnings) == 1 and ".DS_Store" in warnings[0] and "__MACOSX/" in warnings[0], err
+    assert out_zero != out_good
+
+
+
+@pytest.mark.parametrize("command", ["score", "tune"])
+@pytest.mark.parametrize("value", ["-3", "0", "two"])
+def test_workers_below_one_is_refused_in_one_line_on_every_command_that_takes_it(faults, capsys, command, value):
+    argv = {"score": ["score", "a.zip", "b"], "tune": ["tune", "--probs", "p"]}[command]
+    rc, out, err = _run([*argv, "--workers", value], capsys)
+    assert rc == 2 and err.count("\n") == 1 and err.startswith(f"error: {command}: argument --workers: "), err
+    assert (">= 1" in err) and value in err
+
+
+def test_every_workers_option_uses_the_checked_type():
+    from kaggle_utils.cli import _workers_arg, build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    takers = {name: a for name, p in sub.choices.items() for a in p._actions if a.dest == "workers"}
+    assert set(takers) >= {"score", "tune"} and all(a.type is _workers_arg for a in takers.values())

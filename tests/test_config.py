@@ -246,3 +246,225 @@ def test_assign_folds_accepts_one_fold(tmp_path):
         assign_folds(index, 4)  # 3 scrolls
     with pytest.raises(ConfigError, match="train.n_folds"):
         assign_folds(index, 0)
+
+
+# ---------------------------------------------------------------------------------- issue 25: values
+
+
+@pytest.mark.parametrize("text", ["2e-3", "1E-4", "+5e2", ".5e1", "3"])
+def test_float_fields_accept_numbers_that_yaml_1_1_reads_as_strings(tmp_path, text):
+    """``lr: 2e-3`` is a string to PyYAML (YAML 1.1 needs a dot); every float field takes it."""
+    path = tmp_path / "cfg.yaml"
+    path.write_text(f"optim: {{lr: {text}, min_lr_ratio: 1e-2}}\npostprocess: {{threshold: 5e-1}}\n"
+                    f"train: {{time_budget_s: 3e2}}\n")
+    cfg = load_train_config(path)
+    assert cfg.optim.lr == float(text) and isinstance(cfg.optim.lr, float)
+    assert (cfg.optim.min_lr_ratio, cfg.postprocess.threshold, cfg.train.time_budget_s) == (0.01, 0.5, 300.0)
+    # a float inside a list or a mapping too (search space values, loss weights)
+    assert load_search_space(data={"threshold": ["4e-1", 0.5]}).threshold == [0.4, 0.5]
+    assert from_dict(TrainConfig, {"loss": {"weights": {"dice": "1e0"}}}).loss.weights == {"dice": 1.0}
+
+
+def test_text_that_is_not_a_number_still_names_the_key(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("optim: {lr: 2e-3x}\n")
+    with pytest.raises(ConfigError) as exc:
+        load_train_config(path)
+    assert str(exc.value) == f"{path}: optim.lr: expected a number, got '2e-3x'"
+    with pytest.raises(ConfigError, match=r"^train\.epochs: expected an integer, got '3'"):
+        from_dict(TrainConfig, {"train": {"epochs": "3"}})  # int fields stay strict
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "expected"),
+    [
+        ("threshold: 1.5\n", "postprocess.threshold must be a probability in [0, 1], got 1.5"),
+        ("threshold: -0.2\n", "postprocess.threshold must be a probability in [0, 1], got -0.2"),
+        ("postprocess: {hysteresis_low: -0.1, hysteresis_high: 0.5}\n",
+         "postprocess.hysteresis_low must be a probability in [0, 1], got -0.1"),
+        ("postprocess: {hysteresis_low: 0.3, hysteresis_high: 1.2}\n",
+         "postprocess.hysteresis_high must be a probability in [0, 1], got 1.2"),
+    ],
+)
+def test_probability_settings_are_range_checked_in_one_line(tmp_path, yaml_text, expected):
+    path = tmp_path / "pp.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError) as exc:
+        load_postprocess(path)
+    assert str(exc.value) == f"{path}: {expected}"
+
+
+@pytest.mark.parametrize(
+    ("section", "text", "key"),
+    [
+        ("postprocess", "{threshold: 1.5}", "postprocess.threshold"),
+        ("loss", "{focal_alpha: 1.5}", "loss.focal_alpha"),
+        ("optim", "{min_lr_ratio: 2}", "optim.min_lr_ratio"),
+        ("optim", "{name: SGD, momentum: 1.5}", "optim.momentum"),
+        ("validation", "{collapse_max_fg: 1.5}", "validation.collapse_max_fg"),
+        ("sampler", "{surface_share: 1.5}", "sampler.surface_share"),
+        ("augment", "{p_flip: -0.2}", "augment.p_flip"),
+    ],
+)
+def test_probability_like_training_settings_name_file_and_key(tmp_path, section, text, key):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(f"{section}: {text}\n")
+    with pytest.raises(ConfigError) as exc:
+        load_train_config(path)
+    assert str(exc.value).startswith(f"{path}: {key}") and "\n" not in str(exc.value)
+
+
+def test_search_space_base_threshold_is_range_checked(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("base: {threshold: 1.5}\n")
+    with pytest.raises(ConfigError, match=r"postprocess\.threshold must be a probability in \[0, 1\], got 1.5"):
+        load_search_space(path)
+
+
+def test_predict_refuses_an_out_of_range_threshold_before_predicting(tmp_path, capsys):
+    from kaggle_utils.cli import main
+
+    path = tmp_path / "pp.yaml"
+    path.write_text("threshold: 1.5\n")
+    rc = main(["predict", "--checkpoint", str(tmp_path / "model.pt"), "--postprocess", str(path),
+               "--data-dir", str(tmp_path), "--out", str(tmp_path / "submission.zip")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err == f"error: {path}: postprocess.threshold must be a probability in [0, 1], got 1.5"
+    assert not (tmp_path / "submission.zip").exists()
+
+
+# ---------------------------------------------------------------------------------- issue 25: base and --set
+
+BEFORE_BASE = Path(__file__).parent / "data" / "configs_before_base"
+
+
+@pytest.mark.parametrize("name", shipped_configs())
+def test_every_shipped_config_loads_to_the_same_values_as_before_base(name):
+    """Shipped configs rewritten with ``base:`` load to exactly what their full copies (kept under
+    tests/data/configs_before_base) loaded to; the others hold no ``base:`` to resolve."""
+    from kaggle_utils.config import load_yaml, load_yaml_tree
+
+    cfg = to_dict(load_train_config(name))
+    before = BEFORE_BASE / f"{name}.yaml"
+    if before.is_file():
+        assert "base" in load_yaml(SHIPPED_CONFIG_DIR / f"{name}.yaml")
+        assert cfg == to_dict(load_train_config(before))
+    else:
+        assert load_yaml_tree(SHIPPED_CONFIG_DIR / f"{name}.yaml") == load_yaml(SHIPPED_CONFIG_DIR / f"{name}.yaml")
+
+
+def test_at_least_two_shipped_configs_inherit():
+    assert sorted(p.stem for p in BEFORE_BASE.glob("*.yaml")) == ["kaggle-t4-resenc-m-ft192", "seed-v2"]
+
+
+def test_base_is_deep_merged_relative_to_the_file_or_a_shipped_name(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "parent.yaml").write_text("base: smoke-cpu\noptim: {lr: 0.5}\ntrain: {epochs: 4}\n")
+    child = tmp_path / "sub" / "child.yaml"
+    child.write_text("base: parent\ntrain: {epochs: 7}\n")  # relative to child's folder, .yaml optional
+    cfg = load_train_config(child)
+    smoke = load_train_config("smoke-cpu")
+    assert (cfg.train.epochs, cfg.optim.lr) == (7, 0.5)
+    assert cfg.train.batch_size == smoke.train.batch_size and cfg.model == smoke.model  # the grandparent's
+    assert cfg.optim.name == smoke.optim.name  # merged, not replaced: optim keys the parent did not set
+    # a postprocess section inherited the same way, for predict --postprocess
+    assert load_postprocess(child) == smoke.postprocess
+
+
+def test_base_errors_name_the_file_and_cycles(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("base: b.yaml\n")
+    b.write_text("base: a\n")
+    with pytest.raises(ConfigError, match=r"inheritance cycle .*a\.yaml -> .*b\.yaml -> .*a\.yaml") as exc:
+        load_train_config(a)
+    assert str(exc.value).startswith(str(a)) and "\n" not in str(exc.value)
+    a.write_text("base: missing-name\n")
+    with pytest.raises(ConfigError, match=r"a\.yaml: base: missing-name: no such file next to it .*kaggle-t4"):
+        load_train_config(a)
+    a.write_text("base: [x, y]\n")
+    with pytest.raises(ConfigError, match=r"a\.yaml: base: expected a config file or shipped config name"):
+        load_train_config(a)
+
+
+def test_search_space_base_mapping_is_a_setting_not_inheritance(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("threshold: [0.4]\nbase: {border: 2}\n")
+    assert load_search_space(path).base.border == 2
+
+
+def test_set_overrides_parse_yaml_values_and_check_keys():
+    from kaggle_utils.config import parse_overrides
+
+    got = parse_overrides(["optim.lr=1e-3", "sampler.patch_size=[64,64,64]", "validation.ids=null",
+                           "postprocess.threshold=0.4"])
+    assert got == {"optim.lr": "1e-3", "sampler.patch_size": [64, 64, 64], "validation.ids": None,
+                   "postprocess.threshold": 0.4}
+    cfg = load_train_config("smoke-cpu", got)
+    assert (cfg.optim.lr, cfg.sampler.patch_size, cfg.postprocess.threshold) == (1e-3, (64, 64, 64), 0.4)
+    for bad in ("optim.lr", "=3", "optim..lr=1", "a b=1"):
+        with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+            parse_overrides([bad])
+    with pytest.raises(ConfigError, match=r"^--set optim\.lr: invalid YAML value"):
+        parse_overrides(["optim.lr=[1,"])
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) optim\.lrr; allowed under optim"):
+        load_train_config("smoke-cpu", parse_overrides(["optim.lrr=1"]))
+
+
+def _parse_only(monkeypatch, target: str):
+    """Replace ``target`` (a library call of a CLI command) with one that records its arguments and stops."""
+    import importlib
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake(*args, **kwargs):
+        seen["args"], seen["kwargs"] = args, kwargs
+        raise Stop
+
+    module, name = target.rsplit(".", 1)
+    monkeypatch.setattr(importlib.import_module(module), name, fake)
+    return seen, Stop
+
+
+def test_train_cli_set_reaches_the_config(tmp_path, monkeypatch, capsys):
+    from kaggle_utils.cli import main
+
+    seen, Stop = _parse_only(monkeypatch, "kaggle_utils.train.train")
+    with pytest.raises(Stop):
+        main(["train", "--config", "smoke-cpu", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run"),
+              "--set", "optim.lr=2e-3", "--set", "sampler.patch_size=[32,32,64]", "--epochs", "2"])
+    cfg = seen["args"][0]
+    assert (cfg.optim.lr, cfg.sampler.patch_size, cfg.train.epochs) == (2e-3, (32, 32, 64), 2)
+    assert main(["train", "--config", "smoke-cpu", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run"),
+                 "--set", "optim.lrr=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "unknown config key(s) optim.lrr" in err and err.count("\n") == 1
+
+
+def test_predict_and_tune_cli_set(tmp_path, monkeypatch, capsys):
+    from kaggle_utils.cli import main
+
+    seen, Stop = _parse_only(monkeypatch, "kaggle_utils.predict.predict_dataset")
+    with pytest.raises(Stop):
+        main(["predict", "--checkpoint", "m.pt", "--data-dir", str(tmp_path), "--config", "kaggle-t4",
+              "--postprocess", "kaggle-t4", "--set", "inference.batch_size=4", "--set", "postprocess.threshold=0.35"])
+    assert seen["kwargs"]["inference_cfg"].batch_size == 4
+    assert seen["kwargs"]["postprocess_cfg"].threshold == 0.35
+    assert main(["predict", "--checkpoint", "m.pt", "--set", "postprocess.threshold=0.3"]) == 2
+    assert "needs --postprocess FILE" in capsys.readouterr().err
+    assert main(["predict", "--checkpoint", "m.pt", "--config", "kaggle-t4", "--set", "optim.lr=1"]) == 2
+    assert "key must start with one of inference., postprocess." in capsys.readouterr().err
+
+    seen, Stop = _parse_only(monkeypatch, "kaggle_utils.tune.load_probs")
+    import kaggle_utils.tune as tune_mod
+
+    spaces = []
+    real = tune_mod.load_search_space
+    monkeypatch.setattr(tune_mod, "load_search_space", lambda *a, **k: spaces.append(real(*a, **k)) or spaces[-1])
+    with pytest.raises(Stop):
+        main(["tune", "--probs", str(tmp_path), "--set", "threshold=[0.3,0.4]", "--set", "base.border=3"])
+    assert spaces[-1].threshold == [0.3, 0.4] and spaces[-1].base.border == 3
+    assert main(["tune", "--probs", str(tmp_path), "--set", "thresholds=[0.3]"]) == 2
+    assert "unknown config key(s) tune.thresholds" in capsys.readouterr().err

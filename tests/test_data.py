@@ -170,6 +170,23 @@ def test_csv_without_id_column(dataset):
         load_index(dataset, "train")
 
 
+def test_csv_saved_by_excel_bom_and_crlf_reads_like_plain(dataset):
+    """Excel's "CSV UTF-8" adds a byte-order mark and CRLF line ends; ids and scrolls must come out the same."""
+    plain = load_index(dataset, "train")
+    for split in ("train", "test"):
+        text = (dataset / f"{split}.csv").read_text()
+        (dataset / f"{split}.csv").write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    excel = load_index(dataset, "train")
+    assert excel.ids == plain.ids and excel.scroll_ids == plain.scroll_ids
+    assert load_index(dataset, "test").ids == ["900"]
+
+
+def test_csv_not_utf8_is_one_line(dataset):
+    (dataset / "train.csv").write_bytes("id,scroll_id\n10,\xe9\n".encode("utf-16"))
+    with pytest.raises(DataError, match=r"train\.csv: not UTF-8"):
+        load_index(dataset, "train")
+
+
 def test_id_without_file(dataset):
     with open(dataset / "train.csv", "a") as fh:
         fh.write("404,a\n")
@@ -297,7 +314,7 @@ def test_write_probs_round_trip(tmp_path):
     from kaggle_utils.data import write_probs
 
     prob = np.linspace(0, 1, 24, dtype=np.float32).reshape(2, 3, 4)
-    npy = write_probs(tmp_path / "oof", "17", "34117", prob, 2, epoch=5)
+    npy = write_probs(tmp_path / "oof", "17", "34117", prob, 2, fmt="float16", epoch=5)  # the old format
     back = np.load(npy)
     assert back.dtype == np.float16 and back.shape == (2, 3, 4)
     np.testing.assert_allclose(back, prob, atol=1e-3)
@@ -365,3 +382,19 @@ def _lzw_bytes() -> bytes:
 
 
 _LZW_BYTES = _lzw_bytes()  # at import time, while imagecodecs is still available
+
+
+def test_check_tiff_header_reads_shapes_and_finds_truncation_without_decoding(tmp_path):
+    from kaggle_utils.data import check_tiff_header
+
+    vol = _label((12, 10, 9)) * 60
+    path = write_volume(tmp_path / "v.tif", vol, compression="zlib")
+    assert check_tiff_header(path) == (12, 10, 9)
+    data = path.read_bytes()
+    for cut in (len(data) // 2, len(data) - 3):  # the IFD chain broken; only the last page's data cut short
+        (tmp_path / "cut.tif").write_bytes(data[:cut])
+        with pytest.raises(DataError, match=r"cut\.tif: corrupt TIFF, truncated or damaged"):
+            check_tiff_header(tmp_path / "cut.tif")
+    tifffile.imwrite(tmp_path / "u16.tif", vol.astype(np.uint16))
+    with pytest.raises(DataError, match="expected dtype uint8"):
+        check_tiff_header(tmp_path / "u16.tif")

@@ -83,7 +83,49 @@ def test_constant_probabilities_are_flagged():
 
 def test_without_labels_uses_typical_share():
     assert collapse_verdict([0.97, 0.99]).collapsed
-    assert not collapse_verdict([0.08, 0.12, 0.06]).collapsed
+    # test predictions: shares of all voxels against the middle of the typical share (17.5 %);
+    # healthy from 0.5x to 2x it (8.75-35 %)
+    assert not collapse_verdict([0.10, 0.14, 0.09]).collapsed
+    assert collapse_verdict([0.08, 0.12, 0.06]).kind == "under"  # 8.7 %: 0.50x, just under the band
+
+
+def test_strong_under_prediction_is_flagged():
+    """Issue 25: predicted 2.4 % against 16.2 % labelled (0.15x) was called healthy."""
+    v = collapse_verdict([0.024] * 3, [0.162] * 3)
+    assert v.collapsed and v.kind == "under"
+    assert "0.15x the labelled surface share (2.4% vs 16.2%), limit 0.5x" in v.reasons[0]
+    assert not collapse_verdict([0.09, 0.08, 0.085], [0.162] * 3).collapsed  # 0.52x: inside the band
+    assert collapse_verdict([0.0001], [0.162]).kind == "empty"  # the empty kind is kept below 0.05x
+
+
+def test_healthy_band_mirrors_the_over_prediction_rule():
+    from kaggle_utils.diagnostics import COLLAPSE_MAX_RATIO, COLLAPSE_MIN_RATIO, healthy_band
+
+    assert COLLAPSE_MIN_RATIO * COLLAPSE_MAX_RATIO == pytest.approx(1.0)
+    assert healthy_band(0.162) == pytest.approx((0.081, 0.324))
+    assert healthy_band(0.4) == pytest.approx((0.2, 0.5))  # capped at COLLAPSE_MAX_FG
+    # the verdict is healthy exactly inside the band it reports (the band the histogram shades)
+    for ref in (0.1, 0.162, 0.3):
+        lo, hi = collapse_verdict([ref], [ref]).stats["healthy_band"]
+        for share, healthy in ((lo * 0.99, False), (lo * 1.01, True), (hi * 0.99, True), (hi * 1.01, False)):
+            assert (collapse_verdict([share], [ref]).kind == "healthy") is healthy, (ref, share)
+
+
+def test_histogram_band_and_title_agree_and_say_what_the_share_is_of():
+    from kaggle_utils.diagnostics import TYPICAL_SURFACE_SHARE, healthy_band
+
+    fig = plot_fg_histogram([0.024, 0.025], None)  # the issue's submit histogram: no labels
+    ax = fig.axes[0]
+    assert ax.get_title() == "COLLAPSE: under"
+    assert "% of all voxels" in ax.get_xlabel()
+    band = [p for p in ax.patches if p.get_label().startswith("healthy mean:")]
+    assert len(band) == 1
+    x0, x1 = band[0].get_x(), band[0].get_x() + band[0].get_width()
+    lo, hi = healthy_band(sum(TYPICAL_SURFACE_SHARE) / 2)
+    assert (x0, x1) == pytest.approx((100 * lo, 100 * hi))
+    assert "0.5-2x the typical surface share (8.8-35.0%)" in band[0].get_label()
+    fig = plot_fg_histogram([0.15, 0.17], [0.16, 0.16])
+    assert fig.axes[0].get_title() == "healthy" and "% of labelled voxels" in fig.axes[0].get_xlabel()
 
 
 def test_figures_are_written(tmp_path):
@@ -297,3 +339,36 @@ def test_one_rule_defaults_for_train_guard_and_diagnose():
     assert not v.collapsed and v.notes and "above the 1.5x" in v.notes[0] and "1.8x" in str(v)
     assert collapse_verdict([0.28] * 3, [0.2] * 3).notes == []
     assert v.stats["max_ratio"] == 2.0 and v.stats["recover_ratio"] == 1.5
+
+
+def test_training_curves_put_one_quantity_on_each_axis(tmp_path):
+    """Issue 25: score, percentages and seconds shared one linear axis (the score flat near zero)."""
+    rows = [{"epoch": e, "lr": 2e-3 * (0.5 ** e), "train_loss": 1.0 / e, "train_dice": 0.5 / e, "train_bce": 0.4 / e,
+             "time_s": 200.0, "val_dice": 0.1 * e, "val_score": 0.12 * e, "val_topo": 0.05 * e, "val_sd": 0.15 * e,
+             "val_voi": 0.2 * e, "val_fg_pct": 20.0 + e, "val_fg_min_pct": 15.0, "val_fg_max_pct": 30.0,
+             "val_label_fg_pct": 18.0, "val_predict_s": 70.0, "collapse": "foreground" if e == 2 else "healthy"}
+            for e in range(1, 5)]
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fig = plot_training_log(log, out=tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 5000
+    by_title = {ax.get_title(): ax for ax in fig.axes}
+    assert set(by_title) == {"training loss and its parts", "validation score and its parts",
+                             "foreground share of labelled voxels", "learning rate"}
+    score = by_title["validation score and its parts"]
+    assert score.get_ylim() == (0.0, 1.0)
+    assert {line.get_label() for line in score.lines} == {"score", "TopoScore", "SurfaceDice", "VOI score",
+                                                          "Dice (labelled voxels)"}
+    assert by_title["learning rate"].get_yscale() == "log"
+    assert [line.get_label() for line in by_title["learning rate"].lines] == ["_child0"]  # lr only
+    fg = by_title["foreground share of labelled voxels"]
+    assert "% of labelled voxels" in fg.get_ylabel() and "collapse guard flagged" in [l.get_label() for l in fg.lines]
+    loss_labels = {line.get_label() for line in by_title["training loss and its parts"].lines}
+    assert loss_labels == {"total", "dice", "bce"}  # no seconds, lr or percentages among the losses
+    for ax in fig.axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert all(float(t).is_integer() for t in ticks), ticks  # whole epochs
+    # a run without validation (--fold all) says so instead of empty axes
+    log.write_text("".join(json.dumps({k: r[k] for k in ("epoch", "lr", "train_loss")}) + "\n" for r in rows))
+    fig = plot_training_log(log)
+    assert any("no validation in this run" in t.get_text() for ax in fig.axes for t in ax.texts)

@@ -114,3 +114,62 @@ def test_read_only_install_gets_a_writable_numba_cache(tmp_path):
     finally:
         for p in [root, *root.rglob("*")]:
             p.chmod(stat.S_IRWXU)
+
+
+# ------------------------------------------------------------------ a GPU the installed torch cannot run
+
+CU128 = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]  # the image's cu128 torch
+
+
+@pytest.mark.parametrize("capability, arch_list, runs", [
+    ((6, 0), CU128, False),  # P100: what a push without machine_shape has been reported to get
+    ((7, 0), CU128, False),  # V100
+    ((7, 5), CU128, True),  # T4: machine_shape NvidiaTeslaT4
+    ((8, 9), CU128, True),  # L4: sm_86 kernels run on 8.9 (same major)
+    ((12, 1), CU128, True),
+    ((6, 0), ["sm_50", "sm_60", "sm_70", "sm_75"], True),  # an older cu118 build still has sm_60
+    ((6, 1), ["sm_60"], True),
+    ((5, 2), ["sm_60", "compute_50"], True),  # PTX compiled just in time
+    ((6, 0), [], True),  # a build that lists nothing: CUDA decides
+])
+def test_gpu_arch_problem_compares_capability_with_the_build(capability, arch_list, runs):
+    from kaggle_utils.environment import gpu_arch_problem
+
+    problem = gpu_arch_problem(capability, arch_list, "Tesla P100-PCIE-16GB", "2.10.0+cu128")
+    assert (problem is None) is runs
+    if not runs:
+        sm = f"sm_{capability[0]}{capability[1]}"
+        assert problem.startswith(f"Tesla P100-PCIE-16GB ({sm}) cannot run this torch 2.10.0+cu128 (built for sm_75")
+        assert '"machine_shape": "NvidiaTeslaT4"' in problem and "\n" not in problem
+
+
+def _fake_p100(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 0))
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: list(CU128))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla P100-PCIE-16GB")
+
+
+@pytest.mark.parametrize("command", ["train", "predict"])
+def test_train_and_predict_stop_in_one_line_on_a_gpu_torch_cannot_run(command, tiny_train_data, tmp_path,
+                                                                      monkeypatch, capsys):
+    import kaggle_utils.data as data_mod
+    from kaggle_utils.cli import main
+
+    _fake_p100(monkeypatch)
+    monkeypatch.setattr(data_mod, "read_volume", lambda path: (_ for _ in ()).throw(AssertionError("work")))
+    argv = {"train": ["train", "--config", "smoke-cpu", "--data-dir", str(tiny_train_data), "--out",
+                      str(tmp_path / "run"), "--device", "cuda"],
+            "predict": ["predict", "--checkpoint", str(tmp_path / "m.pt"), "--data-dir", str(tiny_train_data),
+                        "--out", str(tmp_path / "s.zip"), "--device", "cuda"]}[command]
+    rc = main(argv)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("error: Tesla P100-PCIE-16GB (sm_60) cannot run this torch") and "NvidiaTeslaT4" in lines[0]
+    assert not (tmp_path / "run" / "last.pt").exists() and not (tmp_path / "s.zip").exists()

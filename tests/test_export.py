@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import warnings
 import zipfile
@@ -15,6 +16,7 @@ import torch
 from kaggle_utils.cli import main
 from kaggle_utils.config import to_dict
 from kaggle_utils.data import write_volume
+from kaggle_utils.probs import read_probs
 from kaggle_utils.models import (
     EXPORT_FORMAT,
     EXPORT_VERSION,
@@ -30,7 +32,8 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 
 TRAINING_ONLY = {"optimizer", "scaler", "scheduler", "rng", "ema_state", "history", "metrics", "epoch",
                  "best_score", "best_epoch", "bad_validations"}
-EXPORTED_KEYS = {"format", "format_version", "model", "model_config", "config", "fold", "weights", "dtype"}
+EXPORTED_KEYS = {"format", "format_version", "model", "model_config", "config", "fold", "weights", "dtype",
+                 "kaggle_utils_version", "trained_with"}  # which code exported it, which trained it
 # float16 weights vs float32 on a 32x32x64 input of the tiny U-Net below (logits span about +-18):
 # measured max |dp| 0.0098, mean |dp| 9e-5, 0.018 % of voxels flip at threshold 0.5
 FP16_MAX_ATOL, FP16_MEAN_ATOL, FP16_MAX_FLIPS = 0.02, 5e-4, 1e-3
@@ -143,9 +146,9 @@ def test_predict_same_submission_from_full_and_exported(tmp_path, full_ckpt):
         assert report.errors == {}
         with zipfile.ZipFile(out) as zf:
             masks.append(tifffile.imread(io.BytesIO(zf.read("v1.tif"))))
-        assert (tmp_path / f"p{i}" / "v1.npy").is_file()
+        assert (tmp_path / f"p{i}" / "v1.npz").is_file()
     np.testing.assert_array_equal(masks[0], masks[1])
-    np.testing.assert_array_equal(np.load(tmp_path / "p0" / "v1.npy"), np.load(tmp_path / "p1" / "v1.npy"))
+    np.testing.assert_array_equal(read_probs(tmp_path / "p0" / "v1.npz"), read_probs(tmp_path / "p1" / "v1.npz"))
     assert 0 < masks[0].mean() < 1
 
 
@@ -174,6 +177,9 @@ def test_cli_export(tmp_path, full_ckpt, capsys):
     ("foreign", "not a kaggle_utils checkpoint"),
     ("no_config", "checkpoint has no model_config"),
     ("same_file", "refusing to overwrite the source checkpoint"),
+    ("pickled", "holds pickled Python objects"),
+    ("numpy", "a numpy .npy file, not a torch checkpoint"),
+    ("empty", "empty file"),
     ("newer", "this kaggle_utils reads up to"),
 ])
 def test_cli_export_errors_are_one_line(tmp_path, capsys, case, message):
@@ -182,6 +188,13 @@ def test_cli_export_errors_are_one_line(tmp_path, capsys, case, message):
         src.write_bytes(b"\x00not a torch file" * 5)
     elif case == "foreign":
         torch.save({"foo": 1}, src)
+    elif case == "pickled":  # a whole pickled object, as torch.save(model) writes
+        torch.save({"model": {}, "args": argparse.Namespace(lr=1e-3)}, src)
+    elif case == "numpy":
+        np.save(tmp_path / "a.npy", np.zeros(3))
+        (tmp_path / "a.npy").rename(src)
+    elif case == "empty":
+        src.write_bytes(b"")
     elif case == "no_config":
         torch.save({"model": {"w": torch.zeros(2)}}, src)
     elif case in ("same_file", "newer"):
@@ -191,6 +204,7 @@ def test_cli_export_errors_are_one_line(tmp_path, capsys, case, message):
     assert main(["export", str(src), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {src}: ") and message in err and err.count("\n") == 1
+    assert "weights_only" not in err and "False" not in err  # never torch's advice to unpickle anything
     if case == "newer":
         with pytest.raises(CheckpointError, match=message):
             load_checkpoint(src)

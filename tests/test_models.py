@@ -170,6 +170,39 @@ def test_patch_size_checked_against_the_real_divisor():
     assert list(from_dict(TrainConfig, xl).sampler.patch_size) == [64, 128, 64]
 
 
+def test_resenc_patch_with_a_1x1x1_bottleneck_is_a_config_error_naming_the_smallest_patch():
+    """resenc-m downsamples 32x: a 32^3 patch leaves 1x1x1, where InstanceNorm raises (train and eval)."""
+    from kaggle_utils.train_config import TrainConfig
+
+    cfg = {"model": {"arch": "ResEncUNet", "preset": "resenc-m"}, "sampler": {"patch_size": [32, 32, 32]},
+           "inference": {"patch_size": [128, 128, 128]}}
+    with pytest.raises(ConfigError, match=r"sampler.patch_size: \[32, 32, 32\] leaves a 1x1x1 feature map .*64\^3"):
+        from_dict(TrainConfig, cfg)
+    cfg["sampler"]["patch_size"], cfg["inference"]["patch_size"] = [64, 32, 32], [32, 32, 32]
+    with pytest.raises(ConfigError, match="inference.patch_size"):
+        from_dict(TrainConfig, cfg)
+    cfg["inference"]["patch_size"] = [64, 64, 64]
+    assert list(from_dict(TrainConfig, cfg).sampler.patch_size) == [64, 32, 32]  # 2x1x1: InstanceNorm is fine
+    smp = {"model": dict(TINY), "sampler": {"patch_size": [32, 32, 32]}, "inference": {"patch_size": [32, 32, 32]}}
+    assert from_dict(TrainConfig, smp).sampler.patch_size  # BatchNorm pools over the batch: 32^3 stays allowed
+    smp["train"] = {"batch_size": 1}  # ... except with one patch per batch
+    with pytest.raises(ConfigError, match=r"sampler.patch_size: \[32, 32, 32\] leaves a 1x1x1 .*BatchNorm at batch"):
+        from_dict(TrainConfig, smp)
+
+
+def test_the_smallest_accepted_patch_runs_and_the_rejected_one_does_not():
+    """The rule matches the network: 2x1x1 at the bottleneck runs, 1x1x1 raises in InstanceNorm."""
+    cfg = ModelConfig(arch="ResEncUNet", n_stages=3, features_per_stage=[4, 8, 8])
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        model(torch.randn(1, 1, 8, 4, 4))
+        with pytest.raises(ValueError, match="spatial element"):
+            model(torch.randn(1, 1, 4, 4, 4))
+    with pytest.raises(ValueError, match=r"p: \[4, 4, 4\] leaves a 1x1x1 .* smallest cube that works is 8\^3"):
+        validate_patch_size((4, 4, 4), 4, "p", 2)
+    assert validate_patch_size((8, 4, 4), 4, "p", 2) == (8, 4, 4)
+
+
 def test_resenc_checkpoint_and_export_rebuild_from_the_file_alone(tmp_path):
     from kaggle_utils.config import to_dict
     from kaggle_utils.models import export_checkpoint

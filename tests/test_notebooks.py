@@ -40,8 +40,19 @@ def test_notebooks_install_every_wheel_from_input_dir(name):
 
 def test_train_notebook_parameters():
     params = "".join(_code_cells("train.ipynb")[0]["source"])
-    for name in ("RESUME = False", "GPUS = 1", "TIME_LIMIT_S", "OUT_DIR"):
+    for name in ("RESUME = False", "GPUS = 1", "TIME_LIMIT_S", "OUT_DIR", "DRY_RUN_STEPS = 5"):
         assert name in params
+
+
+def test_train_notebook_offers_the_winners_path():
+    """Issue 25: TIME_BUDGET and INIT_FROM parameters reach both training calls; FOLD = 'all' is mentioned."""
+    params = "".join(_code_cells("train.ipynb")[0]["source"])
+    ns: dict = {}
+    exec(params, ns)  # the parameters cell is plain assignments
+    assert ns["TIME_BUDGET"] is None and ns["INIT_FROM"] is None
+    assert "'all'" in params
+    calls = "".join("".join(c["source"]) for c in _code_cells("train.ipynb") if "train.train_folds(" in "".join(c["source"]))
+    assert calls.count("time_budget=TIME_BUDGET") == 2 and calls.count("init_from=INIT_FROM") == 2
 
 
 def test_submit_notebook_finds_model_pt_before_best_pt(tmp_path):
@@ -90,6 +101,9 @@ def test_train_then_submit_notebooks(tmp_path):
     assert mimes.count("image/png") >= 3, mimes
     # the run's log lines reach the notebook: device, the epoch line with its parts, the end of the fold
     assert "fold 0: device cpu" in text and "finished (completed)" in text, text[-3000:]
+    # the dry run shows what a step costs before training starts
+    assert "dry run of smoke-cpu on cpu" in text and "s/step (median)" in text and "peak memory" in text, text[:3000]
+    assert text.index("dry run of") < text.index("epoch 1/1 loss")
     assert text.count("epoch 1/1 loss") == 1 and "val dice" in text and "labelled" in text, text[-3000:]
     out = tmp_path / "submission.zip"
     papermill.execute_notebook(

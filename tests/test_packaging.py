@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -52,6 +53,7 @@ def _push(folder: Path, tmp_path: Path) -> subprocess.CompletedProcess:
 def test_kernel_metadata_passes_kaggle_validation(folder, tmp_path):
     meta = json.loads((REPO / folder / "kernel-metadata.json").read_text())
     assert meta["enable_internet"] is False and meta["enable_gpu"] is True and meta["kernel_type"] == "notebook"
+    assert meta["machine_shape"] == "NvidiaTeslaT4"  # GPU T4 x2; without it a push may get a P100 torch cannot run
     assert meta["competition_sources"] == ["vesuvius-challenge-surface-detection"]
     assert (REPO / folder / meta["code_file"]).is_file()
     res = _push(REPO / folder, tmp_path)
@@ -75,6 +77,98 @@ def test_dataset_metadata():
     assert "kaggleuser/kaggle-utils-wheels" in json.loads((REPO / "kernel-metadata.json").read_text())["dataset_sources"]
 
 
+
+
+# ------------------------------------------------------------------------------------------------
+# kaggle-setup / kaggle-push (kaggle_utils.kaggle_cli)
+
+
+def _repo_copy(tmp_path: Path) -> Path:
+    from kaggle_utils.kaggle_cli import METADATA_FILES
+
+    root = tmp_path / "repo"
+    for rel in METADATA_FILES:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / rel, root / rel)
+    return root
+
+
+def _fake_kaggle(tmp_path: Path, monkeypatch) -> Path:
+    """A ``kaggle`` executable first on PATH that records its arguments."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "kaggle-calls.txt"
+    bin_dir.mkdir()
+    (bin_dir / "kaggle").write_text(f"#!/bin/sh\necho \"$@\" >> {log}\n")
+    (bin_dir / "kaggle").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return log
+
+
+def test_the_four_metadata_files_hold_the_placeholder_and_kaggle_setup_replaces_it_everywhere(tmp_path, capsys):
+    from kaggle_utils.cli import main
+    from kaggle_utils.kaggle_cli import METADATA_FILES
+
+    assert all("kaggleuser/" in (REPO / rel).read_text() for rel in METADATA_FILES)
+    root = _repo_copy(tmp_path)
+    assert main(["kaggle-setup", "--user", "alice-k", "--root", str(root)]) == 0
+    assert "4 of 4 metadata file(s) changed" in capsys.readouterr().out
+    for rel in METADATA_FILES:
+        text = (root / rel).read_text()
+        assert "kaggleuser" not in text and json.loads(text)["id"].startswith("alice-k/"), rel
+    assert json.loads((root / "kernel-metadata.json").read_text())["dataset_sources"] == [
+        "alice-k/kaggle-utils-wheels", "alice-k/vesuvius-surface-models"]
+    assert json.loads((root / "kernel-metadata.json").read_text())["machine_shape"] == "NvidiaTeslaT4"  # kept
+    assert main(["kaggle-setup", "--user", "alice-k", "--root", str(root)]) == 0
+    assert "0 of 4" in capsys.readouterr().out
+    for bad in ("Alice K", "a/b", ""):
+        assert main(["kaggle-setup", "--user", bad, "--root", str(root)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: kaggle-setup: --user") and err.count("\n") == 1
+
+
+def test_kaggle_push_refuses_the_placeholder_and_a_missing_machine_shape(tmp_path, monkeypatch, capsys):
+    from kaggle_utils.cli import main
+
+    calls = _fake_kaggle(tmp_path, monkeypatch)
+    root = _repo_copy(tmp_path)
+    for folder in (root, root / "notebooks" / "train", root / "datasets" / "kaggle-utils-wheels"):
+        assert main(["kaggle-push", str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert "still owned by the placeholder 'kaggleuser'" in err and "kaggle-setup --user" in err
+    assert not calls.exists()  # the Kaggle CLI was never run
+    assert main(["kaggle-setup", "--user", "alice", "--root", str(root)]) == 0
+    meta = json.loads((root / "kernel-metadata.json").read_text())
+    del meta["machine_shape"]
+    (root / "kernel-metadata.json").write_text(json.dumps(meta))
+    assert main(["kaggle-push", str(root)]) == 2
+    assert '"machine_shape" is None, expected \'NvidiaTeslaT4\'' in capsys.readouterr().err
+    assert not calls.exists()
+
+
+def test_kaggle_push_runs_the_kaggle_cli_once_the_metadata_is_set(tmp_path, monkeypatch, capsys):
+    from kaggle_utils.cli import main
+
+    calls = _fake_kaggle(tmp_path, monkeypatch)
+    root = _repo_copy(tmp_path)
+    assert main(["kaggle-setup", "--user", "alice", "--root", str(root)]) == 0
+    wheels = root / "datasets" / "kaggle-utils-wheels"
+    assert main(["kaggle-push", str(root / "notebooks" / "train")]) == 0
+    assert main(["kaggle-push", str(wheels)]) == 0
+    assert main(["kaggle-push", str(wheels), "-m", "kaggle_utils 1a2b", "--dir-mode", "tar"]) == 0
+    assert main(["kaggle-push", str(root), "--dry-run"]) == 0
+    assert calls.read_text().splitlines() == [
+        f"kernels push -p {root / 'notebooks' / 'train'}",
+        f"datasets create -p {wheels}",
+        f"datasets version -p {wheels} -m kaggle_utils 1a2b --dir-mode tar",
+    ]
+    assert capsys.readouterr().out.splitlines()[-1] == f"kaggle kernels push -p {root}"
+
+
+def test_readme_pushes_through_the_guarded_command():
+    """Every push the README tells a user to type goes through kaggle-push (which refuses the placeholder)."""
+    readme = (REPO / "README.md").read_text()
+    raw = [ln for ln in readme.splitlines() if re.search(r"^\s*kaggle (kernels push|datasets (create|version))", ln)]
+    assert not raw, raw
+    assert "kaggle_utils kaggle-setup --user" in readme and "kaggle_utils kaggle-push" in readme
 
 
 # ------------------------------------------------------------------------------------------------

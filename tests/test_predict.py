@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kaggle_utils.probs import read_probs
+
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 # A tiny run: 32^3 windows over 64^3 synthetic volumes, one epoch, a thin decoder.
@@ -51,15 +53,15 @@ def test_oof_probabilities_equal_predict_save_probs(tmp_path, tiny_train_data):
     data = tiny_train_data
     cfg = from_dict(TrainConfig, json.loads(json.dumps(TINY)))
     train(cfg, data, tmp_path / "run", fold=0, device="cpu", progress=False, verbose=False)
-    oof = sorted((tmp_path / "run" / "oof").glob("*.npy"))
+    oof = sorted((tmp_path / "run" / "oof").glob("*.npz"))
     assert oof
     test = _test_set_of(data, [p.stem for p in oof], tmp_path / "test")
     rc = main(["predict", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--data-dir", str(test),
                "--out", str(tmp_path / "s.zip"), "--device", "cpu", "--save-probs", str(tmp_path / "probs"), "--json"])
     assert rc == 0
     for npy in oof:
-        a, b = np.load(npy), np.load(tmp_path / "probs" / npy.name)
-        assert a.dtype == b.dtype == np.float16
+        a, b = read_probs(npy), read_probs(tmp_path / "probs" / npy.name)
+        assert a.dtype == b.dtype == np.uint8
         np.testing.assert_array_equal(a, b)
 
 
@@ -355,3 +357,19 @@ def test_cli_commands_never_show_a_traceback_on_fault_fixtures(ckpt, tmp_path, c
         if rc:
             assert err.strip() or out.strip(), argv
     assert _run_cli(capsys, "validate-submission", tmp_path / "4.zip", "--data-dir", four_d)[0] == 0
+
+
+def test_predict_logs_and_reports_the_code_and_training_versions(ckpt, tmp_path, capsys):
+    """Which code trained (the checkpoint's stamp, kept by export) and which predicted: in the log and report."""
+    from kaggle_utils.models import export_checkpoint
+    from kaggle_utils.version import version_stamp
+
+    data = _test_set(tmp_path / "d")
+    exported = export_checkpoint(ckpt, tmp_path / "model.pt")
+    rc, out, err = _run_cli(capsys, "predict", "--checkpoint", exported, "--data-dir", data, "--out",
+                            tmp_path / "s.zip", "--device", "cpu", "--json")
+    assert rc == 0, err
+    stamp = version_stamp()
+    assert f"predict: kaggle_utils {stamp}, 1 model(s)" in err
+    assert f"predict: {exported} trained with kaggle_utils {stamp}" in err  # ckpt was written by this code
+    assert json.loads(out)["code_version"] == stamp

@@ -20,6 +20,7 @@ from torch import nn
 from kaggle_utils.data import normalize_intensity, write_volume
 from kaggle_utils.postprocess import PostprocessConfig, postprocess
 from kaggle_utils.predict import PredictReport, plan_tta, predict_dataset, staging_dir
+from kaggle_utils.probs import as_probability, read_probs
 from kaggle_utils.submission import (
     SubmissionError,
     read_tiff_shape,
@@ -360,12 +361,11 @@ def test_predict_dataset_end_to_end(tmp_path, data_dir, fake_inference):
             got = tifffile.imread(io.BytesIO(zf.read(f"{vid}.tif")))
             image = tifffile.imread(data_dir / "test_images" / f"{vid}.tif")
             np.testing.assert_array_equal(got, _expected_mask(image, "zscore", cfg))
-    # probabilities: float16 .npy + JSON sidecar
+    # probabilities: compact uint8 .npz + JSON sidecar
     meta = json.loads((tmp_path / "probs" / "b2.json").read_text())
     assert meta["id"] == "b2" and meta["scroll_id"] == "101" and meta["shape"] == [10, 10, 10]
-    probs = np.load(tmp_path / "probs" / "b2.npy")
-    assert probs.dtype == np.float16 and probs.shape == SHAPES["b2"]
-    assert 0.0 <= float(probs.min()) and float(probs.max()) <= 1.0
+    probs = read_probs(tmp_path / "probs" / "b2.npz")
+    assert probs.dtype == np.uint8 and probs.shape == SHAPES["b2"]
     assert [v["id"] for v in report.volumes] == list(SHAPES)
     assert all(c["device"] == "cpu" for c in fake_inference)
 
@@ -559,8 +559,8 @@ def test_predict_dataset_from_checkpoints_real_inference(tmp_path, data_dir):
     with zipfile.ZipFile(out) as zf:
         got = tifffile.imread(io.BytesIO(zf.read("a1.tif")))
     np.testing.assert_array_equal(got, (prob > 0.5).astype(np.uint8))
-    saved = np.load(tmp_path / "p" / "a1.npy").astype(np.float32)
-    np.testing.assert_allclose(saved, prob, atol=1e-3)
+    saved = as_probability(read_probs(tmp_path / "p" / "a1.npz"))
+    np.testing.assert_allclose(saved, prob, atol=1 / 510 + 1e-6)
 
 
 def test_predict_dataset_rejects_mixed_normalizations(tmp_path, data_dir):
@@ -628,7 +628,8 @@ def test_cli_predict(tmp_path, capsys):
 
 def test_predict_report_summary_names_failures(tmp_path):
     rep = PredictReport(tmp_path / "s.zip", n_volumes=3, seconds=12.3, errors={"7": "CUDA out of memory"},
-                        notes=["TTA reduced to 4 passes"])
+                        notes=["TTA reduced to 4 passes"], code_version="0.1.0 (commit abc)")
     lines = str(rep).splitlines()
     assert lines == ["note: TTA reduced to 4 passes", "error: 7: CUDA out of memory",
-                     f"wrote {tmp_path / 's.zip'}: 3 volume(s) in 12 s, 1 failed (submitted empty), validated"]
+                     f"wrote {tmp_path / 's.zip'}: 3 volume(s) in 12 s, 1 failed (submitted empty), validated"
+                     " (kaggle_utils 0.1.0 (commit abc))"]

@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from kaggle_utils.config import ConfigError, to_dict
+from kaggle_utils.probs import read_probs
 from kaggle_utils.train import (
     OptimConfig,
     TrainConfig,
@@ -95,9 +96,9 @@ def test_one_epoch_via_cli_logs_every_loss_part(data_dir, tmp_path, capsys):
     sidecars = sorted((run / "oof").glob("*.json"))
     assert sidecars
     meta = json.loads(sidecars[0].read_text())
-    prob = np.load(sidecars[0].with_suffix(".npy"))
-    assert meta["fold"] == 0 and meta["scroll_id"] and prob.dtype == np.float16 and list(prob.shape) == meta["shape"]
-    assert float(prob.min()) >= 0.0 and float(prob.max()) <= 1.0
+    prob = read_probs(sidecars[0].with_suffix(".npz"))  # the compact default, validation.oof_format: uint8
+    assert meta["fold"] == 0 and meta["scroll_id"] and prob.dtype == np.uint8 and list(prob.shape) == meta["shape"]
+    assert meta["dtype"] == "uint8" and meta["scale"] == 255 and not list((run / "oof").glob("*.npy"))
 
 
 def _weights(path):
@@ -362,9 +363,15 @@ def test_train_torchrun_runs_the_cli_on_two_gloo_processes(data_dir, tmp_path, c
     assert out.count("epoch 1/1 loss") == 1 and "2 rank(s)" in out and "rank 0 of 2" in out
     assert out.count("fold 0: completed after 1 epoch(s)") == 1
     assert torch.load(tmp_path / "runs" / "fold0" / "last.pt", weights_only=True)["epoch"] == 1
-    with pytest.raises(RuntimeError, match="exited with status"):
+    # a config this process has to read (for the time budget) is checked here, before any launch
+    from kaggle_utils.config import ConfigError
+    with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
         train_torchrun(2, tmp_path / "missing.yaml", data_dir, tmp_path / "runs", folds=[0], device="cpu",
                        env={"PYTHONPATH": str(REPO)})
+    # otherwise the launched processes find it, and their failure is the launch's
+    with pytest.raises(RuntimeError, match="exited with status"):
+        train_torchrun(2, tmp_path / "missing.yaml", data_dir, tmp_path / "runs", folds=[0], device="cpu",
+                       time_budget=60.0, env={"PYTHONPATH": str(REPO)})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -546,6 +553,47 @@ def test_bad_label_in_a_worker_is_one_line_on_the_cli(bad_label_data, tmp_path, 
     assert rc == 2 and line == f"error: {bad}: label values must be in {{0, 1, 2}}, found [255]", line
 
 
+def test_truncated_training_image_is_a_corrupt_tiff_at_train_start(data_dir, tmp_path, capsys):
+    """Not a 'label shape != image shape' message: the image's headers are checked before its label is compared."""
+    from kaggle_utils.data import load_index, split_fold
+
+    root = tmp_path / "data"
+    shutil.copytree(data_dir, root)
+    train_idx, _ = split_fold(load_index(root, "train"), 0, 3)
+    img = list(train_idx)[0].image_path
+    img.write_bytes(img.read_bytes()[: img.stat().st_size // 2])
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(TINY))
+    rc, _, err = _cli(["train", "--config", str(cfg_path), "--fold", "0", "--data-dir", str(root),
+                       "--out", str(tmp_path / "run"), "--no-progress"], capsys)
+    line = _one_error_line(err)
+    assert rc == 2 and line.startswith(f"error: {img}: corrupt TIFF, truncated or damaged"), line
+    assert "label shape" not in line and not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_shape_mismatch_on_a_held_out_volume_beyond_n_volumes_stops_train_at_start(data_dir, tmp_path):
+    """Every id is checked, not only the validation.n_volumes scored each epoch: the others get out-of-fold
+    probabilities at the end (and tune reads them)."""
+    import tifffile
+
+    from kaggle_utils.data import DataError, load_index, split_fold
+
+    root = tmp_path / "data"
+    shutil.copytree(data_dir, root)
+    index = load_index(root, "train")
+    first = list(index)[0]
+    image, label = tifffile.imread(first.image_path), tifffile.imread(first.label_path)
+    tifffile.imwrite(root / "train_images" / "999.tif", image)
+    tifffile.imwrite(root / "train_labels" / "999.tif", label[:, :, :-8])  # 8 voxels short in x
+    with open(root / "train.csv", "a") as fh:
+        fh.write(f"999,{first.scroll_id}\n")
+    fold = next(k for k in range(3) if len(split_fold(load_index(root, "train"), k, 3)[1]) == 2)
+    assert [r.id for r in split_fold(load_index(root, "train"), fold, 3)[1]][1] == "999"  # beyond n_volumes 1
+    with pytest.raises(DataError, match=r"999\.tif: label shape \(\d+, \d+, \d+\) != image shape"):
+        train(tiny_cfg(train={"epochs": 1}), root, tmp_path / "run", fold=fold, progress=False, verbose=False)
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
 @pytest.mark.parametrize("device", ["cuda", "cuda:99", "gpu"])
 def test_cli_unusable_device_is_one_line(data_dir, tmp_path, capsys, device):
     if device == "cuda" and torch.cuda.is_available():
@@ -627,7 +675,7 @@ def test_budgeted_run_ends_inside_its_budget_with_oof(data_dir, tmp_path):
     took = time.monotonic() - t0
     assert r.stopped == "time_budget" and took < budget, took
     assert (tmp_path / "b" / "best.pt").is_file() and (tmp_path / "b" / "last.pt").is_file()
-    assert r.oof_dir is not None and list(r.oof_dir.glob("*.npy"))
+    assert r.oof_dir is not None and list(r.oof_dir.glob("*.npz"))
     assert "val_dice" in r.history[-1]  # the final epoch was validated
 
 
@@ -815,4 +863,109 @@ def test_budgeted_run_times_a_validation_early_when_none_is_due(data_dir, tmp_pa
     assert r.stopped == "time_budget" and took < budget, took
     assert "val_score" in r.history[0] and "val_score" in r.history[-1]  # timed after epoch 1, and at the end
     assert not any("val_score" in row for row in r.history[1:-1])
-    assert r.oof_dir is not None and list(r.oof_dir.glob("*.npy"))
+    assert r.oof_dir is not None and list(r.oof_dir.glob("*.npz"))
+
+
+# ---------------------------------------------------------------------------------- issue 25: budgets
+
+
+def _record_folds(monkeypatch):
+    """Replace train.train with a recorder of (fold, time_budget) that trains nothing."""
+    import types
+
+    import kaggle_utils.train as T
+
+    seen = []
+
+    def fake(cfg, data_dir, out_dir, fold=0, time_limit=None, time_budget=None, **kwargs):
+        seen.append((fold, time_budget))
+        return types.SimpleNamespace(stopped="time_budget", fold=fold)
+
+    monkeypatch.setattr(T, "train", fake)
+    return seen
+
+
+def test_fold_minus_one_plans_the_whole_run_inside_the_budget(tmp_path, monkeypatch, capsys):
+    """Issue 25: --time-budget with --fold -1 applied to every fold (3 folds x 40 s took 147 s), and
+    kaggle-t4-resenc-m's 8-hour budget with the notebook's FOLD = -1 planned 40 hours."""
+    from kaggle_utils.cli import main
+    from kaggle_utils.train import train_folds
+
+    seen = _record_folds(monkeypatch)
+    cfg = tiny_cfg()
+    train_folds(cfg, tmp_path, tmp_path / "run", time_budget=40.0)
+    assert [f for f, _ in seen] == [0, 1, 2] and sum(b for _, b in seen) == pytest.approx(40.0)
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "time budget 40s for the whole run of 3 fold(s) [0, 1, 2]: 13s per fold" in log
+    assert log.count("\n") == 1  # one line says how the budget was split
+    # the config's budget is the whole run's too (the notebook passes none on the command line)
+    seen.clear()
+    assert main(["train", "--config", "kaggle-t4-resenc-m", "--fold", "-1", "--data-dir", str(tmp_path),
+                 "--out", str(tmp_path / "r2")]) == 0
+    n = load_train_config("kaggle-t4-resenc-m").train.n_folds
+    assert len(seen) == n and sum(b for _, b in seen) == pytest.approx(8 * 3600)
+    assert "time budget 28800s for the whole run of 5 fold(s)" in capsys.readouterr().out
+    # one fold keeps its whole budget
+    seen.clear()
+    assert main(["train", "--config", "kaggle-t4-resenc-m", "--fold", "0", "--data-dir", str(tmp_path),
+                 "--out", str(tmp_path / "r3"), "--time-budget", "100"]) == 0
+    assert seen == [(0, 100.0)]
+
+
+def test_train_torchrun_splits_the_budget_over_its_folds(tmp_path, monkeypatch, capsys):
+    import kaggle_utils.train as T
+
+    budgets = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_command(*args, time_budget=None, **kwargs):
+        budgets.append(time_budget)
+        raise Stop
+
+    monkeypatch.setattr(T, "torchrun_command", fake_command)
+    with pytest.raises(Stop):
+        T.train_torchrun(2, "kaggle-t4-resenc-m", tmp_path, tmp_path / "run")
+    assert budgets == [pytest.approx(8 * 3600 / 5)]
+    assert "time budget 28800s for the whole run of 5 fold(s) [0, 1, 2, 3, 4]: 5760s per fold" in capsys.readouterr().out
+
+
+def test_budget_warmup_ends_by_a_share_of_the_budget():
+    """A budget shorter than the step-counted warm-up still warms up, then anneals: the issue's run
+    did 94 of its 100 warm-up steps in the budget and ended at 94 % of the peak LR."""
+    from kaggle_utils.train import BUDGET_WARMUP_SHARE, LRSchedule
+
+    now = [0.0]
+    model = torch.nn.Linear(1, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = LRSchedule(opt, OptimConfig(lr=1.0, warmup_epochs=1), steps_per_epoch=100, epochs=10**6,
+                       budget_s=100.0, clock=lambda: now[0])
+    lrs = []
+    for _ in range(94):  # one step per second of a 100 s training phase
+        now[0] += 1.0
+        sched.step()
+        lrs.append(sched.lr)
+    assert lrs[-1] < 0.05, lrs[-1]  # annealed (cosine towards min_lr_ratio 0.01), not 0.94
+    warm = int(BUDGET_WARMUP_SHARE * 100)
+    assert max(lrs) == pytest.approx(lrs[warm - 1], abs=0.05) and max(lrs) > 0.95  # warmed up by 10 % of it
+    assert lrs[warm // 2 - 1] == pytest.approx(0.01 + 0.99 * 0.5, abs=0.02)
+    unbudgeted = LRSchedule(opt, OptimConfig(lr=1.0, warmup_epochs=2), steps_per_epoch=10, epochs=100)
+    assert unbudgeted.warmup_done(5) == 0.25 and unbudgeted.factor(5) == pytest.approx(0.01 + 0.99 * 0.25)
+
+
+@pytest.mark.slow
+def test_fold_all_with_a_short_budget_ends_annealed_and_claims_nothing_it_did_not_do(data_dir, tmp_path):
+    """Issue 25: --fold all with a short budget ended at 94 % of the peak LR, inside a warm-up counted in
+    steps, and logged a validation, out-of-fold predictions and "best None at epoch None"."""
+    cfg = tiny_cfg(optim={"lr": 0.002, "warmup_epochs": 1}, sampler={"patches_per_epoch": 2000},
+                   train={"epochs": 1000}, validation={"ids": None})
+    r = train(cfg, data_dir, tmp_path / "all", fold="all", time_budget=12.0, progress=False)
+    assert r.stopped == "time_budget"
+    assert r.history[-1]["lr"] <= 0.1 * cfg.optim.lr, r.history[-1]["lr"]  # annealed
+    log = (tmp_path / "all" / "train.log").read_text()
+    assert "None" not in log and "wrote out-of-fold" not in log
+    assert "validated;" not in log and "the rest of the budget is for out-of-fold" not in log
+    assert "no validation or out-of-fold predictions (nothing held out): last.pt is the model" in log
+    assert "no validation score (nothing validated): last.pt is the model" in log
+    assert "None" not in str(r)

@@ -381,8 +381,10 @@ def test_threshold_curve_is_optional_and_only_costs_pairs(volumes):
     assert len(with_curve.threshold_curve()[0]) == len(space.threshold) > len(without.threshold_curve()[0])
 
 
-def test_progress_bar_counts_every_scored_pair(volumes):
+def test_progress_bar_counts_every_scored_pair(volumes, monkeypatch):
     from kaggle_utils.tune import _Runner
+
+    monkeypatch.setenv("KAGGLE_UTILS_PROGRESS", "1")  # drawn although pytest's stderr is no terminal
 
     probs, labels = volumes
     run = _Runner([p.prob for p in probs], labels, workers=1, progress=True)
@@ -391,3 +393,27 @@ def test_progress_bar_counts_every_scored_pair(volumes):
         assert run.bar.n == run.bar.total == 2 * len(probs)
     finally:
         run.close()
+
+
+def test_cli_tune_shape_mismatch_is_one_line_before_any_label_is_decoded(volumes, tmp_path, capsys, monkeypatch):
+    """Probabilities of another data set (v2's label 4 voxels shorter): found from the TIFF headers, before the
+    search and before any label is decoded; one line naming the .npy, never a traceback."""
+    import kaggle_utils.data as data_mod
+    from kaggle_utils.cli import main
+
+    probs, labels = volumes
+    _write_layout(tmp_path, probs, labels)
+    write_volume(tmp_path / "train_labels" / "v2.tif", labels[2][:, :, :-4].copy())
+    write_volume(tmp_path / "train_images" / "v2.tif", np.zeros_like(labels[2][:, :, :-4]))
+
+    def no_decode(path):
+        raise AssertionError(f"a label was decoded: {path}")
+
+    monkeypatch.setattr(data_mod, "read_label", no_decode)
+    rc = main(["tune", "--probs", str(tmp_path / "run"), "--data-dir", str(tmp_path), "--out",
+               str(tmp_path / "pp.yaml"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("error: ") and "v2.npy: probability shape (40, 40, 40) != label shape (40, 40, 36)" in err
+    with pytest.raises(DataError, match="v2: probability shape"):  # the library call: a DataError too
+        tune(probs, [lab if k != 2 else lab[:, :, :-4] for k, lab in enumerate(labels)], progress=False)
