@@ -38,7 +38,7 @@ from .environment import check_gpu_supported
 from .data import DataError, MissingCodecError, atomic_path, load_index, mask_shape, normalize_intensity, \
     read_volume, write_volume
 from .probs import check_prob_format, write_probs
-from .submission import SUBMISSION_TIFF_COMPRESSION, SubmissionError, _as_mask, _check_id
+from .submission import SUBMISSION_TIFF_COMPRESSION, SubmissionError, as_submission_mask, check_volume_id
 
 __all__ = [
     "DEFAULT_TIME_LIMIT_S",
@@ -329,7 +329,7 @@ def _predict_one(run: _Run, rec: Any, loaded: Any, err: BaseException | None, ro
         mask = postprocess(prob, run.pp_cfg)
         del prob
         row["fg_fraction"] = float(mask.mean()) if mask.size else 0.0
-        run.staged[rec.id] = write_volume(run.parts / f"{_check_id(rec.id)}.tif", _as_mask(rec.id, mask),
+        run.staged[rec.id] = write_volume(run.parts / f"{check_volume_id(rec.id)}.tif", as_submission_mask(rec.id, mask),
                                           compression=SUBMISSION_TIFF_COMPRESSION)
         del mask
     except Exception as exc:  # one bad volume must not kill the submission
@@ -434,7 +434,7 @@ def _setup(checkpoints: Any, models: Any, normalization: str | None, device: str
     if checkpoints is not None:
         checkpoints = [checkpoints] if isinstance(checkpoints, (str, os.PathLike)) else list(checkpoints)
         if not checkpoints:
-            raise SubmissionError("predict_dataset: empty checkpoint list")
+            raise PredictError("predict_dataset: empty checkpoint list")
         model_list, cfgs, ckpts = load_models(checkpoints, device)
         norm = normalization or _normalization_of(cfgs, checkpoints)
         fold = _fold_of(cfgs, ckpts)
@@ -495,13 +495,13 @@ def predict_dataset(
         reads from its image), its error in ``report.errors`` and one :class:`PredictWarning`.
 
     Raises:
-        PredictError: no GPU for ``device="cuda"``, or the memory budget too small (before any volume).
+        PredictError: no GPU for ``device="cuda"``, the memory budget too small, neither/both of
+            ``checkpoints`` and ``models``, no ``data_dir``, or ensemble normalizations differ (before any volume).
         OutputPathError: ``out_zip`` is a folder or not writable (before any work).
         CheckpointError: a checkpoint is missing, empty, truncated, not a kaggle_utils checkpoint or
             does not fit its architecture (before any volume is read).
         PredictFailed: not one volume could be predicted (no zip written).
-        SubmissionError: building the zip failed or it does not validate (the staged masks are kept),
-            neither/both of ``checkpoints`` and ``models``, or ensemble normalizations differ.
+        SubmissionError: building the zip failed or it does not validate (the staged masks are kept).
         MissingCodecError: the test images need a codec that is not installed.
         DataError: ``data_dir`` is not a readable competition folder.
         Interrupted: SIGTERM/SIGINT; temp files removed, staged masks kept.
@@ -558,11 +558,11 @@ def _plan_memory(run: _Run, records: Sequence, machine: Any, memory_gb: float | 
 
 
 def _check_sources(checkpoints: Any, models: Any, data_dir: Any) -> None:
-    """:class:`SubmissionError` unless exactly one of ``checkpoints``/``models`` and a ``data_dir`` are given."""
+    """:class:`PredictError` unless exactly one of ``checkpoints``/``models`` and a ``data_dir`` are given."""
     if (checkpoints is None) == (models is None):
-        raise SubmissionError("predict_dataset: pass exactly one of checkpoints= or models=")
+        raise PredictError("predict_dataset: pass exactly one of checkpoints= or models=")
     if data_dir is None:
-        raise SubmissionError("predict_dataset: data_dir is required")
+        raise PredictError("predict_dataset: data_dir is required")
 
 
 def _new_run(checkpoints: Any, models: Any, normalization: str | None, device: str, inference_cfg: Any,
@@ -680,7 +680,7 @@ def _normalization_of(cfgs: list[dict], checkpoints: Sequence) -> str:
         modes[str(path)] = mode
     distinct = set(modes.values())
     if len(distinct) > 1:
-        raise SubmissionError(
+        raise PredictError(
             f"checkpoints were trained with different intensity normalizations {modes}; an ensemble "
             "needs one normalization (mixing them silently costs ~0.2 score)"
         )

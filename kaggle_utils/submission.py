@@ -11,8 +11,7 @@ Two pieces (the prediction pipeline that fills the zip is :mod:`kaggle_utils.pre
   (missing, extra, duplicated), entry names (no directories, no ``..``, no absolute paths,
   ``.tif`` suffix), readable TIFFs, shapes, dtype ``uint8`` and values in ``{0, 1}``.
 
-``submission.predict_dataset`` (and ``PredictReport``, ``plan_tta``, ``staging_dir``) still resolve,
-to :mod:`kaggle_utils.predict`, for one release.
+This module imports nothing from :mod:`kaggle_utils.predict` (the arrow goes one way: predict → submission).
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Iterable
@@ -34,24 +32,21 @@ __all__ = [
     "SUBMISSION_TIFF_COMPRESSION",
     "OutputPathError",
     "check_out_zip",
+    "check_volume_id",
+    "as_submission_mask",
     "write_submission",
     "validate_submission",
     "read_tiff_shape",
 ]
 
-#: Names of :mod:`kaggle_utils.predict` still importable from here for one release (deprecated).
+#: Names that lived here before the prediction pipeline moved to :mod:`kaggle_utils.predict`.
 _MOVED_TO_PREDICT = ("PredictReport", "predict_dataset", "plan_tta", "staging_dir", "DEFAULT_TIME_LIMIT_S")
 
 
 def __getattr__(name: str) -> Any:
-    """``submission.predict_dataset`` and friends: thin re-exports of :mod:`kaggle_utils.predict`
-    (the prediction pipeline moved there), kept for one release with a ``DeprecationWarning``."""
+    """A one-line ``AttributeError`` naming the new home of a name that moved to :mod:`kaggle_utils.predict`."""
     if name in _MOVED_TO_PREDICT:
-        warnings.warn(f"kaggle_utils.submission.{name} moved to kaggle_utils.predict.{name}; "
-                      "the old name goes away in the next release", DeprecationWarning, stacklevel=2)
-        from . import predict
-
-        return getattr(predict, name)
+        raise AttributeError(f"kaggle_utils.submission.{name} moved: use kaggle_utils.predict.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -72,14 +67,25 @@ mask takes ~0.29 MB (~0.2 MB inside a ``ZIP_DEFLATED`` zip) instead of 32.8 MB u
 _ID_BAD = re.compile(r"[/\\\x00]")
 
 
-def _check_id(volume_id: str) -> str:
+def check_volume_id(volume_id: str) -> str:
+    """``volume_id`` as a string, if it is a plain file-name stem (the ``{id}.tif`` entry name is safe).
+
+    Raises:
+        SubmissionError: empty, ``.``/``..``, or containing a path separator or NUL.
+    """
     volume_id = str(volume_id)
     if not volume_id or volume_id in (".", "..") or _ID_BAD.search(volume_id):
         raise SubmissionError(f"invalid volume id {volume_id!r}: must be a plain file name stem")
     return volume_id
 
 
-def _as_mask(volume_id: str, mask: np.ndarray) -> np.ndarray:
+def as_submission_mask(volume_id: str, mask: np.ndarray) -> np.ndarray:
+    """``mask`` as the submission format: contiguous ``uint8 (Z, Y, X)`` in ``{0, 1}`` (bool/integer masks:
+    non-zero is 1).
+
+    Raises:
+        SubmissionError: not 3D, or a float array (probabilities must be thresholded first).
+    """
     mask = np.asarray(mask)
     if mask.ndim != 3:
         raise SubmissionError(f"{volume_id}: mask must be 3D (Z, Y, X), got shape {tuple(mask.shape)}")
@@ -152,14 +158,14 @@ def write_submission(
     with atomic_path(out_zip) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=compression, allowZip64=True) as zf:
             for volume_id, mask in items:
-                volume_id = _check_id(volume_id)
+                volume_id = check_volume_id(volume_id)
                 if volume_id in seen:
                     raise SubmissionError(f"{out_zip}: id {volume_id!r} written twice")
                 seen.add(volume_id)
                 if isinstance(mask, (str, os.PathLike)):
                     zf.write(mask, f"{volume_id}.tif")
                 else:
-                    zf.writestr(f"{volume_id}.tif", _tiff_bytes(_as_mask(volume_id, mask)))
+                    zf.writestr(f"{volume_id}.tif", _tiff_bytes(as_submission_mask(volume_id, mask)))
                 del mask
     return out_zip
 

@@ -321,12 +321,22 @@ def test_device_cuda_without_gpu_is_one_line_and_device_is_printed(ckpt, tmp_pat
     assert rc == 0 and "predict: device cpu" in err and "validated" in out
 
 
-def test_submission_predict_dataset_is_a_deprecated_reexport():
-    import kaggle_utils.predict as pred
+def test_submission_names_the_new_home_of_predict_dataset_and_never_imports_predict():
+    import subprocess
+    import sys
+
     import kaggle_utils.submission as sub
 
-    with pytest.warns(DeprecationWarning, match="kaggle_utils.predict.predict_dataset"):
-        assert sub.predict_dataset is pred.predict_dataset
+    for name in ("predict_dataset", "PredictReport", "plan_tta", "staging_dir"):
+        with pytest.raises(AttributeError, match=rf"^kaggle_utils.submission.{name} moved: use kaggle_utils.predict.{name}$"):
+            getattr(sub, name)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        sub.nope  # noqa: B018
+    code = ("import sys, kaggle_utils.submission as s\n"
+            "try:\n    s.predict_dataset\nexcept AttributeError:\n    pass\n"
+            "print('kaggle_utils.predict' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
 
 
 def test_cli_commands_never_show_a_traceback_on_fault_fixtures(ckpt, tmp_path, capsys):

@@ -571,14 +571,20 @@ def test_predict_dataset_rejects_mixed_normalizations(tmp_path, data_dir):
     paths = [save_checkpoint(tmp_path / f"m{i}.pt", model=model, model_config=to_dict(mcfg),
                              config={"sampler": {"normalization": mode}})
              for i, mode in enumerate(("fixed", "zscore"))]
-    with pytest.raises(SubmissionError, match="normalization"):
+    from kaggle_utils.predict import PredictError
+
+    with pytest.raises(PredictError, match="normalization"):
         predict_dataset(paths, data_dir, tmp_path / "s.zip", device="cpu", progress=False)
     assert not (tmp_path / "s.zip").exists()
 
 
 def test_predict_dataset_argument_errors(tmp_path, data_dir):
-    with pytest.raises(SubmissionError, match="exactly one"):
+    from kaggle_utils.predict import PredictError
+
+    with pytest.raises(PredictError, match="exactly one"):
         predict_dataset(data_dir=data_dir, out_zip=tmp_path / "s.zip")
+    with pytest.raises(PredictError, match="data_dir is required"):
+        predict_dataset(models=[], out_zip=tmp_path / "s.zip")
 
 
 # ---------------------------------------------------------------------------------- CLI
