@@ -50,6 +50,8 @@ __all__ = [
     "shipped_configs",
     "warn_deprecated",
     "canonical_dict",
+    "as_patch_shape",
+    "PatchShape",
 ]
 
 T = TypeVar("T")
@@ -68,6 +70,42 @@ class ConfigError(ValueError):
 
 class ConfigDeprecationWarning(DeprecationWarning):
     """An old config key or value was read; it still works, under its new name or value."""
+
+
+#: Type of a patch or window shape field in a config dataclass: YAML may give one int (a cube) or
+#: three; :func:`from_dict` reads it with :func:`as_patch_shape` into ``(z, y, x)``.
+PatchShape = typing.NewType("PatchShape", tuple)
+
+
+def as_patch_shape(value: Any, name: str = "patch_size") -> tuple[int, int, int]:
+    """The one reading of a 3D patch or window shape, wherever one enters (sampler, inference, models).
+
+    Args:
+        value: one edge (an int: a cube) or three edges ``(z, y, x)`` (any sequence of ints,
+            e.g. a YAML list). Whole-number floats are accepted (``128.0``); ``bool`` is not.
+        name: the key or argument to name in the error (``"sampler.patch_size"``).
+
+    Returns:
+        ``(z, y, x)`` as a tuple of three positive ints.
+
+    Raises:
+        ValueError: naming ``name``: not one or three edges, an edge that is not a whole number, or one <= 0.
+    """
+    edges = [value] if not isinstance(value, (list, tuple)) and not hasattr(value, "__len__") else list(value)
+    if isinstance(value, (str, bytes)) or len(edges) not in (1, 3):
+        raise ValueError(f"{name}: expected one edge (a cube) or three edges (z, y, x), got {value!r}")
+    out = []
+    for e in edges:
+        if isinstance(e, bool) or not isinstance(e, (int, float)) and not hasattr(e, "__index__"):
+            raise ValueError(f"{name}: edges must be whole numbers, got {value!r}")
+        if isinstance(e, float) and not e.is_integer():
+            raise ValueError(f"{name}: edges must be whole numbers, got {value!r}")
+        out.append(int(e))
+    if len(out) == 1:
+        out *= 3
+    if min(out) <= 0:
+        raise ValueError(f"{name}: every edge must be positive, got {value!r}")
+    return tuple(out)  # type: ignore[return-value]
 
 
 def warn_deprecated(message: str, stacklevel: int = 3) -> None:
@@ -125,6 +163,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     args = typing.get_args(tp)
     if tp is Any:
         return value
+    if tp is PatchShape:
+        try:
+            return as_patch_shape(value, key)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None

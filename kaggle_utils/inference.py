@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import PatchShape, as_patch_shape
+
 __all__ = [
     "InferenceConfig",
     "TTATransform",
@@ -117,7 +119,8 @@ class InferenceConfig:
     """Sliding-window settings, loadable from YAML with :func:`kaggle_utils.config.from_dict`.
 
     Attributes:
-        patch_size: window size ``(z, y, x)``; each a multiple of 32 for the U-Nets.
+        patch_size: window size ``(z, y, x)``, or one int for a cube (:func:`~kaggle_utils.config.as_patch_shape`);
+            each edge a multiple of the network's divisor (32 for the smp U-Nets).
         overlap: fraction of a window shared with its neighbour, in ``[0, 1)``.
         batch_size: windows per forward pass.
         blend: ``"gaussian"`` (sigma = ``sigma_scale`` * window) or ``"constant"``.
@@ -131,7 +134,7 @@ class InferenceConfig:
         placement: ``"even"`` (evenly spread windows) or ``"monai"`` (MONAI's placement).
     """
 
-    patch_size: tuple[int, int, int] = (128, 128, 128)
+    patch_size: PatchShape = (128, 128, 128)  # type: ignore[assignment]
     overlap: float = 0.5
     batch_size: int = 2
     blend: Literal["gaussian", "constant"] = "gaussian"
@@ -143,9 +146,7 @@ class InferenceConfig:
     placement: Literal["even", "monai"] = "even"
 
     def __post_init__(self) -> None:
-        self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
-        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
-            raise ValueError(f"inference.patch_size: expected 3 positive ints, got {self.patch_size}")
+        self.patch_size = as_patch_shape(self.patch_size, "inference.patch_size")
         if not 0.0 <= self.overlap < 1.0:
             raise ValueError(f"inference.overlap: must be in [0, 1), got {self.overlap}")
         if self.batch_size < 1:
@@ -618,12 +619,10 @@ class WindowPlan:
         pads: ``(before, after)`` padding per axis (:func:`pad_widths`).
         starts: window starts per axis of the padded volume (:func:`window_starts`).
         windows: slices of every window in the padded volume, C order (:func:`plan_windows`).
-        blend: ``"gaussian"`` or ``"constant"`` (:func:`importance_map`).
-        sigma_scale: Gaussian sigma as a fraction of the window.
+        settings: the :class:`InferenceConfig` (blend, sigma, ensemble mode, channels_last, ...) the
+            plan was made from; the one list of window settings.
         activation: ``"sigmoid"``, ``None`` or a callable.
-        ensemble: ``"probs"`` or ``"logits"``.
-        amp_dtype: autocast dtype, or ``None`` (:func:`resolve_amp_dtype`).
-        channels_last: feed windows in ``channels_last_3d``.
+        amp_dtype: autocast dtype, or ``None`` (:func:`resolve_amp_dtype` of ``settings.amp``).
         device: where the models run.
         padding_mode: ``torch.nn.functional.pad`` mode.
     """
@@ -636,12 +635,9 @@ class WindowPlan:
     pads: tuple[tuple[int, int], ...]
     starts: tuple[tuple[int, ...], ...]
     windows: tuple[tuple[slice, ...], ...]
-    blend: str = "gaussian"
-    sigma_scale: float = 0.125
+    settings: InferenceConfig = dataclasses.field(default_factory=lambda: InferenceConfig())
     activation: str | Callable | None = "sigmoid"
-    ensemble: str = "probs"
     amp_dtype: torch.dtype | None = None
-    channels_last: bool = False
     device: torch.device = torch.device("cpu")
     padding_mode: str = "constant"
 
@@ -667,49 +663,39 @@ def _model_weights(n: int, weights: Sequence[float] | None) -> tuple[float, ...]
 def make_window_plan(
     models: nn.Module | Sequence[nn.Module],
     shape: Sequence[int],
-    patch_size: int | Sequence[int],
+    settings: InferenceConfig,
     *,
-    overlap: float = 0.5,
-    blend: str = "gaussian",
     tta: str | Sequence[TTATransform] | None = None,
-    amp: bool | str = "auto",
     device: torch.device | str | None = None,
     activation: str | Callable | None = "sigmoid",
-    ensemble: str = "probs",
     weights: Sequence[float] | None = None,
-    channels_last: bool = False,
-    sigma_scale: float = 0.125,
-    placement: str = "even",
     pad_multiple: int = 32,
     padding_mode: str = "constant",
 ) -> WindowPlan:
-    """Check the settings and plan the windows of a ``shape`` volume (arguments as
-    :func:`sliding_window_predict`). Raises ``ValueError`` naming the bad setting."""
+    """Plan the windows of a ``shape`` volume under ``settings`` (the window settings, checked once
+    by :class:`InferenceConfig`); ``tta`` replaces ``settings.tta`` when given (a list of
+    :class:`TTATransform`, e.g. after a time-budget cut). Raises ``ValueError`` naming the bad setting."""
     model_list = [models] if isinstance(models, nn.Module) else list(models)
     if not model_list:
         raise ValueError("sliding_window_predict: no models given")
     w = _model_weights(len(model_list), weights)
-    if ensemble not in ENSEMBLES:
-        raise ValueError(f"ensemble must be one of {list(ENSEMBLES)}, got {ensemble!r}")
-    _check_overlap(overlap)
+    if settings.ensemble not in ENSEMBLES:
+        raise ValueError(f"ensemble must be one of {list(ENSEMBLES)}, got {settings.ensemble!r}")
     if len(shape) != 3:
         raise ValueError(f"volume must be (Z, Y, X), got shape {tuple(shape)}")
-    roi = (int(patch_size),) * 3 if np.isscalar(patch_size) else tuple(int(p) for p in patch_size)  # type: ignore[arg-type]
-    if len(roi) != 3 or min(roi) < 1:
-        raise ValueError(f"patch_size must be an int or 3 positive ints, got {patch_size}")
-    transforms = tuple(tta_transforms(tta))
+    roi = tuple(settings.patch_size)
+    transforms = tuple(tta_transforms(settings.tta if tta is None else tta))
     if any(t.rot90 % 2 for t in transforms) and roi[1] != roi[2]:
         raise ValueError(f"90-degree TTA rotations need square (Y, X) windows, got patch_size {roi}")
     dev = torch.device(device) if device is not None else _default_device()
     shape = tuple(int(s) for s in shape)
-    pads = tuple(pad_widths(shape, roi, placement, pad_multiple))
+    pads = tuple(pad_widths(shape, roi, settings.placement, pad_multiple))
     padded = [s + a + b for s, (a, b) in zip(shape, pads)]
     return WindowPlan(
         models=tuple(model_list), weights=w, transforms=transforms, shape=shape, roi=roi, pads=pads,
-        starts=tuple(tuple(s) for s in _axis_starts(padded, roi, overlap, placement)),
-        windows=tuple(plan_windows(padded, roi, overlap, placement)), blend=blend, sigma_scale=sigma_scale,
-        activation=activation, ensemble=ensemble, amp_dtype=resolve_amp_dtype(amp, dev),
-        channels_last=channels_last, device=dev, padding_mode=padding_mode,
+        starts=tuple(tuple(s) for s in _axis_starts(padded, roi, settings.overlap, settings.placement)),
+        windows=tuple(plan_windows(padded, roi, settings.overlap, settings.placement)), settings=settings,
+        activation=activation, amp_dtype=resolve_amp_dtype(settings.amp, dev), device=dev, padding_mode=padding_mode,
     )
 
 
@@ -775,13 +761,12 @@ def sliding_window_predict(
     On CUDA out-of-memory the run is retried with half the batch, then with accumulation (and the
     padded volume) on the CPU, with a warning (:func:`run_with_oom_fallback`).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    plan = make_window_plan(
-        models, tuple(volume.shape), patch_size, overlap=overlap, blend=blend, tta=tta, amp=amp, device=device,
-        activation=activation, ensemble=ensemble, weights=weights, channels_last=channels_last,
-        sigma_scale=sigma_scale, placement=placement, pad_multiple=pad_multiple, padding_mode=padding_mode,
-    )
+    preset = tta if tta is None or isinstance(tta, str) else "none"
+    settings = InferenceConfig(patch_size=patch_size, overlap=overlap, batch_size=batch_size, blend=blend,
+                               sigma_scale=sigma_scale, tta=preset or "none", amp=amp, ensemble=ensemble,
+                               channels_last=channels_last, placement=placement)
+    plan = make_window_plan(models, tuple(volume.shape), settings, tta=None if tta is preset else tta, device=device,
+                            activation=activation, weights=weights, pad_multiple=pad_multiple, padding_mode=padding_mode)
     vol = torch.as_tensor(volume)
     if not vol.is_floating_point():
         raise ValueError(f"volume must be float (already normalized), got {vol.dtype}")
@@ -789,7 +774,7 @@ def sliding_window_predict(
     sw_dev = torch.device(sw_device) if sw_device is not None else plan.device
     acc_dev = torch.device(accumulate_device) if accumulate_device is not None else plan.device
     run = functools.partial(_pad_and_run_windows, plan, vol, sw_dev, acc_dev, progress)
-    return run_with_oom_fallback(run, batch_size, acc_dev)
+    return run_with_oom_fallback(run, settings.batch_size, acc_dev)
 
 
 def _prepare_models(models: Sequence[nn.Module], device: torch.device, channels_last: bool) -> None:
@@ -856,7 +841,7 @@ def _accumulate(acc: torch.Tensor, windows: Sequence[tuple[slice, ...]], pred: t
 def _crop(acc: torch.Tensor, plan: WindowPlan) -> np.ndarray:
     """Step 6: the input's part of the normalized sums (activated here for ``ensemble="logits"``)."""
     out = acc[plan.crop]
-    if plan.ensemble == "logits":
+    if plan.settings.ensemble == "logits":
         out = _activate(out, plan.activation)
     return np.ascontiguousarray(out.cpu().numpy())
 
@@ -864,13 +849,13 @@ def _crop(acc: torch.Tensor, plan: WindowPlan) -> np.ndarray:
 def _run_windows(plan: WindowPlan, padded: torch.Tensor, batch_size: int, acc_device: torch.device,
                  progress: bool = False) -> np.ndarray:
     """Batch → predict (+TTA) → accumulate → normalize → crop over ``padded`` (``(Zp, Yp, Xp)``)."""
-    wmap = importance_map(plan.roi, plan.blend, plan.sigma_scale, device=acc_device)
+    wmap = importance_map(plan.roi, plan.settings.blend, plan.settings.sigma_scale, device=acc_device)
     acc = torch.zeros(padded.shape, dtype=torch.float32, device=acc_device)
     buf = torch.empty((batch_size, 1, *plan.roi), dtype=padded.dtype, device=padded.device)  # reused per batch
     for batch in _window_batches(plan.windows, batch_size, progress):
         torch.stack([padded[sl] for sl in batch], out=buf[: len(batch), 0])
         pred = predict_windows(plan.models, buf[: len(batch)].to(plan.device), plan.weights, plan.transforms,
-                               plan.activation, plan.ensemble, plan.amp_dtype, plan.channels_last)
+                               plan.activation, plan.settings.ensemble, plan.amp_dtype, plan.settings.channels_last)
         _accumulate(acc, batch, pred.to(acc_device), wmap)
     _normalize_by_weight_sum(acc, plan.starts, wmap)
     return _crop(acc, plan)

@@ -40,6 +40,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from .config import as_patch_shape
+
 __all__ = [
     "ARCHITECTURES",
     "NNUNET_ARCHITECTURES",
@@ -274,13 +276,11 @@ def validate_patch_size(shape: int | Sequence[int], divisor: int = 32, name: str
         ``(Z, Y, X)`` as a tuple of ints.
 
     Raises:
-        ValueError: wrong number of edges, non-positive edge, an edge not a multiple of ``divisor``,
+        ValueError: not a patch shape (:func:`~kaggle_utils.config.as_patch_shape`), an edge not a multiple of ``divisor``,
             or a deepest feature map of fewer than ``min_bottleneck_voxels`` voxels.
     """
-    edges = (int(shape),) * 3 if isinstance(shape, (int, float)) else tuple(int(s) for s in shape)
-    if len(edges) != 3:
-        raise ValueError(f"{name}: expected 3 edges (z, y, x), got {list(edges)}")
-    bad = [(axis, e) for axis, e in zip("zyx", edges) if e <= 0 or e % divisor]
+    edges = as_patch_shape(shape, name)
+    bad = [(axis, e) for axis, e in zip("zyx", edges) if e % divisor]
     if bad:
         details = ", ".join(
             f"{axis}={e} (use {max(divisor, e // divisor * divisor)} or {(e // divisor + 1) * divisor})"

@@ -159,13 +159,14 @@ def forward_cost(model_cfg: Any, patch_size: Sequence[int], batch_size: int = 1)
     return float(counter.get_total_flops())
 
 
-def window_count(shape: Sequence[int], patch_size: Sequence[int], overlap: float, pad_multiple: int = 32) -> int:
+def window_count(shape: Sequence[int], patch_size: int | Sequence[int], overlap: float, pad_multiple: int = 32) -> int:
     """Sliding windows :func:`kaggle_utils.inference.sliding_window_predict` runs over a volume of ``shape``
     (``"even"`` placement, the default), per TTA pass and model."""
+    from .config import as_patch_shape
     from .inference import pad_widths, plan_windows
 
     shape = tuple(int(s) for s in shape)
-    roi = tuple(int(p) for p in patch_size)
+    roi = as_patch_shape(patch_size)
     pads = pad_widths(shape, roi, "even", pad_multiple)
     padded = [s + a + b for s, (a, b) in zip(shape, pads)]
     return len(plan_windows(padded, roi, overlap, "even"))

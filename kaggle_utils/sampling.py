@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .config import PatchShape, as_patch_shape
 from .data import (
     IGNORE_LABEL,
     DataError,
@@ -123,7 +124,7 @@ class SamplerConfig:
         ignore_label: label value excluded from losses; used for padding and rejection.
     """
 
-    patch_size: tuple[int, int, int] = (128, 128, 128)
+    patch_size: PatchShape = (128, 128, 128)  # type: ignore[assignment]
     patches_per_epoch: int = 1000
     surface_share: float = 0.5
     center_jitter: float = 0.25
@@ -138,13 +139,7 @@ class SamplerConfig:
     ignore_label: int = IGNORE_LABEL
 
     def __post_init__(self) -> None:
-        ps = self.patch_size
-        if isinstance(ps, int):
-            ps = (ps, ps, ps)
-        ps = tuple(int(v) for v in ps)
-        if len(ps) != 3 or any(v <= 0 for v in ps):
-            raise ValueError(f"sampler.patch_size must be 3 positive edges (Z, Y, X), got {self.patch_size!r}")
-        self.patch_size = ps  # type: ignore[assignment]
+        self.patch_size = as_patch_shape(self.patch_size, "sampler.patch_size")
         if self.patches_per_epoch < 1:
             raise ValueError(f"sampler.patches_per_epoch must be >= 1, got {self.patches_per_epoch}")
         _check_prob("sampler.surface_share", self.surface_share)

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .config import load_config
+from .config import PatchShape, load_config
 from .data import IGNORE_LABEL
 from .diagnostics import (
     COLLAPSE_MAX_FG,
@@ -230,7 +230,7 @@ class ValidationConfig:
     every: int = 1
     n_volumes: int | None = None
     n_score: int = 2
-    patch_size: list[int] | None = None
+    patch_size: PatchShape | None = None
     overlap: float = 0.25
     batch_size: int = 2
     patience: int | None = 10

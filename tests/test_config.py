@@ -74,7 +74,7 @@ def test_every_loader_reads_shipped_names_and_sections(tmp_path):
 
 def test_overrides_set_dotted_keys():
     cfg = load_train_config("smoke-cpu", {"train.epochs": 3, "optim.lr": 0.5, "validation.patch_size": [64, 64, 64]})
-    assert (cfg.train.epochs, cfg.optim.lr, cfg.validation.patch_size) == (3, 0.5, [64, 64, 64])
+    assert (cfg.train.epochs, cfg.optim.lr, cfg.validation.patch_size) == (3, 0.5, (64, 64, 64))
 
 
 # ---------------------------------------------------------------------------------- messages
@@ -468,3 +468,48 @@ def test_predict_and_tune_cli_set(tmp_path, monkeypatch, capsys):
     assert spaces[-1].threshold == [0.3, 0.4] and spaces[-1].base.border == 3
     assert main(["tune", "--probs", str(tmp_path), "--set", "thresholds=[0.3]"]) == 2
     assert "unknown config key(s) tune.thresholds" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------- patch shape
+
+
+@pytest.mark.parametrize("value", [128, 128.0, (128, 128, 128), [128, 128, 128], (128,)])
+def test_one_patch_shape_reading_everywhere(value):
+    """sampler, inference, the window planner and the model check read one int as a cube, the same way."""
+    from kaggle_utils.config import as_patch_shape
+    from kaggle_utils.inference import InferenceConfig
+    from kaggle_utils.models import validate_patch_size
+    from kaggle_utils.plan import window_count
+    from kaggle_utils.sampling import SamplerConfig
+
+    assert as_patch_shape(value) == (128, 128, 128)
+    assert InferenceConfig(patch_size=value).patch_size == (128, 128, 128)
+    assert SamplerConfig(patch_size=value).patch_size == (128, 128, 128)
+    assert validate_patch_size(value) == (128, 128, 128)
+    assert window_count((128, 128, 128), value, 0.5) == 1
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ((64, 64), r"inference.patch_size: expected one edge \(a cube\) or three edges"),
+    ("128", "expected one edge"),
+    ((64, 0, 64), "inference.patch_size: every edge must be positive"),
+    (-32, "every edge must be positive"),
+    ((64.5, 64, 64), "whole numbers"),
+    (True, "whole numbers"),
+    ((None, 64, 64), "whole numbers"),
+])
+def test_a_bad_patch_shape_is_one_line_naming_its_key(value, message):
+    from kaggle_utils.inference import InferenceConfig
+
+    with pytest.raises(ValueError, match=message):
+        InferenceConfig(patch_size=value)
+    with pytest.raises(ConfigError, match=message):
+        from_dict(InferenceConfig, {"patch_size": value}, "inference")
+
+
+def test_yaml_patch_size_may_be_one_int_for_a_cube(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("base: demo-cpu\nsampler:\n  patch_size: 64\nvalidation:\n  patch_size: 64\n"
+                    "inference:\n  patch_size: 64\n")
+    cfg = load_train_config(path)
+    assert cfg.sampler.patch_size == cfg.validation.patch_size == cfg.inference.patch_size == (64, 64, 64)
