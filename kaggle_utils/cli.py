@@ -185,12 +185,15 @@ def _args_diagnose(p: argparse.ArgumentParser) -> None:
     p.add_argument("pred", type=Path, help="submission.zip or folder of {id}.tif predictions or {id}.npz / {id}.npy probabilities")
     p.add_argument("--data-dir", type=Path, default=None, help="competition-layout folder (labels of train ids are used)")
     p.add_argument("--out", type=Path, default=Path("report.png"), help="report PNG to write")
+    p.add_argument("--postprocess", default=None, metavar="FILE",
+                   help="post-processing YAML whose threshold (or hysteresis) turns probabilities into masks, "
+                        "e.g. tune's output or a training config (default: threshold 0.5)")
 
 
 def _run_diagnose(args: argparse.Namespace) -> int:
     from .diagnostics import diagnose
 
-    verdict, rows = diagnose(args.pred, args.data_dir, args.out)
+    verdict, rows = diagnose(args.pred, args.data_dir, args.out, postprocess=args.postprocess)
     print(f"{'id':>14} {'fg%':>8} {'label%':>8} {'prob std':>9}")
     for r in rows:
         lab = f"{100 * r['label_fg']:8.2f}" if r["label_fg"] is not None else f"{'-':>8}"

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
+    from .postprocess import PostprocessConfig
+
 __all__ = [
     "TYPICAL_SURFACE_SHARE",
     "COLLAPSE_MAX_RATIO",
@@ -666,21 +668,38 @@ def load_predictions(source: str | os.PathLike) -> Iterable[tuple[str, np.ndarra
     raise DataError(f"{source}: expected a submission .zip or a folder of .tif/.npz/.npy predictions")
 
 
-def _to_prob(vol: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
-    """(probability or None, binary) from a stored prediction volume."""
+def _to_prob(vol: np.ndarray, postprocess: "PostprocessConfig") -> tuple[np.ndarray | None, np.ndarray]:
+    """(probability or None, binary) from a stored prediction volume; probabilities are binarized as
+    ``predict`` would (:func:`kaggle_utils.postprocess.binarize`: the config's threshold or hysteresis)."""
+    from .postprocess import binarize
+
     vol = np.asarray(vol)
     if vol.dtype.kind == "f":
         prob = np.nan_to_num(vol.astype(np.float32))
-        return prob, prob > 0.5
+        return prob, binarize(prob, postprocess).astype(bool)
     if vol.dtype == np.uint8 and vol.max(initial=0) > 1:  # uint8-quantized probabilities
         prob = vol.astype(np.float32) / 255.0
-        return prob, prob > 0.5
+        return prob, binarize(prob, postprocess).astype(bool)
     return None, vol != 0
+
+
+def as_postprocess(postprocess: "PostprocessConfig | str | os.PathLike | None") -> "PostprocessConfig":
+    """The post-processing whose binarization turns stored probabilities into masks: ``None`` is the
+    default (threshold 0.5), a path or shipped name is read with
+    :func:`kaggle_utils.postprocess.load_postprocess` (e.g. ``tune``'s output: the tuned threshold)."""
+    from .postprocess import PostprocessConfig, load_postprocess
+
+    if postprocess is None:
+        return PostprocessConfig()
+    if isinstance(postprocess, PostprocessConfig):
+        return postprocess
+    return load_postprocess(postprocess)
 
 
 def diagnose(pred_source: str | os.PathLike, data_dir: str | os.PathLike | None = None,
              out_png: str | os.PathLike | None = None,
-             ids: Sequence[str] | None = None) -> tuple[CollapseVerdict, list[dict]]:
+             ids: Sequence[str] | None = None,
+             postprocess: "PostprocessConfig | str | os.PathLike | None" = None) -> tuple[CollapseVerdict, list[dict]]:
     """Per-volume foreground shares of stored predictions, a collapse verdict and a report PNG.
 
     Args:
@@ -688,28 +707,35 @@ def diagnose(pred_source: str | os.PathLike, data_dir: str | os.PathLike | None 
         data_dir: competition-layout folder; labels of train ids are used when present.
         out_png: where to write the report (histogram, probability histogram, montage of the first id).
         ids: restrict to these ids.
+        postprocess: how probability predictions become masks (:func:`as_postprocess`): the tuned
+            post-processing YAML (``tune --out``) or the training config's ``postprocess`` section,
+            so the shares are those of the masks ``predict`` would write; ``None``: threshold 0.5.
+            Binary predictions (a submission) are taken as they are.
 
     Returns:
         ``(verdict, rows)`` with one dict per volume: id, fg (share), label_fg, prob_std.
         :func:`diagnose_figure` returns the report figure as well.
     """
-    verdict, rows, _fig = _diagnose(pred_source, data_dir, out_png, ids, figure=out_png is not None)
+    verdict, rows, _fig = _diagnose(pred_source, data_dir, out_png, ids, as_postprocess(postprocess),
+                                    figure=out_png is not None)
     return verdict, rows
 
 
 def diagnose_figure(pred_source: str | os.PathLike, data_dir: str | os.PathLike | None = None,
                     out_png: str | os.PathLike | None = None,
-                    ids: Sequence[str] | None = None) -> tuple[CollapseVerdict, list[dict], "Figure"]:
+                    ids: Sequence[str] | None = None,
+                    postprocess: "PostprocessConfig | str | os.PathLike | None" = None,
+                    ) -> tuple[CollapseVerdict, list[dict], "Figure"]:
     """:func:`diagnose` that also returns the report figure (to ``display`` in a notebook).
 
     Returns:
         ``(verdict, rows, figure)``; the figure is also written to ``out_png`` when given.
     """
-    verdict, rows, fig = _diagnose(pred_source, data_dir, out_png, ids, figure=True)
+    verdict, rows, fig = _diagnose(pred_source, data_dir, out_png, ids, as_postprocess(postprocess), figure=True)
     return verdict, rows, fig  # type: ignore[return-value]  # figure=True always builds it
 
 
-def _diagnose(pred_source, data_dir, out_png, ids, figure: bool) -> tuple[CollapseVerdict, list[dict], "Figure | None"]:
+def _diagnose(pred_source, data_dir, out_png, ids, postprocess: "PostprocessConfig", figure: bool) -> tuple[CollapseVerdict, list[dict], "Figure | None"]:
     if out_png is not None:
         from .outputs import check_output
 
@@ -730,7 +756,7 @@ def _diagnose(pred_source, data_dir, out_png, ids, figure: bool) -> tuple[Collap
     for vid, vol in load_predictions(pred_source):
         if ids is not None and vid not in ids:
             continue
-        prob, binary = _to_prob(vol)
+        prob, binary = _to_prob(vol, postprocess)
         label = read_label(labels[vid]) if vid in labels else None
         if label is not None and label.shape != binary.shape:
             raise DataError(f"{pred_source}: prediction {vid} has shape {binary.shape}, label {label.shape}")

@@ -230,6 +230,30 @@ def test_diagnose_cli_on_zip(tmp_path, capsys):
     assert (tmp_path / "r.png").exists()
 
 
+def test_diagnose_binarizes_probabilities_with_the_tuned_postprocessing_not_a_fixed_half(tmp_path, capsys):
+    """One threshold source: a tuned threshold of 0.7 makes 0.6-probability voxels background."""
+    from kaggle_utils.postprocess import PostprocessConfig, save_postprocess
+
+    data = _dataset(tmp_path / "data")
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    for i in range(4):
+        lbl = _label(seed=i)
+        np.save(preds / f"{i}.npy", np.where(lbl == 1, 0.9, np.where(lbl == 0, 0.6, 0.05)).astype(np.float16))
+    _v, at_half = diagnose(preds, data)
+    assert at_half[0]["fg"] == pytest.approx(1.0)  # every labelled voxel (0 and 1) above 0.5
+    tuned = tmp_path / "tuned.yaml"
+    save_postprocess(PostprocessConfig(threshold=0.7), tuned)
+    _v, at_tuned = diagnose(preds, data, postprocess=tuned)
+    assert at_tuned[0]["fg"] == pytest.approx(at_tuned[0]["label_fg"])
+    _v, same = diagnose(preds, data, postprocess=PostprocessConfig(threshold=0.7))
+    assert [r["fg"] for r in same] == [r["fg"] for r in at_tuned]
+    assert cli.main(["diagnose", str(preds), "--data-dir", str(data), "--out", str(tmp_path / "r.png"),
+                     "--postprocess", str(tuned)]) == 0
+    row0 = capsys.readouterr().out.splitlines()[1].split()
+    assert row0[0] == "0" and float(row0[1]) == pytest.approx(100 * at_tuned[0]["fg"], abs=0.01)
+
+
 def test_fold_table_counts(tmp_path):
     recs = [VolumeRecord(str(i), s, tmp_path / "x.tif") for i, s in enumerate(["a", "a", "a", "b", "c", "c"])]
     folds = {"0": 0, "1": 0, "2": 0, "3": 1, "4": 1, "5": 1}
