@@ -123,9 +123,8 @@ def oof_table(probs_dir: str, data_dir: str, workers: int, rounds: int) -> None:
     wall = time.perf_counter() - t0
     s, fg, secs = run(res.best)
     print(_row("tuned chain (WINNERS_SPACE)", s, fg, secs))
-    from kaggle_utils.tune import _describe
 
-    print(f"tuned: {_describe(res.best)}; {len(res.candidates)} candidates, {wall:.0f} s wall, {workers} workers")
+    print(f"tuned: {res.best.summary()}; {len(res.candidates)} candidates, {wall:.0f} s wall, {workers} workers")
     if res.fold_guard:
         print(res.format_table().split("fold guard", 1)[-1])
         held_out_gain(res)
@@ -133,8 +132,6 @@ def oof_table(probs_dir: str, data_dir: str, workers: int, rounds: int) -> None:
 
 def held_out_gain(res) -> None:
     """Per fold: the tuned chain and the plain threshold, each chosen on the other folds, scored on this one."""
-    from kaggle_utils.tune import _describe
-
     plain = [j for j, c in enumerate(res.candidates) if c.stage == "grid" and not c.cfg.uses_hysteresis]
     folds = np.array([str(f) for f in res.folds])
     print("| held-out fold | n | plain threshold (chosen on the others) | tuned chain (chosen on the others) | gain |")
@@ -148,7 +145,7 @@ def held_out_gain(res) -> None:
         gains.append(g.held_out_score - p_score)
         ns.append(int(held.sum()))
         print(f"| {g.fold} | {ns[-1]} | {p_score:.4f} (thr {res.candidates[jp].cfg.threshold:g}) | "
-              f"{g.held_out_score:.4f} ({_describe(g.chosen)}) | {gains[-1]:+.4f} |")
+              f"{g.held_out_score:.4f} ({g.chosen.summary()}) | {gains[-1]:+.4f} |")
     print(f"held-out gain of the tuned chain over the best plain threshold, volume-weighted: "
           f"{np.average(gains, weights=ns):+.4f}")
 

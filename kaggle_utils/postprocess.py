@@ -74,7 +74,55 @@ __all__ = [
     "split_merged_sheets",
     "load_postprocess",
     "save_postprocess",
+    "KNOB_RULES",
+    "check_knob",
 ]
+
+#: What values each numeric :class:`PostprocessConfig` setting may take: ``"probability"`` (in
+#: ``[0, 1]``; ``None`` allowed where the field is optional) or ``"non_negative"``. The one list:
+#: :class:`PostprocessConfig` and :class:`kaggle_utils.tune.SearchSpace` both check against it.
+KNOB_RULES: dict[str, str] = {
+    "threshold": "probability",
+    "hysteresis_low": "probability",
+    "hysteresis_high": "probability",
+    "skeleton_threshold": "probability",
+    "min_component_size": "non_negative",
+    "max_cavity_size": "non_negative",
+    "closing_radius": "non_negative",
+    "border": "non_negative",
+    "closing_z": "non_negative",
+    "closing_xy": "non_negative",
+    "opening_radius": "non_negative",
+    "ridge_sigma": "non_negative",
+    "ridge_ratio": "non_negative",
+    "skeleton_radius": "non_negative",
+    "sheet_closing": "non_negative",
+    "sheet_max_hole": "non_negative",
+    "sheet_limit": "non_negative",
+    "split_min_size": "non_negative",
+}
+
+_RULE_OK = {"probability": lambda v: 0.0 <= v <= 1.0, "non_negative": lambda v: v >= 0}
+_RULE_TEXT = {"probability": ("a probability in [0, 1]", "in [0, 1]"), "non_negative": (">= 0", ">= 0")}
+
+
+def check_knob(name: str, values: Sequence, key: str) -> None:
+    """Check candidate ``values`` of setting ``name`` (:data:`KNOB_RULES`; ``None`` always passes).
+
+    Raises:
+        ValueError: ``"{key}: values must be in [0, 1], got [bad values]"`` (a search space's list).
+    """
+    rule = KNOB_RULES[name]
+    bad = [v for v in values if v is not None and not _RULE_OK[rule](v)]
+    if bad:
+        raise ValueError(f"{key}: values must be {_RULE_TEXT[rule][1]}, got {bad}")
+
+
+def _check_setting(name: str, value: float | None) -> None:
+    """``ValueError`` ``"postprocess.{name} must be ..., got {value}"`` unless ``value`` passes :data:`KNOB_RULES`."""
+    rule = KNOB_RULES[name]
+    if value is not None and not _RULE_OK[rule](value):
+        raise ValueError(f"postprocess.{name} must be {_RULE_TEXT[rule][0]}, got {value}")
 
 
 @dataclass
@@ -152,9 +200,7 @@ class PostprocessConfig:
     def __post_init__(self) -> None:
         # probabilities: outside [0, 1] every voxel (or none) passes, an all-ones or all-empty submission
         for name in ("threshold", "hysteresis_low", "hysteresis_high"):
-            value = getattr(self, name)
-            if value is not None and not 0.0 <= value <= 1.0:
-                raise ValueError(f"postprocess.{name} must be a probability in [0, 1], got {value}")
+            _check_setting(name, getattr(self, name))
         if (self.hysteresis_low is None) != (self.hysteresis_high is None):
             raise ValueError(
                 "postprocess.hysteresis_low and postprocess.hysteresis_high must be set together "
@@ -165,20 +211,45 @@ class PostprocessConfig:
                 f"postprocess.hysteresis_high ({self.hysteresis_high}) must be >= "
                 f"postprocess.hysteresis_low ({self.hysteresis_low})"
             )
-        for name in ("min_component_size", "max_cavity_size", "closing_radius", "border", "closing_z",
-                     "closing_xy", "opening_radius", "ridge_sigma", "ridge_ratio", "skeleton_radius",
-                     "sheet_closing", "sheet_max_hole", "sheet_limit", "split_min_size"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"postprocess.{name} must be >= 0, got {getattr(self, name)}")
+        for name in KNOB_RULES:
+            if name not in ("threshold", "hysteresis_low", "hysteresis_high", "skeleton_threshold"):
+                _check_setting(name, getattr(self, name))
         self.split_levels = tuple(float(v) for v in self.split_levels)
         if list(self.split_levels) != sorted(self.split_levels) or any(not 0 < v < 1 for v in self.split_levels):
             raise ValueError(f"postprocess.split_levels must be increasing values in (0, 1), got {list(self.split_levels)}")
-        if self.skeleton_threshold is not None and not 0.0 <= self.skeleton_threshold <= 1.0:
-            raise ValueError(f"postprocess.skeleton_threshold must be in [0, 1], got {self.skeleton_threshold}")
+        _check_setting("skeleton_threshold", self.skeleton_threshold)
 
     @property
     def uses_hysteresis(self) -> bool:
         return self.hysteresis_low is not None
+
+    def summary(self) -> str:
+        """The settings that are on, in one short line (``"thr 0.45, dust 200, holes"``): how
+        ``tune`` names a candidate in its table, log and figure."""
+        parts = [f"thr {self.threshold:g}"]
+        if self.uses_hysteresis:
+            parts.append(f"hyst {self.hysteresis_low:g}/{self.hysteresis_high:g}")
+        for name, short in (("min_component_size", "dust"), ("closing_radius", "close"),
+                            ("max_cavity_size", "cavity"), ("border", "border")):
+            if getattr(self, name):
+                parts.append(f"{short} {getattr(self, name)}")
+        if self.fill_pinholes:
+            parts.append("holes")
+        if self.sheets:
+            parts.append(f"sheets (close {self.sheet_closing}, holes <= {self.sheet_max_hole})")
+        for name, short in (("closing_z", "close-z"), ("closing_xy", "close-xy"), ("opening_radius", "open"),
+                            ("ridge_sigma", "ridge"), ("skeleton_radius", "skeleton")):
+            if getattr(self, name):
+                parts.append(f"{short} {getattr(self, name):g}")
+        if self.skeleton_radius and self.skeleton_threshold is not None:
+            parts.append(f"skeleton thr {self.skeleton_threshold:g}")
+        if self.hole_plug:
+            parts.append("plug")
+        if self.z_prune:
+            parts.append("z-prune")
+        if self.split_levels:
+            parts.append("split " + "/".join(f"{v:g}" for v in self.split_levels))
+        return ", ".join(parts)
 
 
 # ----------------------------------------------------------------------------------------------

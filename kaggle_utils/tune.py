@@ -56,7 +56,7 @@ import numpy as np
 
 from .config import ConfigError, deep_merge, from_dict, load_config
 from .data import DataError
-from .postprocess import PostprocessConfig, postprocess
+from .postprocess import KNOB_RULES, PostprocessConfig, check_knob, postprocess
 from .probs import as_probability, find_prob_files, read_probs
 
 __all__ = [
@@ -300,18 +300,9 @@ class SearchSpace:
     def __post_init__(self) -> None:
         if not self.threshold:
             raise ValueError("tune.threshold: needs at least one value")
-        for name in ("threshold", "hysteresis_low"):
-            bad = [v for v in getattr(self, name) if not 0.0 <= v <= 1.0]
-            if bad:
-                raise ValueError(f"tune.{name}: values must be in [0, 1], got {bad}")
-        for name in ("min_component_size", "closing_radius", "max_cavity_size", "border", "sheet_closing",
-                     "sheet_max_hole", "closing_z", "closing_xy", "opening_radius", "ridge_sigma", "skeleton_radius"):
-            bad = [v for v in getattr(self, name) if v < 0]
-            if bad:
-                raise ValueError(f"tune.{name}: values must be >= 0, got {bad}")
-        bad = [v for v in self.skeleton_threshold if v is not None and not 0.0 <= v <= 1.0]
-        if bad:
-            raise ValueError(f"tune.skeleton_threshold: values must be in [0, 1] or null, got {bad}")
+        for name in KNOB_RULES:  # the same value rules as PostprocessConfig, from the one list
+            if hasattr(self, name):
+                check_knob(name, getattr(self, name), f"tune.{name}")
         self.split_levels = [tuple(float(x) for x in v) for v in self.split_levels]
         for v in self.split_levels:
             if list(v) != sorted(v) or any(not 0 < x < 1 for x in v):
@@ -635,11 +626,11 @@ class TuneResult:
         for r, j in enumerate(order[:top] if top else order, 1):
             c = self.candidates[j]
             lines.append(f"{r:>4} {c.score:7.4f} {c.topo_score:7.4f} {c.surface_dice:7.4f} {c.voi_score:7.4f}  "
-                         f"{c.stage:<20} {_describe(c.cfg)}")
+                         f"{c.stage:<20} {c.cfg.summary()}")
         if top and len(order) > top:
             lines.append(f"     ... {len(order) - top} more candidate(s)")
         lines.append("")
-        lines.append(f"best: {self.best_score:.4f}  {_describe(self.best)}")
+        lines.append(f"best: {self.best_score:.4f}  {self.best.summary()}")
         lines.append(f"{'scroll':>10} {'n':>4} {'score':>7} {'topo':>7} {'SD':>7} {'VOI':>7}")
         for s, d in self.per_scroll.items():
             n = sum(x == s for x in self.scroll_ids)
@@ -651,7 +642,7 @@ class TuneResult:
             lines.append(f"{'fold':>6} {'n':>4} {'held-out':>9} {'in-sample':>9} {'oracle':>7}  chosen on other folds")
             for g in self.fold_guard:
                 lines.append(f"{g.fold!s:>6} {g.n_volumes:>4} {g.held_out_score:9.4f} {g.in_sample_score:9.4f} "
-                             f"{g.oracle_score:7.4f}  {_describe(g.chosen)}")
+                             f"{g.oracle_score:7.4f}  {g.chosen.summary()}")
             ho = _weighted_mean([(g.held_out_score, g.n_volumes) for g in self.fold_guard])
             ins = _weighted_mean([(g.in_sample_score, g.n_volumes) for g in self.fold_guard])
             lines.append(f"{'all':>6} {len(self.ids):>4} {ho:9.4f} {ins:9.4f}")
@@ -690,33 +681,6 @@ def _weighted_mean(pairs: Iterable[tuple[float, int]]) -> float:
     pairs = list(pairs)
     n = sum(w for _, w in pairs)
     return float(sum(v * w for v, w in pairs) / n) if n else float("nan")
-
-
-def _describe(cfg: PostprocessConfig) -> str:
-    parts = [f"thr {cfg.threshold:g}"]
-    if cfg.uses_hysteresis:
-        parts.append(f"hyst {cfg.hysteresis_low:g}/{cfg.hysteresis_high:g}")
-    for name, short in (("min_component_size", "dust"), ("closing_radius", "close"), ("max_cavity_size", "cavity"),
-                        ("border", "border")):
-        if getattr(cfg, name):
-            parts.append(f"{short} {getattr(cfg, name)}")
-    if cfg.fill_pinholes:
-        parts.append("holes")
-    if cfg.sheets:
-        parts.append(f"sheets (close {cfg.sheet_closing}, holes <= {cfg.sheet_max_hole})")
-    for name, short in (("closing_z", "close-z"), ("closing_xy", "close-xy"), ("opening_radius", "open"),
-                        ("ridge_sigma", "ridge"), ("skeleton_radius", "skeleton")):
-        if getattr(cfg, name):
-            parts.append(f"{short} {getattr(cfg, name):g}")
-    if cfg.skeleton_radius and cfg.skeleton_threshold is not None:
-        parts.append(f"skeleton thr {cfg.skeleton_threshold:g}")
-    if cfg.hole_plug:
-        parts.append("plug")
-    if cfg.z_prune:
-        parts.append("z-prune")
-    if cfg.split_levels:
-        parts.append("split " + "/".join(f"{v:g}" for v in cfg.split_levels))
-    return ", ".join(parts)
 
 
 def _with_threshold(cfg: PostprocessConfig, t: float, low: float | None | Literal["keep"] = "keep") -> PostprocessConfig:
@@ -1180,7 +1144,7 @@ def plot_threshold_curves(result: TuneResult, out_png: str | os.PathLike, max_sc
         ax.axis("off")
     axes[0, 0].set_ylabel("mean over volumes")
     axes[0, 0].legend(fontsize=7, loc="lower right" if len(panels) > 1 else "best")
-    fig.suptitle(f"tuned: {_describe(result.best)}  (score {result.best_score:.4f})", fontsize=10)
+    fig.suptitle(f"tuned: {result.best.summary()}  (score {result.best_score:.4f})", fontsize=10)
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)

@@ -417,3 +417,24 @@ def test_cli_tune_shape_mismatch_is_one_line_before_any_label_is_decoded(volumes
     assert err.startswith("error: ") and "v2.npy: probability shape (40, 40, 40) != label shape (40, 40, 36)" in err
     with pytest.raises(DataError, match="v2: probability shape"):  # the library call: a DataError too
         tune(probs, [lab if k != 2 else lab[:, :, :-4] for k, lab in enumerate(labels)], progress=False)
+
+
+def test_post_processing_knobs_have_one_list_of_value_rules():
+    """SearchSpace searches PostprocessConfig's own fields, checked by PostprocessConfig's rules."""
+    import dataclasses
+
+    from kaggle_utils.postprocess import KNOB_RULES
+
+    pp_fields = {f.name for f in dataclasses.fields(PostprocessConfig)}
+    space_knobs = {f.name for f in dataclasses.fields(SearchSpace)} - {
+        "base", "method", "rounds", "n_random", "halving_eta", "halving_min_volumes", "halving_bounds"}
+    assert space_knobs <= pp_fields and set(KNOB_RULES) <= pp_fields
+    for name, rule in KNOB_RULES.items():
+        bad = -0.5 if rule == "non_negative" else 1.5
+        with pytest.raises(ValueError, match=rf"^postprocess.{name} must be"):
+            PostprocessConfig(**{name: bad})
+        if name in space_knobs:
+            with pytest.raises(ValueError, match=rf"^tune.{name}: values must be .*got \[{bad}\]"):
+                SearchSpace(**{name: [bad]})
+    assert PostprocessConfig(threshold=0.45, min_component_size=200, fill_pinholes=True).summary() == \
+        "thr 0.45, dust 200, holes"
