@@ -41,7 +41,6 @@ __all__ = [
     "check_tiff_header",
     "mask_shape",
     "write_volume",
-    "write_probs",
     "atomic_path",
     "find_data_root",
     "load_index",
@@ -440,19 +439,12 @@ def write_volume(path: str | os.PathLike, volume: np.ndarray, compression: str |
     return Path(path)
 
 
-def write_probs(folder: str | os.PathLike, volume_id: str, scroll_id: str, prob: np.ndarray,
-                fold: object = None, fmt: str = "uint8", **extra: object) -> Path:
-    """Save one volume's probabilities: :func:`kaggle_utils.probs.write_probs` (kept here for old callers).
-
-    ``fmt="uint8"`` (default) writes the compact ``{id}.npz``, ``"float16"`` the old ``{id}.npy``;
-    both with an ``{id}.json`` sidecar. Read them with :func:`kaggle_utils.probs.read_probs`.
-
-    Returns:
-        the probability file's path.
-    """
-    from .probs import write_probs as _write_probs
-
-    return _write_probs(folder, volume_id, scroll_id, prob, fold, fmt=fmt, **extra)
+def __getattr__(name: str) -> object:
+    """A one-line ``AttributeError`` naming the new home of a name that moved out of this module."""
+    if name == "write_probs":
+        raise AttributeError("kaggle_utils.data.write_probs moved: use kaggle_utils.probs.write_probs "
+                             "(the probability files' writer and reader live together there)")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------------------------

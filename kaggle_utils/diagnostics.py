@@ -642,12 +642,12 @@ def load_predictions(source: str | os.PathLike) -> Iterable[tuple[str, np.ndarra
     """Yield ``(id, volume)`` from a ``submission.zip``, or a folder of ``{id}.tif`` or probability files.
 
     TIFFs are returned as stored (uint8 binary/probability TIFFs, float TIFFs), found and read by the
-    scorer's :func:`~kaggle_utils.metrics.score.list_volumes` / :func:`~kaggle_utils.metrics.score.read_located`
+    scorer's :func:`~kaggle_utils.submission.list_volumes` / :func:`~kaggle_utils.submission.read_located`
     (a corrupt TIFF is a :class:`DataError` naming it). Probability files (``{id}.npz`` compact,
     ``{id}.npy`` float16: ``train``'s ``oof/``, ``predict --save-probs``) are read by
     :func:`kaggle_utils.probs.read_probs` and returned as ``float32`` probabilities.
     """
-    from .metrics.score import list_volumes, read_located
+    from .submission import list_volumes, read_located
     from .probs import as_probability, find_prob_files, read_probs
 
     source = Path(source)

@@ -1,6 +1,6 @@
 """The submission: ``submission.zip`` with one ``{id}.tif`` (``uint8 (Z, Y, X)``, 0/1) per test id.
 
-Two pieces (the prediction pipeline that fills the zip is :mod:`kaggle_utils.predict`):
+Three pieces (the prediction pipeline that fills the zip is :mod:`kaggle_utils.predict`):
 
 - :func:`write_submission` streams ``(id, mask)`` pairs into the zip one volume at a time
   (memory stays flat for ~120 volumes) and writes atomically (temp file beside the target, then
@@ -10,6 +10,9 @@ Two pieces (the prediction pipeline that fills the zip is :mod:`kaggle_utils.pre
 - :func:`validate_submission` checks a zip against ``test.csv`` and the test images: ids
   (missing, extra, duplicated), entry names (no directories, no ``..``, no absolute paths,
   ``.tif`` suffix), readable TIFFs, shapes, dtype ``uint8`` and values in ``{0, 1}``.
+- :func:`list_volumes` / :func:`read_located` find and read the volumes of a zip, a folder of
+  ``{id}.tif`` or a single TIFF (the scorer and ``diagnose`` read predictions through them), skipping
+  operating-system clutter (:func:`is_os_metadata`).
 
 This module imports nothing from :mod:`kaggle_utils.predict` (the arrow goes one way: predict → submission).
 """
@@ -37,6 +40,13 @@ __all__ = [
     "write_submission",
     "validate_submission",
     "read_tiff_shape",
+    "TIF_SUFFIXES",
+    "Locator",
+    "list_volumes",
+    "read_located",
+    "describe_location",
+    "is_os_metadata",
+    "zip_metadata_warning",
 ]
 
 #: Names that lived here before the prediction pipeline moved to :mod:`kaggle_utils.predict`.
@@ -281,3 +291,129 @@ def validate_submission(zip_path: str | os.PathLike, data_dir: str | os.PathLike
     return problems
 
 
+# ----------------------------------------------------------------------------------------------
+# Reading: the volumes of a .tif, a folder of {id}.tif, a submission.zip or a competition-layout folder
+# (the scorer, diagnose)
+# ----------------------------------------------------------------------------------------------
+
+# a volume's location: ("file", path) or ("zip", zip_path, member); small and picklable
+Locator = tuple[str, ...]
+TIF_SUFFIXES = (".tif", ".tiff")
+
+
+#: Entries an operating system adds when it zips a folder: never predictions, never scored.
+_OS_METADATA_DIRS = ("__MACOSX",)
+_OS_METADATA_FILES = (".DS_Store", "Thumbs.db", "desktop.ini")
+
+
+def is_os_metadata(entry: str) -> bool:
+    """Whether a zip entry is operating-system clutter: ``__MACOSX/...`` (macOS resource forks, also
+    named ``._{id}.tif``), ``.DS_Store``, ``._*`` AppleDouble files, Windows' ``Thumbs.db``/``desktop.ini``."""
+    parts = [p for p in entry.replace("\\", "/").split("/") if p]
+    if not parts:
+        return False
+    return any(p in _OS_METADATA_DIRS for p in parts) or parts[-1] in _OS_METADATA_FILES or parts[-1].startswith("._")
+
+
+def zip_metadata_warning(zip_path: str | os.PathLike) -> str | None:
+    """One line naming the OS clutter entries of a prediction zip that scoring ignores, or ``None``.
+
+    ``score`` ignores them, as Kaggle's scorer reads only the ``{id}.tif`` entries it expects, so the number
+    is that of the real entries; ``validate-submission`` still refuses a zip that carries them.
+    """
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            junk = [n for n in zf.namelist() if is_os_metadata(n)]
+    except (zipfile.BadZipFile, OSError):
+        return None  # list_volumes reports an unreadable zip
+    if not junk:
+        return None
+    shown = ", ".join(junk[:4]) + (f" and {len(junk) - 4} more" if len(junk) > 4 else "")
+    return (f"{zip_path}: ignored {len(junk)} operating-system entr{'y' if len(junk) == 1 else 'ies'} ({shown}); "
+            f"only the {{id}}.tif entries were scored. Remove them before submitting "
+            f"(zip -d {Path(zip_path).name} '__MACOSX/*' '*.DS_Store'), validate-submission refuses them")
+
+
+def list_volumes(source: str | os.PathLike, *, role: str = "pred") -> dict[str, Locator]:
+    """Volumes of a source, by id.
+
+    Args:
+        source: a ``.tif`` file (id = file stem), a folder of ``{id}.tif``, a ``.zip`` holding
+            ``{id}.tif`` (predictions only) or, for ``role="gt"``, a competition-layout folder
+            (its ``train_labels/`` is used).
+        role: ``"pred"`` or ``"gt"`` (only used in messages and for the zip/layout rules).
+
+    Returns:
+        ``{id: locator}`` sorted by id.
+
+    Raises:
+        DataError: missing path, unsupported file, zip given as ground truth, no volumes found.
+    """
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"{path}: {role} source not found")
+    out: dict[str, Locator] = {}
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in TIF_SUFFIXES:
+            out[path.stem] = ("file", str(path))
+        elif suffix == ".zip":
+            if role == "gt":
+                raise DataError(f"{path}: ground truth cannot be a zip; give a .tif or a folder")
+            try:
+                with zipfile.ZipFile(path) as zf:
+                    names = zf.namelist()
+            except zipfile.BadZipFile as exc:
+                raise DataError(f"{path}: not a readable zip ({exc})") from None
+            for name in names:
+                member = Path(name)
+                if is_os_metadata(name):  # never a prediction, even a __MACOSX/{id}.tif copy
+                    continue
+                if member.suffix.lower() in TIF_SUFFIXES and not member.name.startswith("."):
+                    if member.stem in out:
+                        raise DataError(f"{path}: id {member.stem!r} appears twice in the zip")
+                    out[member.stem] = ("zip", str(path), name)
+        else:
+            raise DataError(f"{path}: expected a .tif, a .zip or a folder as {role} source")
+    else:
+        folder = path
+        if role == "gt" and (path / "train_labels").is_dir():
+            folder = path / "train_labels"
+        for f in folder.iterdir():
+            if f.is_file() and f.suffix.lower() in TIF_SUFFIXES and not f.name.startswith("."):
+                out[f.stem] = ("file", str(f))
+    if not out:
+        raise DataError(f"{path}: no .tif volumes found in {role} source")
+    return dict(sorted(out.items()))
+
+
+def describe_location(loc: Locator) -> str:
+    """``path`` or ``zip_path:member``: how messages name a located volume."""
+    return f"{loc[1]}:{loc[2]}" if loc[0] == "zip" else loc[1]
+
+
+def read_located(loc: Locator) -> np.ndarray:
+    """Read the TIFF a :func:`list_volumes` locator points at (a file or a zip member), as stored.
+
+    A truncated multi-page TIFF is an error here, not a volume with fewer pages: tifffile only
+    *logs* a bad page offset and returns the pages before it (a 96^3 volume cut after its first
+    page reads as ``(96, 96)``), so its log records are collected and turned into the error.
+
+    Returns:
+        the stored array (any dtype), usually ``(Z, Y, X)``.
+
+    Raises:
+        MissingCodecError: the compression needs a codec that is not installed (LZW without
+            ``imagecodecs``); the message says what to install.
+        DataError: unreadable, truncated or corrupt TIFF: one line naming the file (and zip
+            member) with "corrupt TIFF" in it.
+    """
+    where = describe_location(loc)
+    if loc[0] != "zip":
+        return read_tiff(loc[1], where)
+    try:
+        with zipfile.ZipFile(loc[1]) as zf:
+            raw = zf.read(loc[2])
+    except Exception as exc:  # zipfile raises many types for broken archives
+        raise DataError(f"{where}: corrupt TIFF, truncated or damaged ({type(exc).__name__}: {exc})") from None
+    return read_tiff(raw, where)

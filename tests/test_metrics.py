@@ -472,7 +472,7 @@ def test_score_dataset_warns_but_keeps_the_numbers(tmp_path):
 @pytest.mark.parametrize("compression", [None, "zlib"])
 def test_read_located_never_returns_part_of_a_truncated_tiff(tmp_path, compression):
     """Every cut of a multi-page TIFF is a one-line 'corrupt TIFF' error or the complete volume."""
-    from kaggle_utils.metrics.score import read_located
+    from kaggle_utils.submission import read_located
 
     vol = (np.random.default_rng(0).random((6, 8, 8)) > 0.7).astype(np.uint8)
     buf = io.BytesIO()

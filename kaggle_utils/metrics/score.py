@@ -15,7 +15,6 @@ are set to background in *both* volumes. The dataset score is the plain mean ove
 from __future__ import annotations
 
 import os
-import zipfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,8 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
-from ..data import IGNORE_LABEL, DataError, read_tiff
+from ..data import IGNORE_LABEL, DataError
+from ..submission import TIF_SUFFIXES, Locator, describe_location, list_volumes, read_located, zip_metadata_warning
 
 if TYPE_CHECKING:  # topo pulls in numba: imported when scoring, not with the package
     from .topo import OctantCache
@@ -40,10 +40,6 @@ __all__ = [
     "score_volume",
     "score_bound",
     "score_dataset",
-    "list_volumes",
-    "is_os_metadata",
-    "zip_metadata_warning",
-    "read_located",
     "prediction_warnings",
 ]
 
@@ -343,132 +339,6 @@ def score_bound(pred: np.ndarray, gt: np.ndarray, *, topo_cache: OctantCache | N
                       voi_split=split, voi_merge=merge, exact_octants=n_exact)
 
 
-# ----------------------------------------------------------------------------------------------
-# Sources: a .tif, a folder of {id}.tif, a submission.zip, a competition-layout folder
-# ----------------------------------------------------------------------------------------------
-
-# a volume's location: ("file", path) or ("zip", zip_path, member); small and picklable
-Locator = tuple[str, ...]
-_TIF_SUFFIXES = (".tif", ".tiff")
-
-
-#: Entries an operating system adds when it zips a folder: never predictions, never scored.
-_OS_METADATA_DIRS = ("__MACOSX",)
-_OS_METADATA_FILES = (".DS_Store", "Thumbs.db", "desktop.ini")
-
-
-def is_os_metadata(entry: str) -> bool:
-    """Whether a zip entry is operating-system clutter: ``__MACOSX/...`` (macOS resource forks, also
-    named ``._{id}.tif``), ``.DS_Store``, ``._*`` AppleDouble files, Windows' ``Thumbs.db``/``desktop.ini``."""
-    parts = [p for p in entry.replace("\\", "/").split("/") if p]
-    if not parts:
-        return False
-    return any(p in _OS_METADATA_DIRS for p in parts) or parts[-1] in _OS_METADATA_FILES or parts[-1].startswith("._")
-
-
-def zip_metadata_warning(zip_path: str | os.PathLike) -> str | None:
-    """One line naming the OS clutter entries of a prediction zip that scoring ignores, or ``None``.
-
-    ``score`` ignores them, as Kaggle's scorer reads only the ``{id}.tif`` entries it expects, so the number
-    is that of the real entries; ``validate-submission`` still refuses a zip that carries them.
-    """
-    try:
-        with zipfile.ZipFile(zip_path) as zf:
-            junk = [n for n in zf.namelist() if is_os_metadata(n)]
-    except (zipfile.BadZipFile, OSError):
-        return None  # list_volumes reports an unreadable zip
-    if not junk:
-        return None
-    shown = ", ".join(junk[:4]) + (f" and {len(junk) - 4} more" if len(junk) > 4 else "")
-    return (f"{zip_path}: ignored {len(junk)} operating-system entr{'y' if len(junk) == 1 else 'ies'} ({shown}); "
-            f"only the {{id}}.tif entries were scored. Remove them before submitting "
-            f"(zip -d {Path(zip_path).name} '__MACOSX/*' '*.DS_Store'), validate-submission refuses them")
-
-
-def list_volumes(source: str | os.PathLike, *, role: str = "pred") -> dict[str, Locator]:
-    """Volumes of a source, by id.
-
-    Args:
-        source: a ``.tif`` file (id = file stem), a folder of ``{id}.tif``, a ``.zip`` holding
-            ``{id}.tif`` (predictions only) or, for ``role="gt"``, a competition-layout folder
-            (its ``train_labels/`` is used).
-        role: ``"pred"`` or ``"gt"`` (only used in messages and for the zip/layout rules).
-
-    Returns:
-        ``{id: locator}`` sorted by id.
-
-    Raises:
-        DataError: missing path, unsupported file, zip given as ground truth, no volumes found.
-    """
-    path = Path(source)
-    if not path.exists():
-        raise DataError(f"{path}: {role} source not found")
-    out: dict[str, Locator] = {}
-    if path.is_file():
-        suffix = path.suffix.lower()
-        if suffix in _TIF_SUFFIXES:
-            out[path.stem] = ("file", str(path))
-        elif suffix == ".zip":
-            if role == "gt":
-                raise DataError(f"{path}: ground truth cannot be a zip; give a .tif or a folder")
-            try:
-                with zipfile.ZipFile(path) as zf:
-                    names = zf.namelist()
-            except zipfile.BadZipFile as exc:
-                raise DataError(f"{path}: not a readable zip ({exc})") from None
-            for name in names:
-                member = Path(name)
-                if is_os_metadata(name):  # never a prediction, even a __MACOSX/{id}.tif copy
-                    continue
-                if member.suffix.lower() in _TIF_SUFFIXES and not member.name.startswith("."):
-                    if member.stem in out:
-                        raise DataError(f"{path}: id {member.stem!r} appears twice in the zip")
-                    out[member.stem] = ("zip", str(path), name)
-        else:
-            raise DataError(f"{path}: expected a .tif, a .zip or a folder as {role} source")
-    else:
-        folder = path
-        if role == "gt" and (path / "train_labels").is_dir():
-            folder = path / "train_labels"
-        for f in folder.iterdir():
-            if f.is_file() and f.suffix.lower() in _TIF_SUFFIXES and not f.name.startswith("."):
-                out[f.stem] = ("file", str(f))
-    if not out:
-        raise DataError(f"{path}: no .tif volumes found in {role} source")
-    return dict(sorted(out.items()))
-
-
-def _where(loc: Locator) -> str:
-    return f"{loc[1]}:{loc[2]}" if loc[0] == "zip" else loc[1]
-
-
-def read_located(loc: Locator) -> np.ndarray:
-    """Read the TIFF a :func:`list_volumes` locator points at (a file or a zip member), as stored.
-
-    A truncated multi-page TIFF is an error here, not a volume with fewer pages: tifffile only
-    *logs* a bad page offset and returns the pages before it (a 96^3 volume cut after its first
-    page reads as ``(96, 96)``), so its log records are collected and turned into the error.
-
-    Returns:
-        the stored array (any dtype), usually ``(Z, Y, X)``.
-
-    Raises:
-        MissingCodecError: the compression needs a codec that is not installed (LZW without
-            ``imagecodecs``); the message says what to install.
-        DataError: unreadable, truncated or corrupt TIFF: one line naming the file (and zip
-            member) with "corrupt TIFF" in it.
-    """
-    where = _where(loc)
-    if loc[0] != "zip":
-        return read_tiff(loc[1], where)
-    try:
-        with zipfile.ZipFile(loc[1]) as zf:
-            raw = zf.read(loc[2])
-    except Exception as exc:  # zipfile raises many types for broken archives
-        raise DataError(f"{where}: corrupt TIFF, truncated or damaged ({type(exc).__name__}: {exc})") from None
-    return read_tiff(raw, where)
-
-
 def prediction_warnings(pred: np.ndarray, name: str = "prediction") -> list[str]:
     """What looks wrong in a prediction volume that the scorer nevertheless scores.
 
@@ -515,7 +385,7 @@ def _score_pair(vol_id: str, pred_loc: Locator, gt_loc: Locator, backend: str) -
         if isinstance(exc, DataError):
             raise
         raise DataError(f"volume {vol_id!r} ({pred_loc[-1]} vs {gt_loc[-1]}): {exc}") from None
-    return vol_id, res, prediction_warnings(pred, _where(pred_loc))
+    return vol_id, res, prediction_warnings(pred, describe_location(pred_loc))
 
 
 def _pick_ids(
@@ -582,12 +452,12 @@ def score_dataset(
     gts = list_volumes(gt_source, role="gt")
     preds = list_volumes(pred_source, role="pred")
     gt_path, pred_path = Path(gt_source), Path(pred_source)
-    if gt_path.is_file() and pred_path.is_file() and pred_path.suffix.lower() in _TIF_SUFFIXES:
+    if gt_path.is_file() and pred_path.is_file() and pred_path.suffix.lower() in TIF_SUFFIXES:
         preds = {next(iter(gts)): next(iter(preds.values()))}
     # a competition layout holds every training label: score what was predicted (e.g. one fold);
     # a single predicted file is scored alone; otherwise every ground-truth volume is expected
     pred_ids_only = (gt_path.is_dir() and (gt_path / "train_labels").is_dir()) or pred_path.is_file() and \
-        pred_path.suffix.lower() in _TIF_SUFFIXES
+        pred_path.suffix.lower() in TIF_SUFFIXES
     wanted = _pick_ids(preds, gts, ids, pred_ids_only)
 
     results: dict[str, VolumeScore] = {}
