@@ -21,13 +21,12 @@ import numpy as np
 import torch
 
 from kaggle_utils.data import load_index, normalize_intensity, read_label, read_volume, write_volume
+from kaggle_utils.augment import AugmentConfig, augment_batch
 from kaggle_utils.sampling import (
-    AugmentConfig,
     PatchDataset,
     SamplerConfig,
     VolumeCache,
     _crop_slices,
-    augment_batch,
     make_loader,
 )
 

@@ -52,6 +52,8 @@ __all__ = [
     "canonical_dict",
     "as_patch_shape",
     "PatchShape",
+    "check_probability",
+    "check_range",
 ]
 
 T = TypeVar("T")
@@ -70,6 +72,22 @@ class ConfigError(ValueError):
 
 class ConfigDeprecationWarning(DeprecationWarning):
     """An old config key or value was read; it still works, under its new name or value."""
+
+
+def check_probability(name: str, value: float) -> None:
+    """``ValueError`` ``"{name} must be a probability in [0, 1], got {value!r}"`` unless ``0 <= value <= 1``."""
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+
+
+def check_range(name: str, value: Sequence[float], lo_min: float | None = None) -> tuple[float, float]:
+    """A ``(low, high)`` setting as floats; ``ValueError`` naming ``name`` unless it is a pair with
+    ``low <= high`` (and ``low >= lo_min`` when given)."""
+    if len(value) != 2 or float(value[0]) > float(value[1]):
+        raise ValueError(f"{name} must be a (low, high) pair with low <= high, got {value!r}")
+    if lo_min is not None and float(value[0]) < lo_min:
+        raise ValueError(f"{name} must not go below {lo_min}, got {value!r}")
+    return (float(value[0]), float(value[1]))
 
 
 #: Type of a patch or window shape field in a config dataclass: YAML may give one int (a cube) or

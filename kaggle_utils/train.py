@@ -85,7 +85,8 @@ from .inference import InferenceConfig, resolve_amp_dtype
 from .losses import build_loss
 from .models import build_model, model_divisor, save_checkpoint, set_deep_supervision
 from .probs import write_probs
-from .sampling import PatchDataset, augment_batch, check_labels, default_cache, make_loader
+from .augment import augment_batch
+from .sampling import PatchDataset, check_labels, default_cache, make_loader
 from .train_config import LABEL_MODES, LoopConfig, OptimConfig, TrainConfig, ValidationConfig, load_train_config
 
 __all__ = [

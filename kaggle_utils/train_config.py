@@ -26,7 +26,8 @@ from .inference import InferenceConfig, normalize_amp
 from .losses import LossConfig
 from .models import NNUNET_ARCHITECTURES, ModelConfig, bottleneck_min_voxels, model_divisor, validate_patch_size
 from .postprocess import PostprocessConfig
-from .sampling import AugmentConfig, SamplerConfig
+from .augment import AugmentConfig
+from .sampling import SamplerConfig
 
 __all__ = [
     "LABEL_MODES",
@@ -274,7 +275,7 @@ class TrainConfig:
         model: :class:`~kaggle_utils.models.ModelConfig`.
         loss: :class:`~kaggle_utils.losses.LossConfig` (preset ``default``, ``seed-v1``, ``seed-v2``).
         sampler: :class:`~kaggle_utils.sampling.SamplerConfig` (patch size, patches per epoch, ...).
-        augment: :class:`~kaggle_utils.sampling.AugmentConfig`.
+        augment: :class:`~kaggle_utils.augment.AugmentConfig`.
         optim: :class:`OptimConfig`.
         train: :class:`LoopConfig`.
         validation: :class:`ValidationConfig`.

@@ -10,12 +10,11 @@ import torch
 
 from kaggle_utils.config import ConfigError, from_dict
 from kaggle_utils.data import intensity_stats, load_index, normalize_intensity, write_volume
+from kaggle_utils.augment import AugmentConfig, augment_batch
 from kaggle_utils.sampling import (
-    AugmentConfig,
     PatchDataset,
     SamplerConfig,
     VolumeCache,
-    augment_batch,
     crop_patch,
     make_loader,
 )
