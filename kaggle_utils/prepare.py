@@ -64,6 +64,8 @@ from .data import (
 )
 
 __all__ = [
+    "CachedVolume",
+    "surface_subsample",
     "FORMAT",
     "VERSION",
     "LABEL_STORAGE",
@@ -81,6 +83,43 @@ __all__ = [
     "open_prepared",
     "find_prepared",
 ]
+
+
+@dataclass
+class CachedVolume:
+    """A decoded training volume with what sampling needs from it (what :class:`PreparedVolumes` and
+    :class:`kaggle_utils.sampling.VolumeCache` both hand out).
+
+    Attributes:
+        image: ``uint8 (Z, Y, X)`` (an ``np.memmap`` when disk-cached).
+        label: ``uint8 (Z, Y, X)`` values {0, 1, 2}.
+        stats: whole-volume :class:`~kaggle_utils.data.IntensityStats` (for patch normalization).
+        surface: ``int32 (N, 3)`` z, y, x of surface voxels (a subsample; ``N`` may be 0).
+    """
+
+    image: np.ndarray
+    label: np.ndarray
+    stats: IntensityStats
+    surface: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        """Resident bytes counted by the cache (memory-mapped arrays count as 0)."""
+        n = self.surface.nbytes
+        for arr in (self.image, self.label):
+            if not isinstance(arr, np.memmap):
+                n += arr.nbytes
+        return n
+
+
+def surface_subsample(label: np.ndarray, key: str, max_points: int) -> np.ndarray:
+    """``int32 (N, 3)`` coordinates of label-1 voxels, at most ``max_points`` (seeded by ``key``)."""
+    flat = np.flatnonzero(label.reshape(-1) == 1)
+    if flat.size > max_points:
+        rng = np.random.default_rng(zlib.crc32(key.encode()))
+        flat = np.sort(rng.choice(flat, size=max_points, replace=False))
+    return np.stack(np.unravel_index(flat, label.shape), axis=1).astype(np.int32)
+
 
 FORMAT = "kaggle_utils.prepared"
 VERSION = 1
@@ -237,13 +276,12 @@ def prepare_volume(rec: VolumeRecord, out: str | os.PathLike, labels: str = "npy
         DataError: a corrupt or missing TIFF, label values outside {0, 1, 2}, or shapes that differ
             (one line naming the file).
     """
-    from .sampling import _surface_subsample
 
     out = Path(out)
     paths = _volume_paths(out, rec.id, labels)
     source = {"image": source_fingerprint(rec.image_path), "label": source_fingerprint(rec.label_path)}
     image, label = _decode_checked(rec)
-    surface = _surface_subsample(label, rec.id, surface_points)
+    surface = surface_subsample(label, rec.id, surface_points)
     stats = intensity_stats(image)
     counts = [int(np.count_nonzero(label == v)) for v in (0, 1, 2)]  # faster than a bincount of the volume
     entry = {"id": rec.id, "scroll_id": rec.scroll_id, "shape": list(image.shape),
@@ -519,8 +557,7 @@ class PreparedVolumes:
         return self._decoded_label(record)
 
     def get(self, record: VolumeRecord):
-        """The :class:`~kaggle_utils.sampling.CachedVolume` of ``record`` (opened on first use)."""
-        from .sampling import CachedVolume, _surface_subsample
+        """The :class:`CachedVolume` of ``record`` (opened on first use)."""
 
         vol = self._open.get(record.id)
         if vol is not None:
@@ -534,7 +571,7 @@ class PreparedVolumes:
         if entry["surface_points"] == self.surface_points:
             surface = self._array(entry, "surface", mmap=False)
         else:
-            surface = _surface_subsample(np.asarray(label), record.id, self.surface_points)
+            surface = surface_subsample(np.asarray(label), record.id, self.surface_points)
         vol = CachedVolume(self.image(record.id), label, IntensityStats(*entry["stats"]), surface.astype(np.int32))
         self._open[record.id] = vol
         return vol

@@ -25,7 +25,6 @@ normalized volume) and the label with the ignore label, so padded voxels never e
 from __future__ import annotations
 
 import os
-import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,10 +49,10 @@ from .data import (
     read_label,
     read_volume,
 )
+from .prepare import CachedVolume, PreparedVolumes, surface_subsample
 
 __all__ = [
     "SamplerConfig",
-    "CachedVolume",
     "VolumeCache",
     "default_cache",
     "PatchDataset",
@@ -154,41 +153,6 @@ class SamplerConfig:
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass
-class CachedVolume:
-    """A decoded training volume with what sampling needs from it.
-
-    Attributes:
-        image: ``uint8 (Z, Y, X)`` (an ``np.memmap`` when disk-cached).
-        label: ``uint8 (Z, Y, X)`` values {0, 1, 2}.
-        stats: whole-volume :class:`~kaggle_utils.data.IntensityStats` (for patch normalization).
-        surface: ``int32 (N, 3)`` z, y, x of surface voxels (a subsample; ``N`` may be 0).
-    """
-
-    image: np.ndarray
-    label: np.ndarray
-    stats: IntensityStats
-    surface: np.ndarray
-
-    @property
-    def nbytes(self) -> int:
-        """Resident bytes counted by the cache (memory-mapped arrays count as 0)."""
-        n = self.surface.nbytes
-        for arr in (self.image, self.label):
-            if not isinstance(arr, np.memmap):
-                n += arr.nbytes
-        return n
-
-
-def _surface_subsample(label: np.ndarray, key: str, max_points: int) -> np.ndarray:
-    """``int32 (N, 3)`` coordinates of label-1 voxels, at most ``max_points`` (seeded by ``key``)."""
-    flat = np.flatnonzero(label.reshape(-1) == 1)
-    if flat.size > max_points:
-        rng = np.random.default_rng(zlib.crc32(key.encode()))
-        flat = np.sort(rng.choice(flat, size=max_points, replace=False))
-    return np.stack(np.unravel_index(flat, label.shape), axis=1).astype(np.int32)
-
-
 class VolumeCache:
     """Decoded volumes by id: LRU bounded by resident bytes, optionally on disk as ``.npy``.
 
@@ -261,7 +225,7 @@ class VolumeCache:
                 f"{tuple(image.shape)} ({record.image_path.name})"
             )
         return CachedVolume(image, label, intensity_stats(image),
-                            _surface_subsample(label, record.id, self.surface_points))
+                            surface_subsample(label, record.id, self.surface_points))
 
     def _load(self, record: VolumeRecord) -> CachedVolume:
         if self.cache_dir is None:
@@ -304,7 +268,6 @@ def default_cache(cfg: SamplerConfig, cache_bytes: int | None = None):
     size = cache_bytes if cache_bytes is not None else cfg.cache_bytes
     size = DEFAULT_CACHE_BYTES if size is None else int(size)
     if cfg.prepared:
-        from .prepare import PreparedVolumes  # lazy: prepare builds on this module
 
         return PreparedVolumes(cfg.prepared, cfg.surface_points, label_cache_bytes=size)
     return VolumeCache(size, cfg.cache_dir, cfg.surface_points)

@@ -24,7 +24,8 @@ from kaggle_utils.prepare import (
     select_ids,
     unpack_labels,
 )
-from kaggle_utils.sampling import PatchDataset, SamplerConfig, _surface_subsample
+from kaggle_utils.prepare import surface_subsample
+from kaggle_utils.sampling import PatchDataset, SamplerConfig
 
 
 @pytest.fixture
@@ -62,7 +63,7 @@ def test_round_trip_equals_the_decoded_tiffs(tiny_train_data, tmp_path, labels):
         assert isinstance(got.image, np.memmap)
         np.testing.assert_array_equal(got.image, image)
         np.testing.assert_array_equal(np.asarray(got.label), label)
-        np.testing.assert_array_equal(got.surface, _surface_subsample(label, rec.id, 500))
+        np.testing.assert_array_equal(got.surface, surface_subsample(label, rec.id, 500))
         entry = manifest["volumes"][rec.id]
         assert entry["shape"] == list(image.shape) and entry["labels"] == labels
         np.testing.assert_allclose(entry["label_shares"], label_shares(label), atol=1e-6)
