@@ -11,7 +11,7 @@
 * validation every ``validation.every`` epochs on *whole* validation volumes
   (``sliding_window_predict`` + ``postprocess``): Dice on labelled voxels, per-volume predicted
   foreground share, the local competition score (``metrics.score_volume``) on the first
-  ``validation.n_score`` volumes, and the collapse guard (one ``diagnostics.CollapseGuard`` per
+  ``validation.n_score`` volumes, and the collapse guard (one ``collapse.CollapseGuard`` per
   fold: a flag latches until the run is back under the recovery limit, and the run's summary,
   last log line and ``result.json`` say whether it was ever flagged);
 * ``RUN_DIR/last.pt`` and ``RUN_DIR/best.pt`` (best competition score) written atomically every
@@ -79,7 +79,7 @@ from torch import nn
 from .config import ConfigError, canonical_dict, to_dict
 from .data import IGNORE_LABEL, DataError, atomic_path, load_index, normalize_intensity, read_label, read_volume, \
     make_folds, split_fold
-from .diagnostics import CollapseGuard, CollapseVerdict
+from .collapse import CollapseGuard, CollapseVerdict
 from .environment import check_gpu_supported, warn_slow_conv3d_amp
 from .inference import InferenceConfig, resolve_amp_dtype
 from .losses import build_loss
@@ -377,10 +377,10 @@ def _predict(model: nn.Module, image: np.ndarray, cfg: TrainConfig, device: torc
 
 
 def validation_verdict(rows: list[dict], vc: ValidationConfig) -> CollapseVerdict:
-    """The collapse verdict of one validation alone (``diagnostics.collapse_verdict`` with the
+    """The collapse verdict of one validation alone (``collapse.collapse_verdict`` with the
     ``validation.collapse_*`` limits), from its per-volume rows (keys ``fg``, ``label_fg``: shares
     of labelled voxels predicted / labelled as surface; optional ``prob_std``)."""
-    from .diagnostics import collapse_verdict
+    from .collapse import collapse_verdict
 
     prob_std = [r["prob_std"] for r in rows] if all("prob_std" in r for r in rows) else None
     return collapse_verdict([r["fg"] for r in rows], [r["label_fg"] for r in rows], prob_std=prob_std,
@@ -420,12 +420,12 @@ def validate_volumes(model: nn.Module, records: list, cfg: TrainConfig, device: 
         surface share of labelled voxels, in %), ``val_score``, ``val_topo``, ``val_sd``, ``val_voi``
         (means over the first ``n_score`` volumes, ``None`` when 0), ``collapse`` (the kind of this
         validation's own verdict, :func:`validation_verdict`; :func:`train` replaces it with the
-        run's :class:`~kaggle_utils.diagnostics.CollapseGuard` verdict), ``collapse_reasons``;
+        run's :class:`~kaggle_utils.collapse.CollapseGuard` verdict), ``collapse_reasons``;
         per_volume one dict per volume with the same numbers.
     """
     from .progress import progress_bar
 
-    from .diagnostics import fg_fraction, surface_share
+    from .collapse import fg_fraction, surface_share
     from .metrics import score_volume
     from .postprocess import postprocess
 
@@ -761,7 +761,7 @@ class RunState:
         epoch: epochs completed (the next epoch to train is ``epoch + 1``, 1-based).
         history: one metrics row per completed epoch.
         best_score, best_epoch, bad_validations: model selection and early stopping.
-        guard: the run's :class:`~kaggle_utils.diagnostics.CollapseGuard` (rank 0 updates it after
+        guard: the run's :class:`~kaggle_utils.collapse.CollapseGuard` (rank 0 updates it after
             each validation; saved in ``last.pt``, ``best.pt`` and ``result.json``).
         stopped: why the run ended (:class:`StopReason`).
         t_start, limit, epoch_times: the time limit of this call (``time.monotonic`` seconds).

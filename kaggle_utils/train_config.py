@@ -15,7 +15,7 @@ from typing import Literal
 
 from .config import load_config
 from .data import IGNORE_LABEL
-from .diagnostics import (
+from .collapse import (
     COLLAPSE_MAX_FG,
     COLLAPSE_MAX_RATIO,
     COLLAPSE_MIN_RATIO,
@@ -203,21 +203,21 @@ class ValidationConfig:
         min_delta: improvement needed to count as better.
         on_collapse: when the collapse guard fires: ``warn`` (log it) or ``stop`` (end the run once
             ``collapse_stop_after`` validations in a row were flagged, see
-            :meth:`~kaggle_utils.diagnostics.CollapseGuard.should_stop`).
+            :meth:`~kaggle_utils.collapse.CollapseGuard.should_stop`).
         stop_kinds: collapse kinds that ``on_collapse: stop`` acts on (``foreground``, ``uniform``,
             ``constant``, ``empty``, ``under``); ``empty`` and ``under`` are left out by default because
             young models often predict little or nothing at first.
         collapse_max_ratio: the guard flags ``foreground`` collapse when the mean predicted share of
             labelled voxels exceeds this multiple of the labelled surface share
-            (:data:`~kaggle_utils.diagnostics.COLLAPSE_MAX_RATIO`, the rule ``diagnose`` uses).
-        collapse_max_fg: ... or exceeds this absolute share (:data:`~kaggle_utils.diagnostics.COLLAPSE_MAX_FG`).
+            (:data:`~kaggle_utils.collapse.COLLAPSE_MAX_RATIO`, the rule ``diagnose`` uses).
+        collapse_max_fg: ... or exceeds this absolute share (:data:`~kaggle_utils.collapse.COLLAPSE_MAX_FG`).
         collapse_min_ratio: the guard flags ``under`` (strong under-segmentation) below this multiple
-            of the labelled surface share (:data:`~kaggle_utils.diagnostics.COLLAPSE_MIN_RATIO`, 0.5:
+            of the labelled surface share (:data:`~kaggle_utils.collapse.COLLAPSE_MIN_RATIO`, 0.5:
             the mirror of ``collapse_max_ratio``).
         collapse_recover_ratio: a run flagged for ``foreground`` stays flagged until the ratio is at
-            or below this multiple (:data:`~kaggle_utils.diagnostics.COLLAPSE_RECOVER_RATIO`).
+            or below this multiple (:data:`~kaggle_utils.collapse.COLLAPSE_RECOVER_RATIO`).
         collapse_stop_after: flagged validations in a row before ``on_collapse: stop`` ends the run
-            (:data:`~kaggle_utils.diagnostics.COLLAPSE_STOP_AFTER`; healthy young runs were flagged
+            (:data:`~kaggle_utils.collapse.COLLAPSE_STOP_AFTER`; healthy young runs were flagged
             for at most 2 in a row, collapsed ones for 7 or more, docs/collapse.md).
         write_oof: write out-of-fold probabilities of all validation volumes at the end of the fold.
         oof_format: their file format (:mod:`kaggle_utils.probs`): ``uint8`` (compact ``{id}.npz``,

@@ -786,7 +786,7 @@ def test_healthy_run_summary_is_an_info_line(data_dir, tmp_path, monkeypatch):
 
 
 def test_on_collapse_stop_waits_for_flags_in_a_row(data_dir, tmp_path, monkeypatch):
-    from kaggle_utils.diagnostics import COLLAPSE_STOP_AFTER
+    from kaggle_utils.collapse import COLLAPSE_STOP_AFTER
 
     assert COLLAPSE_STOP_AFTER == 3
     # flagged twice (a young healthy run can be), recovered, then flagged 3 times in a row: stop at the 3rd
@@ -827,13 +827,13 @@ def test_guard_survives_a_resume(data_dir, tmp_path, monkeypatch):
 
 
 def test_validation_collapse_limits_default_to_the_diagnostics_rule():
-    from kaggle_utils import diagnostics
+    from kaggle_utils import collapse
     from kaggle_utils.train import ValidationConfig
 
     vc = ValidationConfig()
     assert (vc.collapse_max_ratio, vc.collapse_max_fg, vc.collapse_recover_ratio, vc.collapse_stop_after) == (
-        diagnostics.COLLAPSE_MAX_RATIO, diagnostics.COLLAPSE_MAX_FG, diagnostics.COLLAPSE_RECOVER_RATIO,
-        diagnostics.COLLAPSE_STOP_AFTER)
+        collapse.COLLAPSE_MAX_RATIO, collapse.COLLAPSE_MAX_FG, collapse.COLLAPSE_RECOVER_RATIO,
+        collapse.COLLAPSE_STOP_AFTER)
     with pytest.raises(ValueError, match="validation.collapse_stop_after"):
         ValidationConfig(collapse_stop_after=0)
     with pytest.raises(ValueError, match="validation.collapse_recover_ratio"):
