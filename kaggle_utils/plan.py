@@ -377,8 +377,8 @@ def dry_run(cfg: Any, data_dir: Any, fold: int | str = 0, device: str | torch.de
     Returns:
         :class:`DryRunReport` (on every rank; rank 0's is the one to print).
     """
-    from .inference import resolve_amp_dtype
-    from .train import _Dist, _set_up, _wrap_ddp, check_fold, device_name
+    from .device import device_name, resolve_amp_dtype
+    from .train import _Dist, _set_up, _wrap_ddp, check_fold
 
     if steps < 1 or warmup < 0:
         raise ValueError(f"dry run: steps must be >= 1 and warmup >= 0, got {steps} and {warmup}")

@@ -80,8 +80,8 @@ from .config import ConfigError, canonical_dict, to_dict
 from .data import IGNORE_LABEL, DataError, atomic_path, load_index, normalize_intensity, read_label, read_volume, \
     make_folds, split_fold
 from .collapse import CollapseGuard, CollapseVerdict
-from .environment import check_gpu_supported, warn_slow_conv3d_amp
-from .inference import InferenceConfig, resolve_amp_dtype
+from .device import autocast, check_gpu_supported, device_name, resolve_amp_dtype, resolve_device, warn_slow_conv3d_amp
+from .inference import InferenceConfig
 from .losses import build_loss
 from .models import build_model, model_divisor, save_checkpoint, set_deep_supervision
 from .probs import write_probs
@@ -327,13 +327,6 @@ def _set_rng_state(state: dict) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-def _autocast(device: torch.device, amp: str):
-    dtype = resolve_amp_dtype(amp, device)  # the one vocabulary of train.amp and inference.amp
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -595,14 +588,6 @@ def _epoch_line(row: dict, epochs: int, part_names: list[str]) -> str:
     return line
 
 
-def device_name(device: torch.device) -> str:
-    """``cuda:0 (Tesla T4)``, ``cpu``...: the device and, for a GPU, its model."""
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
-    return str(device)
-
-
 _CONSOLE_STREAMS = ("stdout", "stderr", "__stdout__", "__stderr__")
 
 
@@ -617,37 +602,6 @@ def _shows_on_console(log: logging.Logger) -> bool:
                 return True
         node = node.parent if node.propagate else None
     return False
-
-
-def resolve_device(device: str | torch.device | None, local_rank: int | None = None) -> torch.device:
-    """The training device: ``device`` checked, or CUDA when available, else CPU.
-
-    ``"cuda"`` without an index is this process's GPU: ``local_rank`` under torchrun, else the
-    current one.
-
-    Raises:
-        ConfigError: one line when ``device`` is not a device name, or names a GPU torch does
-            not see (no CUDA build or driver, or an index past the last GPU).
-    """
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError, TypeError) as exc:
-        raise ConfigError(f"device {str(device)!r}: not a torch device ({str(exc).splitlines()[0]}); "
-                          f"use cpu, cuda or cuda:N") from None
-    if dev.type != "cuda":
-        return dev
-    if not torch.cuda.is_available():
-        raise ConfigError(f"device {str(device)!r}: torch {torch.__version__} sees no CUDA GPU "
-                          f"(torch.cuda.is_available() is False); use --device cpu, or leave it unset")
-    count = torch.cuda.device_count()
-    index = dev.index if dev.index is not None else (local_rank if local_rank is not None
-                                                     else torch.cuda.current_device())
-    if not 0 <= index < count:
-        raise ConfigError(f"device {str(device)!r}: GPU {index} does not exist; torch sees {count} GPU(s) "
-                          f"(cuda:0..cuda:{count - 1})")
-    return torch.device("cuda", index)
 
 
 class _Dist:
@@ -1240,7 +1194,7 @@ def _train_step(state: RunState, i: int, image: torch.Tensor, label: torch.Tenso
     last_micro = (i + 1) % accumulate == 0 or i + 1 == len(state.loader)
     no_sync = not last_micro and state.dist.world > 1
     with state.train_model.no_sync() if no_sync else contextlib.nullcontext():
-        with _autocast(dev, cfg.train.amp):
+        with autocast(dev, cfg.train.amp):
             out = state.train_model(image)  # one tensor, or one per decoder stage (deep supervision)
         logits = [o.float() for o in out] if isinstance(out, (list, tuple)) else out.float()
         total, parts = state.loss_fn(logits, target)

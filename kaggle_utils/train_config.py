@@ -22,7 +22,8 @@ from .collapse import (
     COLLAPSE_RECOVER_RATIO,
     COLLAPSE_STOP_AFTER,
 )
-from .inference import InferenceConfig, normalize_amp
+from .device import normalize_amp
+from .inference import InferenceConfig
 from .losses import LossConfig
 from .models import NNUNET_ARCHITECTURES, ModelConfig, bottleneck_min_voxels, model_divisor, validate_patch_size
 from .postprocess import PostprocessConfig
@@ -99,7 +100,7 @@ class LoopConfig:
         epochs: number of epochs; an epoch is ``sampler.patches_per_epoch`` patches (per rank).
         batch_size: patches per forward pass (per rank).
         num_workers: DataLoader worker processes (0: load in the main process).
-        amp: mixed precision, one of :data:`~kaggle_utils.inference.AMP_MODES` (the same
+        amp: mixed precision, one of :data:`~kaggle_utils.device.AMP_MODES` (the same
             vocabulary as ``inference.amp``): ``off`` (full precision; YAML ``off``/``false``),
             ``auto`` (float16 on CUDA, full precision on CPU), ``fp16`` (float16 autocast +
             GradScaler on CUDA, T4/V100; bfloat16 on CPU) or ``bf16`` (bfloat16 autocast, A100/H100,

@@ -1,7 +1,7 @@
 """The CUDA code paths of training and inference, exercised on the CPU (issue 23).
 
 No line of the GPU path may wait for the first user on a GPU to be tried: float16 autocast with a
-``GradScaler`` (which runs on the CPU in current torch: ``train.resolve_amp_dtype`` is patched to give
+``GradScaler`` (which runs on the CPU in current torch: ``device.resolve_amp_dtype`` is patched to give
 float16 on the CPU, so the scaler is enabled exactly as on CUDA), a loss-scale overflow skipped and not
 applied, the EMA of a float16 run, ``channels_last_3d`` for training and inference, the pinned-memory
 and ``non_blocking`` copies, the out-of-memory fallback of sliding-window inference with a simulated
@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+from kaggle_utils import device as device_mod
 from kaggle_utils import train as train_mod
 from kaggle_utils.config import from_dict
 from kaggle_utils.inference import InferenceConfig, predict_volume, predict_windows, run_with_oom_fallback, \
@@ -81,9 +82,10 @@ def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def cpu_fp16(monkeypatch):
     """``train.amp: fp16`` resolves to float16 on the CPU, as it does on CUDA: autocast float16 and an
     enabled ``GradScaler("cpu")``."""
-    real = train_mod.resolve_amp_dtype
-    monkeypatch.setattr(train_mod, "resolve_amp_dtype",
-                        lambda amp, dev: torch.float16 if real(amp, dev) is not None else None)
+    real = device_mod.resolve_amp_dtype
+    fake = lambda amp, dev: torch.float16 if real(amp, dev) is not None else None  # noqa: E731
+    monkeypatch.setattr(device_mod, "resolve_amp_dtype", fake)  # autocast
+    monkeypatch.setattr(train_mod, "resolve_amp_dtype", fake)  # the GradScaler of _set_up
 
 
 # ----------------------------------------------------------------------------------------------
