@@ -239,7 +239,8 @@ def train_step(name: str, data_dir: Path, device: torch.device, channels_last: b
 def fitted_model(name: str, data_dir: Path, device: torch.device, sizes: dict, quick: bool) -> tuple[Any, Any]:
     """``(model, cfg)``: the preset's network after ``fit_steps`` real training steps (fp16) on the data."""
     import kaggle_utils.plan as plan
-    from kaggle_utils.train import _Dist, _set_up
+    from kaggle_utils.train.dist import _Dist
+    from kaggle_utils.train.setup import _set_up
 
     cfg = preset_config(name, quick)
     dist = _Dist(device)
