@@ -16,7 +16,7 @@ Run (the two runs in parallel, one thread each; about 15 minutes on 2 shared CPU
 
 Distributions of the guard's number (mean predicted / labelled surface share per validation) over
 several seeds, healthy (``fixed``) against collapsed (``seed-v2``) runs, replayed through
-``diagnostics.CollapseGuard``: a table and ``docs/img/collapse_ratios.png``::
+``collapse.CollapseGuard``: a table and ``docs/img/collapse_ratios.png``::
 
     PYTHONPATH=. .venv/bin/python benchmarks/collapse.py --out /tmp/collapse --seeds 0 1 2 --every 1
     PYTHONPATH=. .venv/bin/python benchmarks/collapse.py --ratios /tmp/collapse/seed0 /tmp/collapse/seed1 ...
@@ -191,7 +191,7 @@ def plot(results: dict, out: Path, img_dir: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# ratio distributions (the threshold rule of diagnostics.CollapseGuard is chosen from these)
+# ratio distributions (the threshold rule of collapse.CollapseGuard is chosen from these)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -209,7 +209,7 @@ def ratio_report(runs_by_seed: dict[str, dict]) -> dict:
         ``{"rows": [...], "guard": [...]}``: one row per validation (seed, run, epoch, ratio,
         score), one guard outcome per run (state, flagged epochs, summary).
     """
-    from kaggle_utils.diagnostics import CollapseGuard, collapse_verdict
+    from kaggle_utils.collapse import CollapseGuard, collapse_verdict
 
     rows, guards = [], []
     for seed, results in runs_by_seed.items():
@@ -261,7 +261,7 @@ def plot_ratios(rep: dict, png: Path) -> None:
     from matplotlib.figure import Figure
 
     from kaggle_utils.data import atomic_path
-    from kaggle_utils.diagnostics import COLLAPSE_MAX_RATIO, COLLAPSE_RECOVER_RATIO
+    from kaggle_utils.collapse import COLLAPSE_MAX_RATIO, COLLAPSE_RECOVER_RATIO
 
     rows = rep["rows"]
     colors = {"seed-v2": "tab:red", "fixed": "tab:blue"}

@@ -17,7 +17,7 @@ For each shipped Kaggle preset (``kaggle_utils/configs/kaggle-t4*.yaml``):
   note otherwise).
 
 It records torch, CUDA, cuDNN and the device, and warns on torch 2.9's slow conv3d AMP
-(``environment.warn_slow_conv3d_amp``). Data: synthetic volumes made in memory
+(``device.warn_slow_conv3d_amp``). Data: synthetic volumes made in memory
 (``synthetic.make_volume``), written **uncompressed** (no imagecodecs needed) to a temp folder.
 Every measurement runs in its own try/except (an error is recorded and the next one runs), a
 measurement that would not fit ``--budget-s`` is skipped, and the JSON is rewritten after each one.
@@ -126,7 +126,7 @@ def _reset_peak(device: torch.device) -> None:
 
 def environment(device: torch.device) -> dict:
     """torch, CUDA, cuDNN, the device; the torch 2.9 conv3d AMP warning when it applies."""
-    from kaggle_utils.environment import CONV3D_AMP_WARNING, slow_conv3d_amp, warn_slow_conv3d_amp
+    from kaggle_utils.device import CONV3D_AMP_WARNING, slow_conv3d_amp, warn_slow_conv3d_amp
 
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     env: dict[str, Any] = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -239,7 +239,8 @@ def train_step(name: str, data_dir: Path, device: torch.device, channels_last: b
 def fitted_model(name: str, data_dir: Path, device: torch.device, sizes: dict, quick: bool) -> tuple[Any, Any]:
     """``(model, cfg)``: the preset's network after ``fit_steps`` real training steps (fp16) on the data."""
     import kaggle_utils.plan as plan
-    from kaggle_utils.train import _Dist, _set_up
+    from kaggle_utils.train.dist import _Dist
+    from kaggle_utils.train.setup import _set_up
 
     cfg = preset_config(name, quick)
     dist = _Dist(device)
@@ -278,7 +279,8 @@ def predict_tta(model: Any, cfg: Any, volume: np.ndarray, device: torch.device) 
 def agreement(model: Any, cfg: Any, volume: np.ndarray, device: torch.device) -> dict:
     """fp16 (``amp auto``/``fp16``) vs fp32 (``amp off``, TF32 off) probabilities of the same model and
     volume, no TTA."""
-    from kaggle_utils.inference import predict_volume, resolve_amp_dtype
+    from kaggle_utils.device import resolve_amp_dtype
+    from kaggle_utils.inference import predict_volume
     from kaggle_utils.models import model_divisor
 
     base = dataclasses.replace(cfg.inference, tta="none")

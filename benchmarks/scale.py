@@ -351,7 +351,8 @@ def validate_and_oof(comp: Path, prepared: Path | None, model, cfg, n_val: int, 
     import torch
 
     from kaggle_utils.data import load_index
-    from kaggle_utils.train import _write_oof, validate_volumes
+    from kaggle_utils.train import validate_volumes
+    from kaggle_utils.train.validation import _write_oof
 
     index = list(load_index(comp, "train"))
     common = max({r.id.split("_")[0] for r in index}, key=lambda e: sum(r.id.startswith(e + "_") for r in index))

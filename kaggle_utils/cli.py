@@ -303,7 +303,8 @@ def _run_predict(args: argparse.Namespace) -> int:
     from .inference import InferenceConfig
     from .models import CheckpointError
     from .postprocess import PostprocessConfig
-    from .predict import Interrupted, PredictError, PredictFailed, PredictWarning, predict_dataset, resolve_device
+    from .device import DeviceError, resolve_device
+    from .predict import Interrupted, PredictError, PredictFailed, PredictWarning, predict_dataset
     from .submission import OutputPathError, SubmissionError
 
     sets = _split_sections(parse_overrides(args.set), ("inference", "postprocess"))
@@ -318,7 +319,7 @@ def _run_predict(args: argparse.Namespace) -> int:
               if args.postprocess is not None else None)
     try:
         device = resolve_device(args.device)
-    except PredictError as exc:
+    except DeviceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"predict: device {device}", file=sys.stderr)
@@ -726,7 +727,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from .config import ConfigError
     from .data import DataError
-    from .environment import UnsupportedGPUError
+    from .device import UnsupportedGPUError
     from .outputs import OutputError
 
     args = build_parser().parse_args(argv)

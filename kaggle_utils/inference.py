@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import PatchShape, as_patch_shape
+from .device import normalize_amp, resolve_amp_dtype
 
 __all__ = [
     "InferenceConfig",
@@ -57,9 +58,6 @@ __all__ = [
     "predict_volume",
     "as_inference_config",
     "tta_transforms",
-    "AMP_MODES",
-    "normalize_amp",
-    "resolve_amp_dtype",
     "predict_windows",
     "run_with_oom_fallback",
     "sliding_window_predict",
@@ -74,40 +72,6 @@ PLACEMENTS = ("even", "monai")
 BLENDS = ("gaussian", "constant")
 ENSEMBLES = ("probs", "logits")
 TTA_PRESETS = ("none", "flips", "rot90", "flips+rot90")
-
-#: The one mixed-precision vocabulary (``train.amp`` and ``inference.amp``): ``auto`` (float16
-#: autocast on CUDA, full precision on CPU), ``off`` (full precision; YAML ``off``/``false`` read as
-#: ``false`` mean the same), ``fp16`` (float16 on CUDA, bfloat16 on CPU) and ``bf16`` (bfloat16;
-#: float16 on a GPU without it). See :func:`resolve_amp_dtype`.
-AMP_MODES = ("auto", "off", "fp16", "bf16")
-
-#: Old spellings still read, with a deprecation warning: ``none`` (old ``train.amp``) and ``true``
-#: (old ``inference.amp``).
-_AMP_ALIASES: dict[Any, str] = {"none": "off", True: "fp16"}
-
-
-def normalize_amp(value: Any, key: str = "amp") -> str:
-    """One of :data:`AMP_MODES` for a config or argument value.
-
-    ``False`` (YAML ``off``/``false``/``no``) is ``"off"``; the old spellings ``"none"`` and ``True``
-    are mapped with a :class:`~kaggle_utils.config.ConfigDeprecationWarning` naming ``key``.
-
-    Raises:
-        ValueError: any other value (the message names ``key`` and the vocabulary).
-    """
-    if value is False or value is None:
-        return "off"
-    if isinstance(value, str) and value in AMP_MODES:
-        return value
-    if (value is True or isinstance(value, str)) and value in _AMP_ALIASES:
-        from .config import warn_deprecated
-
-        new = _AMP_ALIASES[value]
-        shown = "true" if value is True else repr(value)
-        warn_deprecated(f"{key}: {shown} is deprecated, use {new!r} (one vocabulary: {', '.join(AMP_MODES)})")
-        return new
-    raise ValueError(f"{key}: must be one of {', '.join(AMP_MODES)}, got {value!r}")
-
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -126,7 +90,7 @@ class InferenceConfig:
         blend: ``"gaussian"`` (sigma = ``sigma_scale`` * window) or ``"constant"``.
         sigma_scale: Gaussian sigma as a fraction of the window size.
         tta: preset name, one of :data:`TTA_PRESETS`.
-        amp: mixed precision, one of :data:`AMP_MODES` (the same vocabulary as ``train.amp``):
+        amp: mixed precision, one of :data:`~kaggle_utils.device.AMP_MODES` (the same vocabulary as ``train.amp``):
             ``auto`` (float16 on CUDA, full precision on CPU), ``off``, ``fp16`` or ``bf16``; the
             old ``true`` still means ``fp16`` (with a deprecation warning).
         ensemble: average several models' ``"probs"`` or ``"logits"``.
@@ -451,28 +415,6 @@ def tta_transforms(tta: str | Sequence[TTATransform] | None) -> list[TTATransfor
 # ----------------------------------------------------------------------------------------------
 
 
-def resolve_amp_dtype(amp: bool | str | None, device: torch.device | str) -> torch.dtype | None:
-    """Autocast dtype for ``amp`` (:data:`AMP_MODES`, see :func:`normalize_amp`) on ``device``, or
-    ``None`` for full precision. Training and inference both use it.
-
-    ``"auto"``: float16 on CUDA, off on CPU. ``"fp16"``: float16 on CUDA, bfloat16 on CPU (CPU
-    float16 autocast is slow). ``"bf16"``: bfloat16 where supported (float16 on a GPU without it).
-    ``"off"`` (or ``False``/``None``): full precision.
-    """
-    dev = torch.device(device)
-    mode = normalize_amp(amp)
-    if mode == "off":
-        return None
-    if mode == "auto":
-        return torch.float16 if dev.type == "cuda" else None
-    if mode == "fp16":
-        return torch.float16 if dev.type == "cuda" else torch.bfloat16
-    if dev.type == "cuda" and not torch.cuda.is_bf16_supported():
-        warnings.warn("bfloat16 autocast not supported on this GPU; using float16", stacklevel=2)
-        return torch.float16
-    return torch.bfloat16
-
-
 def _activate(x: torch.Tensor, activation: str | Callable | None) -> torch.Tensor:
     if activation is None:
         return x
@@ -622,7 +564,7 @@ class WindowPlan:
         settings: the :class:`InferenceConfig` (blend, sigma, ensemble mode, channels_last, ...) the
             plan was made from; the one list of window settings.
         activation: ``"sigmoid"``, ``None`` or a callable.
-        amp_dtype: autocast dtype, or ``None`` (:func:`resolve_amp_dtype` of ``settings.amp``).
+        amp_dtype: autocast dtype, or ``None`` (:func:`~kaggle_utils.device.resolve_amp_dtype` of ``settings.amp``).
         device: where the models run.
         padding_mode: ``torch.nn.functional.pad`` mode.
     """
@@ -740,7 +682,7 @@ def sliding_window_predict(
         batch_size: windows per forward pass.
         blend: ``"gaussian"`` or ``"constant"`` weighting of each window.
         tta: ``None`` / preset name / list of :class:`TTATransform` (see :func:`tta_transforms`).
-        amp: autocast policy, see :func:`resolve_amp_dtype` (default: float16 on CUDA, off on CPU).
+        amp: autocast policy, see :func:`~kaggle_utils.device.resolve_amp_dtype` (default: float16 on CUDA, off on CPU).
         device: where the models run; default CUDA when available, else CPU.
         activation: ``"sigmoid"`` (probabilities), ``None`` (blended raw outputs) or a callable.
         ensemble: ``"probs"``: activate each pass, then average; ``"logits"``: average raw outputs,

@@ -431,7 +431,7 @@ def _voxels(shape: Sequence[int]) -> int:
 def train_memory_inputs(cfg: Any, train_ids: Sequence[str], val_ids: Sequence[str],
                         shapes: dict[str, tuple[int, ...]], model_bytes: int, ranks: int, on_gpu: bool,
                         prepared_labels: str | None = None) -> TrainMemoryInputs:
-    """:class:`TrainMemoryInputs` of a :class:`~kaggle_utils.train_config.TrainConfig` ``cfg`` training on
+    """:class:`TrainMemoryInputs` of a :class:`~kaggle_utils.train.config.TrainConfig` ``cfg`` training on
     ``train_ids`` and validating ``val_ids`` (shapes from :func:`volume_shapes`).
 
     ``prepared_labels``: the label storage of the prepared cache (``npy``, ``packed``, ``none``), ``None``

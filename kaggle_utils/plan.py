@@ -10,7 +10,7 @@ Two questions a user has before an 8-hour Kaggle session, answered here:
   (:data:`T4`; BENCHMARKS.md, "T4 plan", justifies the efficiency).
 * **Measured** (``python -m kaggle_utils train --dry-run``): :func:`dry_run` builds the configured
   network, loader, loss, optimizer and scaler exactly as :func:`kaggle_utils.train.train` does, runs a few
-  real training steps (``train._train_step``) at the configured patch, batch and precision on the chosen
+  real training steps (``train.loop._train_step``) at the configured patch, batch and precision on the chosen
   device, and reports seconds per step, the time spent waiting for the data loader, the peak memory
   (``torch.cuda.max_memory_allocated`` on a GPU, the process's peak RSS on a CPU) and, from those, the
   epochs and patches that fit the time budget (:func:`fit_budget`). Under ``torchrun`` it steps every
@@ -328,7 +328,7 @@ def _sync(device: torch.device) -> None:
 
 def _timed_steps(state: Any, n: int) -> tuple[list[float], list[float], float]:
     """Run ``n`` training steps of ``state`` (``train.RunState``): ``(step seconds, wait seconds, last loss)``."""
-    from .train import _train_step
+    from .train.loop import _train_step
 
     dev = state.device
     gen = torch.Generator(device=dev).manual_seed(state.cfg.train.seed + 1)
@@ -360,12 +360,12 @@ def dry_run(cfg: Any, data_dir: Any, fold: int | str = 0, device: str | torch.de
             time_budget: float | None = None, time_limit: float | None = None) -> DryRunReport:
     """A few real training steps of ``cfg`` on ``device``, timed (see the module doc).
 
-    The run is set up as :func:`kaggle_utils.train.train` sets it up (``train._set_up``: data split,
+    The run is set up as :func:`kaggle_utils.train.train` sets it up (``train.setup._set_up``: data split,
     loader with ``train.num_workers``, model, loss, optimizer, GradScaler, EMA, DDP under torchrun) but
     without the label pre-check, and nothing is written.
 
     Args:
-        cfg: the :class:`~kaggle_utils.train_config.TrainConfig`.
+        cfg: the :class:`~kaggle_utils.train.config.TrainConfig`.
         data_dir: competition-layout folder with ``train.csv``.
         fold: the fold whose training volumes the patches come from.
         device: ``cuda``, ``cpu``, ...; default CUDA when available (per-rank GPU under torchrun).
@@ -378,8 +378,9 @@ def dry_run(cfg: Any, data_dir: Any, fold: int | str = 0, device: str | torch.de
     Returns:
         :class:`DryRunReport` (on every rank; rank 0's is the one to print).
     """
-    from .inference import resolve_amp_dtype
-    from .train import _Dist, _set_up, _wrap_ddp, check_fold, device_name
+    from .device import device_name, resolve_amp_dtype
+    from .train.dist import _Dist
+    from .train.setup import _set_up, _wrap_ddp, check_fold
 
     if steps < 1 or warmup < 0:
         raise ValueError(f"dry run: steps must be >= 1 and warmup >= 0, got {steps} and {warmup}")

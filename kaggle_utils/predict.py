@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from . import submission as _submission
-from .environment import check_gpu_supported
+from .device import DeviceError, check_gpu_supported, resolve_device
 from .data import DataError, MissingCodecError, atomic_path, load_index, mask_shape, normalize_intensity, \
     read_volume, write_volume
 from .probs import check_prob_format, write_probs
@@ -50,7 +50,6 @@ __all__ = [
     "predict_dataset",
     "plan_tta",
     "staging_dir",
-    "resolve_device",
     "check_out_path",
     "load_models",
     "trained_with",
@@ -150,26 +149,17 @@ class PredictReport:
 # ----------------------------------------------------------------------------------------------
 
 
-def resolve_device(device: str | None) -> str:
-    """``"cuda"``/``"cpu"`` (or ``"cuda:1"``...) checked against this machine; default CUDA when available.
+def _checked_device(device: Any) -> str:
+    """``device`` checked by :func:`kaggle_utils.device.resolve_device` (``None``: CUDA when available), as the
+    string the report records (``"cpu"``, ``"cuda:0"``).
 
     Raises:
-        PredictError: CUDA asked for but no GPU is visible, or an unknown device name.
+        PredictError: the :class:`~kaggle_utils.device.DeviceError` line (no GPU for ``"cuda"``, not a device name).
     """
-    import torch
-
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise PredictError(f"device {device!r}: not a device name; use 'cpu' or 'cuda'") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PredictError(f"device {device!r}: no CUDA GPU is visible to torch {torch.__version__} "
-                           "(torch.cuda.is_available() is False); use --device cpu or leave --device out")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise PredictError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
-    return str(device)
+        return str(resolve_device(device))
+    except DeviceError as exc:
+        raise PredictError(str(exc)) from None
 
 
 def check_out_path(out_zip: str | os.PathLike, save_probs: str | os.PathLike | None = None) -> Path:
@@ -428,8 +418,8 @@ def _nothing_predicted(run: _Run, n: int) -> PredictFailed:
 def _setup(checkpoints: Any, models: Any, normalization: str | None, device: str,
            inference_cfg: Any, postprocess_cfg: Any, tta: Any) -> tuple[list, str, Any, Any, Any, Any]:
     """``(models, normalization, fold, inference settings, postprocess settings, tta)``; checkpoints loaded."""
-    from .environment import warn_slow_conv3d_amp
-    from .inference import as_inference_config, resolve_amp_dtype
+    from .device import resolve_amp_dtype, warn_slow_conv3d_amp
+    from .inference import as_inference_config
 
     if checkpoints is not None:
         checkpoints = [checkpoints] if isinstance(checkpoints, (str, os.PathLike)) else list(checkpoints)
@@ -480,7 +470,7 @@ def predict_dataset(
         postprocess_cfg: ``PostprocessConfig`` or dict overriding the checkpoint's.
         normalization: ``"zscore"`` | ``"fixed"``; overrides the checkpoint's (use with care).
         tta: TTA preset name or list of ``TTATransform`` overriding the inference config's.
-        device: ``"cuda"``/``"cpu"``; default CUDA when available (:func:`resolve_device`).
+        device: ``"cuda"``/``"cpu"``; default CUDA when available (:func:`kaggle_utils.device.resolve_device`).
         save_probs: folder for per-volume probabilities + ``{id}.json`` sidecars (:func:`kaggle_utils.probs.write_probs`).
         probs_format: ``"uint8"`` (compact ``{id}.npz``, default) or ``"float16"`` (``{id}.npy``).
         time_limit_s: wall-time budget; TTA passes are halved (:func:`plan_tta`) when the rest would not fit.
@@ -512,7 +502,7 @@ def predict_dataset(
     machine = read_machine_memory()  # before the models are loaded: the budget is shared with them
     _check_sources(checkpoints, models, data_dir)
     check_prob_format(probs_format, "predict_dataset: probs_format")
-    device = resolve_device(device)
+    device = _checked_device(device)
     check_gpu_supported(device)  # UnsupportedGPUError: e.g. a P100 with a cu128 torch, before any work
     out_zip = check_out_path(out_zip, save_probs)
     index = load_index(data_dir, "test")

@@ -81,7 +81,7 @@ class SamplerConfig:
     Args:
         patch_size: ``(Z, Y, X)`` patch shape; an int means a cube. The network's divisor
             (:func:`~kaggle_utils.models.model_divisor`: 32 for smp-3d, the product of the strides for
-            the nnU-Net archs) is checked by :class:`~kaggle_utils.train_config.TrainConfig`.
+            the nnU-Net archs) is checked by :class:`~kaggle_utils.train.config.TrainConfig`.
         patches_per_epoch: length of one epoch of :class:`PatchDataset`.
         surface_share: share of patches centred on a surface voxel (label 1); the rest are uniform.
         center_jitter: offset of the chosen surface voxel from the patch centre, drawn uniformly

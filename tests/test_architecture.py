@@ -1,7 +1,7 @@
-"""docs/architecture.md's import-layer table matches the code: every room (module or subpackage of
-``kaggle_utils``) is listed once, with exactly the rooms it imports (at module level or inside a function;
-``if TYPE_CHECKING:`` blocks excluded), and at the layer its imports give it (0 for a room that imports
-none, else one above the highest room it imports): so no import circle and no arrow back up."""
+"""docs/architecture.md's import-layer table matches the code: every module of ``kaggle_utils`` (a
+package by its ``__init__``) is listed once, with exactly the modules it imports (at module level or inside a
+function; ``if TYPE_CHECKING:`` blocks excluded), and at the layer its imports give it (0 for a module that
+imports none, else one above the highest module it imports): so no import circle and no arrow back up."""
 
 from __future__ import annotations
 
@@ -15,13 +15,18 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "kaggle_utils"
 DOC = REPO / "docs" / "architecture.md"
-NOT_ROOMS = {"__init__", "__main__", "_version"}  # the package's entry points and the build's commit stamp
 
 
-def _room(path: Path) -> str | None:
-    rel = path.relative_to(PACKAGE)
-    name = rel.parts[0].removesuffix(".py")
-    return None if name in NOT_ROOMS or rel.parts[0] == "configs" else name
+def module_name(path: Path) -> str:
+    """``train/loop.py`` -> ``train.loop``; ``train/__init__.py`` -> ``train``; the top ``__init__`` -> ``kaggle_utils``."""
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts) or "kaggle_utils"
+
+
+def package_modules() -> dict[str, Path]:
+    return {module_name(f): f for f in sorted(PACKAGE.rglob("*.py")) if "configs" not in f.relative_to(PACKAGE).parts}
 
 
 def _type_checking_nodes(tree: ast.AST) -> set[int]:
@@ -33,8 +38,14 @@ def _type_checking_nodes(tree: ast.AST) -> set[int]:
     return skip
 
 
-def imported_rooms(path: Path) -> set[str]:
-    """Rooms of ``kaggle_utils`` that the file at ``path`` imports (relative or absolute imports)."""
+def _dotted(parts: list[str]) -> str:
+    return ".".join(parts) or "kaggle_utils"
+
+
+def imported_modules(path: Path, modules: set[str]) -> set[str]:
+    """Modules of ``kaggle_utils`` (names as :func:`module_name`) that the file at ``path`` imports: relative
+    or absolute, at module level or in a function; ``from pkg import sub`` counts as importing ``pkg.sub``.
+    Names that are no file of the package (the ``_version`` a wheel build writes) are left out."""
     tree = ast.parse(path.read_text())
     skip = _type_checking_nodes(tree)
     here = list(path.relative_to(PACKAGE).parts[:-1])  # the file's package, below kaggle_utils
@@ -49,22 +60,20 @@ def imported_rooms(path: Path) -> set[str]:
                 target = node.module.split(".")[1:]
             else:
                 continue
-            out.update([target[0]] if target else [a.name for a in node.names])
+            for alias in node.names:
+                sub = _dotted(target + [alias.name])
+                out.add(sub if sub in modules else _dotted(target))
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 parts = alias.name.split(".")
-                if parts[0] == "kaggle_utils" and len(parts) > 1:
-                    out.add(parts[1])
-    return {r for r in out if r not in NOT_ROOMS and not r.startswith("__")}
+                if parts[0] == "kaggle_utils":
+                    out.add(_dotted(parts[1:]))
+    return {m for m in out if m in modules}
 
 
 def code_graph() -> dict[str, set[str]]:
-    graph: dict[str, set[str]] = {}
-    for f in sorted(PACKAGE.rglob("*.py")):
-        room = _room(f)
-        if room is not None:
-            graph.setdefault(room, set()).update(imported_rooms(f) - {room})
-    return graph
+    modules = package_modules()
+    return {name: imported_modules(path, set(modules)) - {name} for name, path in modules.items()}
 
 
 def layers(graph: dict[str, set[str]]) -> dict[str, int]:
@@ -84,7 +93,7 @@ def layers(graph: dict[str, set[str]]) -> dict[str, int]:
 
 
 def doc_table() -> dict[str, tuple[int, set[str]]]:
-    """``{room: (layer, imports)}`` from the table under "## Import layers" in docs/architecture.md."""
+    """``{module: (layer, imports)}`` from the table under "## Import layers" in docs/architecture.md."""
     text = DOC.read_text()
     section = text.split("## Import layers", 1)[1].split("\n## ", 1)[0]
     rows: dict[str, tuple[int, set[str]]] = {}
@@ -92,8 +101,8 @@ def doc_table() -> dict[str, tuple[int, set[str]]]:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) < 3 or not cells[0].isdigit():
             continue
-        imports = set(re.findall(r"`([a-z_]+)`", cells[2]))
-        for room in re.findall(r"`([a-z_]+)`", cells[1]):
+        imports = set(re.findall(r"`([A-Za-z_][A-Za-z_.]*)`", cells[2]))
+        for room in re.findall(r"`([A-Za-z_][A-Za-z_.]*)`", cells[1]):
             assert room not in rows, f"{room} is listed twice in the layer table"
             rows[room] = (int(cells[0]), imports)
     return rows
@@ -102,12 +111,15 @@ def doc_table() -> dict[str, tuple[int, set[str]]]:
 def test_graph_reader_sees_relative_lazy_and_absolute_imports(tmp_path, monkeypatch):
     pkg = tmp_path / "kaggle_utils"
     (pkg / "sub").mkdir(parents=True)
+    for name in ("data.py", "config.py", "probs.py", "train.py", "sub/__init__.py", "sub/b.py"):
+        (pkg / name).write_text("")
     (pkg / "sub" / "a.py").write_text(
-        "from typing import TYPE_CHECKING\nfrom ..data import x\nfrom . import b\n"
+        "from typing import TYPE_CHECKING\nfrom ..data import x\nfrom . import b\nfrom .b import c\n"
         "if TYPE_CHECKING:\n    from ..train import T\n"
-        "def f():\n    from ..config import y\n    import kaggle_utils.probs\n")
+        "def f():\n    from ..config import y\n    import kaggle_utils.probs\n    from .. import _version\n")
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", pkg)
-    assert imported_rooms(pkg / "sub" / "a.py") == {"data", "sub", "config", "probs"}  # "sub": its own room
+    assert module_name(pkg / "sub" / "a.py") == "sub.a" and module_name(pkg / "sub" / "__init__.py") == "sub"
+    assert code_graph()["sub.a"] == {"data", "sub.b", "config", "probs"}
     with pytest.raises(ValueError, match="import circle: a -> b -> a"):
         layers({"a": {"b"}, "b": {"a"}})
     assert layers({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == {"b": 0, "a": 1, "c": 2}
@@ -115,8 +127,8 @@ def test_graph_reader_sees_relative_lazy_and_absolute_imports(tmp_path, monkeypa
 
 def test_architecture_table_lists_every_room_with_its_imports():
     graph, table = code_graph(), doc_table()
-    assert sorted(set(graph) - set(table)) == [], "rooms missing from docs/architecture.md's layer table"
-    assert sorted(set(table) - set(graph)) == [], "rooms in the layer table that the package does not have"
+    assert sorted(set(graph) - set(table)) == [], "modules missing from docs/architecture.md's layer table"
+    assert sorted(set(table) - set(graph)) == [], "modules in the layer table that the package does not have"
     wrong = {room: {"table": sorted(table[room][1]), "code": sorted(graph[room])}
              for room in graph if table[room][1] != graph[room]}
     assert wrong == {}

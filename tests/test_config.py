@@ -23,9 +23,10 @@ from kaggle_utils.config import (
     shipped_configs,
     to_dict,
 )
-from kaggle_utils.inference import AMP_MODES, InferenceConfig, normalize_amp, resolve_amp_dtype
+from kaggle_utils.device import AMP_MODES, normalize_amp, resolve_amp_dtype
+from kaggle_utils.inference import InferenceConfig
 from kaggle_utils.postprocess import PostprocessConfig, load_postprocess
-from kaggle_utils.train_config import LoopConfig, TrainConfig, load_train_config
+from kaggle_utils.train import LoopConfig, TrainConfig, load_train_config
 from kaggle_utils.tune import SearchSpace, load_search_space
 
 # ---------------------------------------------------------------------------------- resolution

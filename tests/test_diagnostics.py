@@ -13,15 +13,13 @@ import tifffile
 from kaggle_utils import cli
 from kaggle_utils.data import write_volume
 from kaggle_utils.data import DatasetIndex, VolumeRecord
+from kaggle_utils.collapse import collapse_verdict, fg_fraction, surface_share
 from kaggle_utils.diagnostics import (
-    collapse_verdict,
     diagnose,
-    fg_fraction,
     fold_table,
     plot_fg_histogram,
     plot_montage,
     plot_training_log,
-    surface_share,
 )
 
 
@@ -99,7 +97,7 @@ def test_strong_under_prediction_is_flagged():
 
 
 def test_healthy_band_mirrors_the_over_prediction_rule():
-    from kaggle_utils.diagnostics import COLLAPSE_MAX_RATIO, COLLAPSE_MIN_RATIO, healthy_band
+    from kaggle_utils.collapse import COLLAPSE_MAX_RATIO, COLLAPSE_MIN_RATIO, healthy_band
 
     assert COLLAPSE_MIN_RATIO * COLLAPSE_MAX_RATIO == pytest.approx(1.0)
     assert healthy_band(0.162) == pytest.approx((0.081, 0.324))
@@ -112,7 +110,7 @@ def test_healthy_band_mirrors_the_over_prediction_rule():
 
 
 def test_histogram_band_and_title_agree_and_say_what_the_share_is_of():
-    from kaggle_utils.diagnostics import TYPICAL_SURFACE_SHARE, healthy_band
+    from kaggle_utils.collapse import TYPICAL_SURFACE_SHARE, healthy_band
 
     fig = plot_fg_histogram([0.024, 0.025], None)  # the submit histogram: no labels
     ax = fig.axes[0]
@@ -285,7 +283,7 @@ def test_diagnose_names_a_corrupt_tiff_in_the_zip(tmp_path):
 
 
 def _replay(fg_shares, label=0.19):
-    from kaggle_utils.diagnostics import CollapseGuard
+    from kaggle_utils.collapse import CollapseGuard
 
     guard = CollapseGuard()
     verdicts = [guard.update(collapse_verdict([fg] * 3, [label] * 3), epoch) for epoch, fg in enumerate(fg_shares, 1)]
@@ -339,7 +337,7 @@ def test_guard_only_latches_foreground_flags():
 
 
 def test_guard_json_round_trip_for_resume():
-    from kaggle_utils.diagnostics import CollapseGuard
+    from kaggle_utils.collapse import CollapseGuard
 
     guard, _ = _replay([0.605, 0.45])
     data = json.loads(json.dumps(guard.to_json()))
@@ -353,7 +351,7 @@ def test_guard_json_round_trip_for_resume():
 def test_one_rule_defaults_for_train_guard_and_diagnose():
     import inspect
 
-    from kaggle_utils.diagnostics import COLLAPSE_MAX_FG, COLLAPSE_MAX_RATIO, COLLAPSE_RECOVER_RATIO
+    from kaggle_utils.collapse import COLLAPSE_MAX_FG, COLLAPSE_MAX_RATIO, COLLAPSE_RECOVER_RATIO
 
     params = inspect.signature(collapse_verdict).parameters
     assert params["max_ratio"].default == COLLAPSE_MAX_RATIO == 2.0

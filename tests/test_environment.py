@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from kaggle_utils import environment
-from kaggle_utils.environment import ensure_numba_cache_dir, slow_conv3d_amp, warn_slow_conv3d_amp
+from kaggle_utils import device as device_mod
+from kaggle_utils.device import slow_conv3d_amp, warn_slow_conv3d_amp
+from kaggle_utils.environment import ensure_numba_cache_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,8 +42,8 @@ def test_warn_slow_conv3d_amp_once_on_cuda_with_amp(monkeypatch, caplog):
 
     monkeypatch.setattr(torch, "__version__", "2.9.0+cu126")
     monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91002)
-    monkeypatch.setattr(environment, "_warned", False)
-    with caplog.at_level(logging.WARNING, logger="kaggle_utils.environment"):
+    monkeypatch.setattr(device_mod, "_warned", False)
+    with caplog.at_level(logging.WARNING, logger="kaggle_utils.device"):
         assert not warn_slow_conv3d_amp("cpu", True)  # CPUs are not affected
         assert not warn_slow_conv3d_amp("cuda", False)  # nor full precision
         assert warn_slow_conv3d_amp("cuda", True) and warn_slow_conv3d_amp(torch.device("cuda", 1), True)
@@ -50,16 +51,14 @@ def test_warn_slow_conv3d_amp_once_on_cuda_with_amp(monkeypatch, caplog):
     assert len(msgs) == 1, msgs  # once per process
     assert "2.9.0+cu126" in msgs[0] and "166122" in msgs[0] and "2.8" in msgs[0] and "2.10" in msgs[0]
     monkeypatch.setattr(torch, "__version__", "2.10.0")
-    monkeypatch.setattr(environment, "_warned", False)
+    monkeypatch.setattr(device_mod, "_warned", False)
     assert not warn_slow_conv3d_amp("cuda", True)
 
 
 def test_predict_warns_on_torch_2_9_cuda(monkeypatch, tmp_path):
     # predict_dataset checks the device it moves the models to; the check itself needs no GPU
-    import kaggle_utils.environment as env
-
     calls = []
-    monkeypatch.setattr(env, "warn_slow_conv3d_amp", lambda device, amp: calls.append((str(device), amp)))
+    monkeypatch.setattr(device_mod, "warn_slow_conv3d_amp", lambda device, amp: calls.append((str(device), amp)))
     import torch
 
     from kaggle_utils.predict import predict_dataset
@@ -133,7 +132,7 @@ CU128 = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"] 
     ((6, 0), [], True),  # a build that lists nothing: CUDA decides
 ])
 def test_gpu_arch_problem_compares_capability_with_the_build(capability, arch_list, runs):
-    from kaggle_utils.environment import gpu_arch_problem
+    from kaggle_utils.device import gpu_arch_problem
 
     problem = gpu_arch_problem(capability, arch_list, "Tesla P100-PCIE-16GB", "2.10.0+cu128")
     assert (problem is None) is runs

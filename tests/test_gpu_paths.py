@@ -1,7 +1,7 @@
 """The CUDA code paths of training and inference, exercised on the CPU (issue 23).
 
 No line of the GPU path may wait for the first user on a GPU to be tried: float16 autocast with a
-``GradScaler`` (which runs on the CPU in current torch: ``train.resolve_amp_dtype`` is patched to give
+``GradScaler`` (which runs on the CPU in current torch: ``device.resolve_amp_dtype`` is patched to give
 float16 on the CPU, so the scaler is enabled exactly as on CUDA), a loss-scale overflow skipped and not
 applied, the EMA of a float16 run, ``channels_last_3d`` for training and inference, the pinned-memory
 and ``non_blocking`` copies, the out-of-memory fallback of sliding-window inference with a simulated
@@ -22,7 +22,10 @@ import numpy as np
 import pytest
 import torch
 
-from kaggle_utils import train as train_mod
+from kaggle_utils import device as device_mod
+from kaggle_utils.train import dist as dist_mod
+from kaggle_utils.train import loop as loop_mod
+from kaggle_utils.train import setup as setup_mod
 from kaggle_utils.config import from_dict
 from kaggle_utils.inference import InferenceConfig, predict_volume, predict_windows, run_with_oom_fallback, \
     sliding_window_predict, tta_transforms
@@ -57,11 +60,11 @@ def make_cfg(model: dict = RESENC, **sections) -> TrainConfig:
 
 
 def set_up(cfg: TrainConfig, data_dir: Path):
-    """``train._set_up`` of a single CPU process: the run state the loop trains."""
+    """``train.setup._set_up`` of a single CPU process: the run state the loop trains."""
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         os.environ.pop(key, None)
-    dist = train_mod._Dist("cpu")
-    return train_mod._set_up(cfg, data_dir, None, 0, dist, None, 0.0, False)
+    dist = dist_mod._Dist("cpu")
+    return setup_mod._set_up(cfg, data_dir, None, 0, dist, None, 0.0, False)
 
 
 def fixed_batch(n: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,9 +84,10 @@ def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def cpu_fp16(monkeypatch):
     """``train.amp: fp16`` resolves to float16 on the CPU, as it does on CUDA: autocast float16 and an
     enabled ``GradScaler("cpu")``."""
-    real = train_mod.resolve_amp_dtype
-    monkeypatch.setattr(train_mod, "resolve_amp_dtype",
-                        lambda amp, dev: torch.float16 if real(amp, dev) is not None else None)
+    real = device_mod.resolve_amp_dtype
+    fake = lambda amp, dev: torch.float16 if real(amp, dev) is not None else None  # noqa: E731
+    monkeypatch.setattr(device_mod, "resolve_amp_dtype", fake)  # autocast
+    monkeypatch.setattr(setup_mod, "resolve_amp_dtype", fake)  # the GradScaler of _set_up
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,7 +104,7 @@ def test_fp16_step_is_scaled_and_an_overflow_step_is_skipped_not_applied(tiny_tr
     gen = torch.Generator()
 
     w0 = weights(state.model)
-    parts = train_mod._train_step(state, 0, image, label, gen)
+    parts = loop_mod._train_step(state, 0, image, label, gen)
     assert seen[-1] == torch.float16  # the forward ran under float16 autocast
     assert torch.isfinite(parts["total"])
     w1 = weights(state.model)
@@ -110,13 +114,13 @@ def test_fp16_step_is_scaled_and_an_overflow_step_is_skipped_not_applied(tiny_tr
 
     # an overflow: the scaled gradients exceed float16's range (as a too-large scale does on a GPU)
     state.scaler.update(new_scale=2.0**60)
-    train_mod._train_step(state, 0, image, label, gen)
+    loop_mod._train_step(state, 0, image, label, gen)
     w2 = weights(state.model)
     assert all(torch.equal(w1[k], w2[k]) for k in w1), "the overflow step was applied to the weights"
     assert state.scaler.get_scale() == 2.0**59  # backed off by growth's inverse (0.5)
 
     state.scaler.update(new_scale=1024.0)  # at a scale that fits, training goes on
-    train_mod._train_step(state, 0, image, label, gen)
+    loop_mod._train_step(state, 0, image, label, gen)
     w3 = weights(state.model)
     assert any(not torch.equal(w2[k], w3[k]) for k in w2)
 
@@ -130,7 +134,7 @@ def test_fp16_overflow_step_with_gradient_clipping_and_accumulation_is_skipped(t
 
     def one_step() -> None:  # two micro-batches, one optimizer step
         for i in range(2):
-            train_mod._train_step(state, i, image[i:i + 1], label[i:i + 1], torch.Generator())
+            loop_mod._train_step(state, i, image[i:i + 1], label[i:i + 1], torch.Generator())
 
     one_step()
     state.scaler.update(new_scale=2.0**60)
@@ -145,12 +149,12 @@ def test_ema_of_an_fp16_run_stays_float32_and_follows_the_weights(tiny_train_dat
     cfg = make_cfg(UNET_BN, train={"amp": "fp16", "ema": True, "ema_decay": 0.9})
     state = set_up(cfg, tiny_train_data)
     image, label = fixed_batch()
-    train_mod._train_step(state, 0, image, label, torch.Generator())
+    loop_mod._train_step(state, 0, image, label, torch.Generator())
     ema1 = weights(state.ema.module)
     w1 = weights(state.model)
     for k, v in ema1.items():  # the first update copies the weights (and BatchNorm buffers)
         assert v.dtype == w1[k].dtype and torch.equal(v, w1[k]), k
-    train_mod._train_step(state, 0, image, label, torch.Generator())
+    loop_mod._train_step(state, 0, image, label, torch.Generator())
     w2, ema2 = weights(state.model), weights(state.ema.module)
     for k, v in ema2.items():
         if v.is_floating_point():
@@ -159,7 +163,7 @@ def test_ema_of_an_fp16_run_stays_float32_and_follows_the_weights(tiny_train_dat
     assert ema2["encoder.bn1.num_batches_tracked"].dtype == torch.int64
 
     state.scaler.update(new_scale=2.0**60)  # a skipped step: the EMA moves towards unchanged weights
-    train_mod._train_step(state, 0, image, label, torch.Generator())
+    loop_mod._train_step(state, 0, image, label, torch.Generator())
     ema3 = weights(state.ema.module)
     assert all(torch.isfinite(v).all() for v in ema3.values() if v.is_floating_point())
     assert all(torch.equal(w2[k], v) for k, v in weights(state.model).items() if "running" not in k
@@ -184,7 +188,7 @@ def test_channels_last_training_feeds_channels_last_and_matches_contiguous(tiny_
         for m in state.model.modules():
             if isinstance(m, torch.nn.Conv3d) and m.out_channels > 1:
                 m.register_forward_hook(lambda m, i, o: seen.append(o.is_contiguous(memory_format=torch.channels_last_3d)))
-        losses.append(float(train_mod._train_step(state, 0, image.clone(), label, torch.Generator())["total"]))
+        losses.append(float(loop_mod._train_step(state, 0, image.clone(), label, torch.Generator())["total"]))
         formats.append(set(seen))
     assert formats == [{False}, {True}]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
@@ -217,7 +221,7 @@ def test_pin_memory_is_requested_only_on_cuda_and_harmless_on_cpu(tiny_train_dat
 
     calls = []
     real = sampling.make_loader
-    monkeypatch.setattr(train_mod, "make_loader", lambda *a, **k: calls.append(k) or real(*a, **k))
+    monkeypatch.setattr(setup_mod, "make_loader", lambda *a, **k: calls.append(k) or real(*a, **k))
     state = set_up(make_cfg(), tiny_train_data)
     assert calls[-1]["pin_memory"] is False  # CPU training: nothing to pin for
 
@@ -240,7 +244,7 @@ def test_non_blocking_copy_leaves_the_loader_batch_untouched(tiny_train_data):
     state = set_up(cfg, tiny_train_data)
     image, label = fixed_batch()
     image_before, label_before = image.clone(), label.clone()
-    train_mod._train_step(state, 0, image, label, torch.Generator().manual_seed(1))
+    loop_mod._train_step(state, 0, image, label, torch.Generator().manual_seed(1))
     assert torch.equal(image, image_before) and torch.equal(label, label_before)
 
 
@@ -320,14 +324,14 @@ DDP_CFG = {"train": {"batch_size": 1}, "optim": {"accumulate": 2}}  # per rank: 
 
 
 def sgd_step_weights(cfg: TrainConfig, data_dir: Path, batches: list) -> dict[str, torch.Tensor]:
-    """Weights after one optimizer step of ``train._train_step`` over ``batches`` (micro-batches), on
+    """Weights after one optimizer step of ``train.loop._train_step`` over ``batches`` (micro-batches), on
     the ranks of this process's launch (``WORLD_SIZE``), or one process."""
-    dist = train_mod._Dist("cpu")
+    dist = dist_mod._Dist("cpu")
     try:
-        state = train_mod._set_up(cfg, data_dir, None, 0, dist, None, 0.0, False)
-        train_mod._wrap_ddp(state)
+        state = setup_mod._set_up(cfg, data_dir, None, 0, dist, None, 0.0, False)
+        setup_mod._wrap_ddp(state)
         for i, (image, label) in enumerate(batches):
-            train_mod._train_step(state, i, image, label, torch.Generator())
+            loop_mod._train_step(state, i, image, label, torch.Generator())
         return weights(state.model)
     finally:
         dist.close()

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from kaggle_utils.config import ConfigError, from_dict
+from kaggle_utils.device import resolve_amp_dtype
 from kaggle_utils.inference import (  # noqa: I001
     _normalize_by_weight_sum,
     InferenceConfig,
@@ -20,7 +21,6 @@ from kaggle_utils.inference import (  # noqa: I001
     gaussian_importance_map,
     pad_widths,
     plan_windows,
-    resolve_amp_dtype,
     run_with_oom_fallback,
     sliding_window_predict,
     tta_transforms,

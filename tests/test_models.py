@@ -160,7 +160,7 @@ def test_nnunet_fields_override_the_preset_and_are_checked():
 
 
 def test_patch_size_checked_against_the_real_divisor():
-    from kaggle_utils.train_config import TrainConfig
+    from kaggle_utils.train import TrainConfig
 
     xl = {"model": {"arch": "ResEncUNet", "preset": "resenc-xl"}, "sampler": {"patch_size": [96, 96, 96]},
           "inference": {"patch_size": [128, 128, 128]}}
@@ -172,7 +172,7 @@ def test_patch_size_checked_against_the_real_divisor():
 
 def test_resenc_patch_with_a_1x1x1_bottleneck_is_a_config_error_naming_the_smallest_patch():
     """resenc-m downsamples 32x: a 32^3 patch leaves 1x1x1, where InstanceNorm raises (train and eval)."""
-    from kaggle_utils.train_config import TrainConfig
+    from kaggle_utils.train import TrainConfig
 
     cfg = {"model": {"arch": "ResEncUNet", "preset": "resenc-m"}, "sampler": {"patch_size": [32, 32, 32]},
            "inference": {"patch_size": [128, 128, 128]}}

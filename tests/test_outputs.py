@@ -142,13 +142,13 @@ def _no_work(monkeypatch):
     import kaggle_utils.diagnostics as diagnostics
     import kaggle_utils.models as models
     import kaggle_utils.prepare as prepare
-    import kaggle_utils.train as train
+    import kaggle_utils.train.setup as train_setup
     import kaggle_utils.tune as tune
 
     def boom(*args, **kwargs):
         raise AssertionError("work started before the output location was checked")
 
-    monkeypatch.setattr(train, "load_index", boom)
+    monkeypatch.setattr(train_setup, "load_index", boom)
     monkeypatch.setattr(models, "_torch_load", boom)
     monkeypatch.setattr(diagnostics, "load_predictions", boom)
     monkeypatch.setattr(tune, "load_probs", boom)

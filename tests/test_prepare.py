@@ -202,6 +202,7 @@ def test_sampler_draws_the_same_patches_from_the_cache_as_from_the_tiffs(tiny_tr
 def test_train_on_a_prepared_cache_end_to_end_without_decoding(tiny_train_data, tmp_path, monkeypatch, capsys):
     import kaggle_utils.sampling as sampling
     import kaggle_utils.train as train_mod
+    import kaggle_utils.train.validation as validation_mod
     from test_train import tiny_cfg
 
     out = tmp_path / "cache"
@@ -210,7 +211,7 @@ def test_train_on_a_prepared_cache_end_to_end_without_decoding(tiny_train_data, 
     def no_decoding(path, *a, **k):
         raise AssertionError(f"decoded {path}")
 
-    for mod in (sampling, train_mod):
+    for mod in (sampling, validation_mod):
         monkeypatch.setattr(mod, "read_volume", no_decoding)
         monkeypatch.setattr(mod, "read_label", no_decoding)
     cfg = tiny_cfg(train={"epochs": 1}, sampler={"prepared": [str(out)]})

@@ -78,7 +78,7 @@ def test_bad_patch_size_raises_naming_it(bad):
 def test_patch_size_divisor_is_the_networks_not_the_samplers():
     """The sampler takes any edge; TrainConfig checks it against the network (8 for a 4-stage ResEnc)."""
     from kaggle_utils.config import ConfigError
-    from kaggle_utils.train_config import TrainConfig
+    from kaggle_utils.train import TrainConfig
 
     assert SamplerConfig(patch_size=(24, 40, 48)).patch_size == (24, 40, 48)
     resenc = {"arch": "ResEncUNet", "n_stages": 4, "features_per_stage": [4, 8, 8, 8],
