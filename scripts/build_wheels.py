@@ -243,11 +243,33 @@ def _pip(python: str, args: list[str], what: str) -> None:
         raise BuildError(f"{what} failed (pip {' '.join(args[:2])} ...):\n{tail}")
 
 
+def check_wheel_matches_source(wheel: Path, source: Path) -> None:
+    """:class:`BuildError` unless the ``kaggle_utils/*.py`` files in ``wheel`` are exactly those of the
+    ``source`` package folder (plus the ``_version.py`` that ``setup.py`` writes): no stale module."""
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as zf:
+        shipped = {n for n in zf.namelist() if n.startswith("kaggle_utils/") and n.endswith(".py")}
+    tree = {f"kaggle_utils/{p.relative_to(source).as_posix()}" for p in source.rglob("*.py")}
+    tree.add("kaggle_utils/_version.py")
+    extra, missing = sorted(shipped - tree), sorted(tree - shipped - {"kaggle_utils/_version.py"})
+    if extra or missing:
+        raise BuildError(f"{wheel.name}: does not match the source tree: "
+                         + "; ".join(x for x in (f"extra {', '.join(extra)}" if extra else "",
+                                                 f"missing {', '.join(missing)}" if missing else "") if x)
+                         + " (a stale ./build folder? remove it and build again)")
+
+
 def collect(stage: Path, target: Target, python: str = sys.executable) -> None:
     """Put every wheel of the set into the empty folder ``stage`` (needs PyPI, or a mirror pip is set up for)."""
     # kaggle_utils itself: pure, built from this checkout (setuptools/wheel from the calling environment).
+    # setuptools copies into ./build/lib and never deletes there: a module removed from the source would
+    # ride along from an earlier build, so that folder goes first and the wheel is checked against the tree.
+    shutil.rmtree(REPO / "build", ignore_errors=True)
     _pip(python, ["wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(stage), str(REPO)],
          "building the kaggle_utils wheel")
+    for wheel in stage.glob("kaggle_utils-*.whl"):
+        check_wheel_matches_source(wheel, REPO / "kaggle_utils")
     # Pure projects: their py3-none-any wheel, or built from the sdist into one (pretrainedmodels,
     # efficientnet-pytorch). --no-deps: their pins are not what Kaggle's image has.
     _pip(python, ["wheel", "-q", "--no-deps", "-w", str(stage), *[f"{k}=={v}" for k, v in PURE.items()]],

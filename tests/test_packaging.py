@@ -351,3 +351,24 @@ def test_cp312_wheel_set_installs_and_reads_lzw_on_python312(tmp_path):
     have = {ln.split("==")[0].lower().replace("_", "-") for ln in res.stdout.split()}
     assert EXPECTED_SET <= have, res.stdout
     print(f"cp312 wheel set built in {build_s:.1f} s:\n" + bw.format_table(infos))
+
+
+def test_wheel_with_a_stale_module_is_refused(tmp_path):
+    """A module deleted from the source (train.py became train/) must not ride along from ./build."""
+    import zipfile
+
+    bw = load_build_wheels()
+    src = tmp_path / "kaggle_utils"
+    (src / "train").mkdir(parents=True)
+    for name in ("__init__.py", "train/__init__.py", "train/loop.py"):
+        (src / name).write_text("")
+    good, stale = tmp_path / "kaggle_utils-0.1.0-py3-none-any.whl", tmp_path / "stale" / "kaggle_utils-0.1.0-py3-none-any.whl"
+    stale.parent.mkdir()
+    for path, extra in ((good, []), (stale, ["kaggle_utils/train.py"])):
+        with zipfile.ZipFile(path, "w") as zf:
+            for name in ["kaggle_utils/__init__.py", "kaggle_utils/train/__init__.py", "kaggle_utils/train/loop.py",
+                         "kaggle_utils/_version.py", *extra]:
+                zf.writestr(name, "")
+    bw.check_wheel_matches_source(good, src)
+    with pytest.raises(bw.BuildError, match=r"does not match the source tree: extra kaggle_utils/train.py .*stale ./build"):
+        bw.check_wheel_matches_source(stale, src)
