@@ -439,12 +439,15 @@ def write_volume(path: str | os.PathLike, volume: np.ndarray, compression: str |
     return Path(path)
 
 
+#: Public names that moved out of this module (:func:`kaggle_utils.moved.moved_name_error`).
+MOVED = {"write_probs": "kaggle_utils.probs"}
+
+
 def __getattr__(name: str) -> object:
-    """A one-line ``AttributeError`` naming the new home of a name that moved out of this module."""
-    if name == "write_probs":
-        raise AttributeError("kaggle_utils.data.write_probs moved: use kaggle_utils.probs.write_probs "
-                             "(the probability files' writer and reader live together there)")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    """A one-line ``AttributeError`` naming the new home of a name in :data:`MOVED`."""
+    from .moved import moved_name_error
+
+    raise moved_name_error(__name__, name, MOVED)
 
 
 # ----------------------------------------------------------------------------------------------

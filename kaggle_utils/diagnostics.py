@@ -25,6 +25,7 @@ import numpy as np
 from .collapse import (COLLAPSE_MAX_RATIO, COLLAPSE_MIN_RATIO, CollapseVerdict, collapse_verdict, fg_fraction,
                        healthy_band, surface_share)
 from .data import DataError, load_index, read_label, read_volume
+from .moved import moved_name_error
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -42,6 +43,17 @@ __all__ = [
     "diagnose_figure",
     "fold_table",
 ]
+
+
+#: Public names that moved out of this module (:func:`kaggle_utils.moved.moved_name_error`).
+MOVED = {n: "kaggle_utils.collapse" for n in ("TYPICAL_SURFACE_SHARE", "COLLAPSE_MAX_RATIO", "COLLAPSE_RECOVER_RATIO", "COLLAPSE_MAX_FG",
+                                         "COLLAPSE_MIN_RATIO", "COLLAPSE_STOP_AFTER", "healthy_band", "CollapseVerdict",
+                                         "CollapseGuard", "fg_fraction", "surface_share", "collapse_verdict")}
+
+
+def __getattr__(name: str) -> object:
+    """A one-line ``AttributeError`` naming the new home of a name in :data:`MOVED`."""
+    raise moved_name_error(__name__, name, MOVED)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,6 +19,17 @@ from pathlib import Path
 
 __all__ = ["ensure_numba_cache_dir"]
 
+#: Public names that moved out of this module (:func:`kaggle_utils.moved.moved_name_error`).
+MOVED = {n: "kaggle_utils.device" for n in ("slow_conv3d_amp", "warn_slow_conv3d_amp", "CONV3D_AMP_WARNING",
+                                            "UnsupportedGPUError", "gpu_arch_problem", "check_gpu_supported")}
+
+
+def __getattr__(name: str) -> object:
+    """A one-line ``AttributeError`` naming the new home of a name in :data:`MOVED`."""
+    from .moved import moved_name_error
+
+    raise moved_name_error(__name__, name, MOVED)
+
 
 def _writable(path: Path) -> bool:
     """Whether numba could write its cache under ``path`` (its ``__pycache__`` or, if absent, itself)."""

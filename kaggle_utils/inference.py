@@ -41,6 +41,7 @@ from torch import nn
 
 from .config import PatchShape, as_patch_shape
 from .device import normalize_amp, resolve_amp_dtype
+from .moved import moved_name_error
 
 __all__ = [
     "InferenceConfig",
@@ -63,6 +64,15 @@ __all__ = [
     "sliding_window_predict",
     "VolumePrefetcher",
 ]
+
+
+#: Public names that moved out of this module (:func:`kaggle_utils.moved.moved_name_error`).
+MOVED = {n: "kaggle_utils.device" for n in ("AMP_MODES", "normalize_amp", "resolve_amp_dtype")}
+
+
+def __getattr__(name: str) -> object:
+    """A one-line ``AttributeError`` naming the new home of a name in :data:`MOVED`."""
+    raise moved_name_error(__name__, name, MOVED)
 
 logger = logging.getLogger(__name__)
 

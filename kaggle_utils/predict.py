@@ -55,6 +55,7 @@ __all__ = [
     "trained_with",
 ]
 
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TIME_LIMIT_S = 9 * 3600 * 0.9

@@ -29,6 +29,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from .data import DataError, atomic_path, load_index, mask_shape, read_tiff, read_tiff_shape
+from .moved import moved_name_error
 
 __all__ = [
     "SubmissionError",
@@ -49,15 +50,15 @@ __all__ = [
     "zip_metadata_warning",
 ]
 
-#: Names that lived here before the prediction pipeline moved to :mod:`kaggle_utils.predict`.
-_MOVED_TO_PREDICT = ("PredictReport", "predict_dataset", "plan_tta", "staging_dir", "DEFAULT_TIME_LIMIT_S")
+#: Public names that moved out of this module (:func:`kaggle_utils.moved.moved_name_error`): the prediction
+#: pipeline lives in :mod:`kaggle_utils.predict`.
+MOVED = {n: "kaggle_utils.predict" for n in ("PredictReport", "predict_dataset", "plan_tta", "staging_dir",
+                                             "DEFAULT_TIME_LIMIT_S")}
 
 
 def __getattr__(name: str) -> Any:
-    """A one-line ``AttributeError`` naming the new home of a name that moved to :mod:`kaggle_utils.predict`."""
-    if name in _MOVED_TO_PREDICT:
-        raise AttributeError(f"kaggle_utils.submission.{name} moved: use kaggle_utils.predict.{name}")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    """A one-line ``AttributeError`` naming the new home of a name in :data:`MOVED`."""
+    raise moved_name_error(__name__, name, MOVED)
 
 
 class SubmissionError(ValueError):

@@ -314,7 +314,7 @@ def test_write_probs_round_trip(tmp_path):
     import kaggle_utils.data
     from kaggle_utils.probs import write_probs
 
-    with pytest.raises(AttributeError, match=r"^kaggle_utils.data.write_probs moved: use kaggle_utils.probs.write_probs"):
+    with pytest.raises(AttributeError, match=r"^kaggle_utils.data.write_probs moved: use kaggle_utils.probs.write_probs$"):
         kaggle_utils.data.write_probs  # noqa: B018
     prob = np.linspace(0, 1, 24, dtype=np.float32).reshape(2, 3, 4)
     npy = write_probs(tmp_path / "oof", "17", "34117", prob, 2, fmt="float16", epoch=5)  # the old format
