@@ -596,12 +596,27 @@ def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, fp16: bool
     )
 
 
+def _trained_on_everything(folder: Path) -> bool:
+    """Whether ``folder`` holds a finished run that held nothing out (its ``result.json`` says fold
+    ``"all"``, or nothing was validated): its ``last.pt`` is the final, annealed model and it has no ``best.pt``."""
+    import json
+
+    try:
+        result = json.loads((folder / "result.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(result, dict) and (result.get("fold") == "all" or result.get("best_epoch") is None)
+
+
 def find_checkpoints(root: str | os.PathLike, names: Sequence[str] = ("model.pt", "best.pt")) -> list[str]:
     """Checkpoints under ``root`` (e.g. ``/kaggle/input``): per folder, the first of ``names`` present.
 
     With the default names a folder holding both an exported ``model.pt`` and the training
     ``best.pt`` contributes only ``model.pt`` (the same weights, smaller); a folder with only
-    ``best.pt`` contributes that. Returns sorted paths (strings); ``[]`` when ``root`` is missing.
+    ``best.pt`` contributes that. A folder with none of ``names`` but a finished run trained on every
+    volume (``--fold all`` or ``train.n_folds`` 1: ``result.json`` with fold ``"all"`` or no validation)
+    contributes its ``last.pt``, the final weights of the winners' path; a ``last.pt`` of a fold run (or of
+    an unfinished run) never counts. Returns sorted paths (strings); ``[]`` when ``root`` is missing.
     """
     root = Path(root)
     if not root.is_dir():
@@ -611,4 +626,7 @@ def find_checkpoints(root: str | os.PathLike, names: Sequence[str] = ("model.pt"
         for path in root.rglob(name):
             if path.is_file():
                 by_folder[path.parent] = path
+    for path in root.rglob("last.pt"):
+        if path.is_file() and path.parent not in by_folder and _trained_on_everything(path.parent):
+            by_folder[path.parent] = path
     return sorted(str(p) for p in by_folder.values())

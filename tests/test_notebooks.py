@@ -55,7 +55,7 @@ def test_train_notebook_offers_the_winners_path():
     assert calls.count("time_budget=TIME_BUDGET") == 2 and calls.count("init_from=INIT_FROM") == 2
 
 
-def test_submit_notebook_finds_model_pt_before_best_pt(tmp_path):
+def test_submit_notebook_finds_model_pt_before_best_pt_and_the_last_pt_of_a_fold_all_run(tmp_path):
     from kaggle_utils.models import find_checkpoints
 
     params = "".join(_code_cells("submit.ipynb")[0]["source"])
@@ -67,6 +67,13 @@ def test_submit_notebook_finds_model_pt_before_best_pt(tmp_path):
         (tmp_path / f).write_bytes(b"x")
     found = find_checkpoints(tmp_path, ns["CHECKPOINT_NAMES"])
     assert found == [str(tmp_path / "models-a/fold0/model.pt"), str(tmp_path / "models-a/fold1/best.pt")]
+    # the winners' path: a finished --fold all run has last.pt and no best.pt; a fold run's last.pt never counts
+    (tmp_path / "run/fold2/result.json").write_text('{"fold": 2, "best_epoch": 7}')
+    (tmp_path / "full/last.pt").parent.mkdir()
+    (tmp_path / "full/last.pt").write_bytes(b"x")
+    assert find_checkpoints(tmp_path, ns["CHECKPOINT_NAMES"]) == found  # unfinished: no result.json yet
+    (tmp_path / "full/result.json").write_text('{"fold": "all", "best_epoch": null}')
+    assert find_checkpoints(tmp_path, ns["CHECKPOINT_NAMES"]) == sorted(found + [str(tmp_path / "full/last.pt")])
     assert find_checkpoints(tmp_path / "missing", ns["CHECKPOINT_NAMES"]) == []
 
 
