@@ -62,6 +62,7 @@ __all__ = [
     "predict_windows",
     "run_with_oom_fallback",
     "sliding_window_predict",
+    "window_settings",
     "VolumePrefetcher",
 ]
 
@@ -651,27 +652,55 @@ def make_window_plan(
     )
 
 
+def window_settings(settings: "InferenceConfig | dict | int | Sequence[int] | None" = None,
+                    **window: Any) -> tuple["InferenceConfig", list[TTATransform] | None]:
+    """The window settings of one call: ``settings`` with ``window`` (any :class:`InferenceConfig` fields)
+    on top, checked once by :class:`InferenceConfig`.
+
+    Args:
+        settings: an :class:`InferenceConfig`, a dict of its keys, a patch size alone (an int: a cube, or
+            ``(z, y, x)``; the rest at their defaults), or ``None`` (the defaults).
+        **window: :class:`InferenceConfig` fields replacing those of ``settings`` (``overlap=0.25``,
+            ``tta="flips"``); ``tta`` may also be a list of :class:`TTATransform` (or ``None``: no TTA).
+
+    Returns:
+        ``(settings, transforms)``: ``transforms`` is the ``tta`` list when one was given, else ``None``.
+
+    Raises:
+        TypeError: a keyword that is no :class:`InferenceConfig` field (the message lists them).
+        ValueError: a setting out of range (naming it).
+    """
+    fields = [f.name for f in dataclasses.fields(InferenceConfig)]
+    unknown = sorted(set(window) - set(fields))
+    if unknown:
+        raise TypeError(f"sliding_window_predict: unknown setting(s) {unknown}; the window settings are "
+                        f"InferenceConfig's fields: {', '.join(fields)}")
+    if settings is None or isinstance(settings, (InferenceConfig, dict)):
+        cfg = as_inference_config(settings)
+    else:
+        cfg = InferenceConfig(patch_size=settings)
+    transforms = None
+    if "tta" in window and not isinstance(window["tta"], str):
+        tta = window.pop("tta")
+        transforms = None if tta is None else list(tta)
+        window["tta"] = "none"
+    return (dataclasses.replace(cfg, **window) if window else cfg), transforms
+
+
 def sliding_window_predict(
     models: nn.Module | Sequence[nn.Module],
     volume: np.ndarray | torch.Tensor,
-    patch_size: int | Sequence[int],
-    overlap: float = 0.5,
-    batch_size: int = 2,
-    blend: str = "gaussian",
-    tta: str | Sequence[TTATransform] | None = None,
-    amp: bool | str = "auto",
+    settings: "InferenceConfig | dict | int | Sequence[int] | None" = None,
+    *,
     device: torch.device | str | None = None,
     activation: str | Callable | None = "sigmoid",
-    ensemble: str = "probs",
     weights: Sequence[float] | None = None,
-    channels_last: bool = False,
     sw_device: torch.device | str | None = None,
     accumulate_device: torch.device | str | None = None,
     progress: bool = False,
-    sigma_scale: float = 0.125,
-    placement: str = "even",
     pad_multiple: int = 32,
     padding_mode: str = "constant",
+    **window: Any,
 ) -> np.ndarray:
     """Predict a whole volume window by window and blend the windows.
 
@@ -680,32 +709,29 @@ def sliding_window_predict(
     (:func:`predict_windows`), add ``weight * prediction`` (``float32``) on ``accumulate_device``;
     finally divide by the summed weights (:func:`window_weight_sum_chunks`), crop back and return
     on the CPU. Runs under :func:`torch.inference_mode`; the models are put in ``eval()`` mode on
-    ``device`` (``channels_last_3d`` when asked). Settings usually come from an
-    :class:`InferenceConfig` through :func:`predict_volume`.
+    ``device`` (``channels_last_3d`` when asked). Usually called through :func:`predict_volume`.
+
+    The window settings (patch size, overlap, batch size, blend and sigma, TTA, AMP, ensemble mode,
+    channels_last, placement) are :class:`InferenceConfig`'s fields, listed and checked there only:
+    pass an :class:`InferenceConfig` (or just a patch size) as ``settings`` and/or any of its fields as
+    keywords, e.g. ``sliding_window_predict(net, vol, 128, overlap=0.25, tta="flips")``
+    (:func:`window_settings`).
 
     Args:
         models: one model or a list (an ensemble), each mapping ``(B, 1, z, y, x)`` windows to
             ``(B, 1, z, y, x)`` logits.
         volume: ``float32 (Z, Y, X)`` numpy array or tensor, already normalized.
-        patch_size: window size, an int or ``(z, y, x)``.
-        overlap: overlap fraction between neighbouring windows, in ``[0, 1)``.
-        batch_size: windows per forward pass.
-        blend: ``"gaussian"`` or ``"constant"`` weighting of each window.
-        tta: ``None`` / preset name / list of :class:`TTATransform` (see :func:`tta_transforms`).
-        amp: autocast policy, see :func:`~kaggle_utils.device.resolve_amp_dtype` (default: float16 on CUDA, off on CPU).
+        settings: :class:`InferenceConfig`, a dict of its keys, a patch size (int: a cube), or ``None``.
         device: where the models run; default CUDA when available, else CPU.
         activation: ``"sigmoid"`` (probabilities), ``None`` (blended raw outputs) or a callable.
-        ensemble: ``"probs"``: activate each pass, then average; ``"logits"``: average raw outputs,
-            blend, then activate.
         weights: one non-negative weight per model (normalized to sum 1); default equal.
-        channels_last: use ``torch.channels_last_3d`` memory format.
         sw_device: where the padded volume is kept and windows are cut; default ``device``.
         accumulate_device: where the blended sums live; default ``device``.
         progress: show a tqdm bar over window batches.
-        sigma_scale: Gaussian sigma as a fraction of the window.
-        placement: ``"even"`` or ``"monai"`` (see :func:`window_starts` and :func:`pad_widths`).
         pad_multiple: ``"even"`` placement pads each axis to a multiple of this.
         padding_mode: ``torch.nn.functional.pad`` mode (``"constant"`` pads with 0).
+        **window: :class:`InferenceConfig` fields replacing those of ``settings``; ``tta`` may also be a
+            list of :class:`TTATransform`.
 
     Returns:
         ``float32 (Z, Y, X)`` numpy array: probabilities, or blended raw outputs if ``activation=None``.
@@ -713,20 +739,17 @@ def sliding_window_predict(
     On CUDA out-of-memory the run is retried with half the batch, then with accumulation (and the
     padded volume) on the CPU, with a warning (:func:`run_with_oom_fallback`).
     """
-    preset = tta if tta is None or isinstance(tta, str) else "none"
-    settings = InferenceConfig(patch_size=patch_size, overlap=overlap, batch_size=batch_size, blend=blend,
-                               sigma_scale=sigma_scale, tta=preset or "none", amp=amp, ensemble=ensemble,
-                               channels_last=channels_last, placement=placement)
-    plan = make_window_plan(models, tuple(volume.shape), settings, tta=None if tta is preset else tta, device=device,
+    cfg, transforms = window_settings(settings, **window)
+    plan = make_window_plan(models, tuple(volume.shape), cfg, tta=transforms, device=device,
                             activation=activation, weights=weights, pad_multiple=pad_multiple, padding_mode=padding_mode)
     vol = torch.as_tensor(volume)
     if not vol.is_floating_point():
         raise ValueError(f"volume must be float (already normalized), got {vol.dtype}")
-    _prepare_models(plan.models, plan.device, channels_last)
+    _prepare_models(plan.models, plan.device, cfg.channels_last)
     sw_dev = torch.device(sw_device) if sw_device is not None else plan.device
     acc_dev = torch.device(accumulate_device) if accumulate_device is not None else plan.device
     run = functools.partial(_pad_and_run_windows, plan, vol, sw_dev, acc_dev, progress)
-    return run_with_oom_fallback(run, settings.batch_size, acc_dev)
+    return run_with_oom_fallback(run, cfg.batch_size, acc_dev)
 
 
 def _prepare_models(models: Sequence[nn.Module], device: torch.device, channels_last: bool) -> None:
@@ -854,9 +877,8 @@ def predict_volume(
     Returns:
         ``float32 (Z, Y, X)`` probabilities.
     """
-    kwargs = as_inference_config(cfg).to_kwargs()
-    kwargs.update(overrides)
-    return sliding_window_predict(models, volume, device=device, pad_multiple=pad_multiple, **kwargs)
+    return sliding_window_predict(models, volume, as_inference_config(cfg), device=device, pad_multiple=pad_multiple,
+                                  **overrides)
 
 
 # ----------------------------------------------------------------------------------------------

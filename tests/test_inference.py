@@ -390,3 +390,24 @@ def test_prefetcher_early_break_stops_thread():
     pf._thread.join(timeout=5)
     assert not pf._thread.is_alive()
     assert len(loaded) <= 5  # 2 consumed + at most depth queued + 1 in flight
+
+
+def test_window_settings_are_inference_configs_fields_listed_once():
+    """sliding_window_predict takes the window settings as an InferenceConfig (or a patch size) plus any of
+    its fields as keywords; they are checked by InferenceConfig alone."""
+    from kaggle_utils.inference import TTATransform, window_settings
+
+    cfg, tr = window_settings(64, overlap=0.25, tta="flips")
+    assert (cfg.patch_size, cfg.overlap, cfg.tta, tr) == ((64, 64, 64), 0.25, "flips", None)
+    base = InferenceConfig(patch_size=(32, 64, 64), batch_size=4)
+    cfg, tr = window_settings(base, tta=[TTATransform((0,))])
+    assert (cfg.patch_size, cfg.batch_size, cfg.tta, tr) == ((32, 64, 64), 4, "none", [TTATransform((0,))])
+    assert base.tta == "none" and window_settings(base, tta=None) == (base, None)
+    assert window_settings(None) == (InferenceConfig(), None)
+    with pytest.raises(TypeError, match=r"unknown setting\(s\) \['overlapp'\].*overlap, batch_size"):
+        window_settings(64, overlapp=0.5)
+    with pytest.raises(ValueError, match="inference.overlap"):
+        window_settings(64, overlap=1.0)
+    net, vol = pointwise_net(), rand_volume((30, 40, 40), seed=3)
+    np.testing.assert_array_equal(sliding_window_predict(net, vol, InferenceConfig(patch_size=32, overlap=0.25), device="cpu"),
+                                  sliding_window_predict(net, vol, 32, overlap=0.25, device="cpu"))

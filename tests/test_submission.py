@@ -324,8 +324,8 @@ def fake_inference(monkeypatch):
     """Whole-volume stand-in for inference.sliding_window_predict that records its kwargs."""
     calls: list[dict] = []
 
-    def sliding_window_predict(models, volume, **kwargs):
-        calls.append(kwargs)
+    def sliding_window_predict(models, volume, settings=None, **kwargs):
+        calls.append({"tta": getattr(settings, "tta", None), **kwargs})  # a tta keyword replaces the settings' one
         x = torch.as_tensor(np.asarray(volume, np.float32))[None, None]
         with torch.inference_mode():
             logits = torch.stack([m(x) for m in models]).mean(0)
