@@ -143,6 +143,7 @@ def plot(results: dict, out: Path, img_dir: Path) -> None:
     import matplotlib.pyplot as plt
 
     from kaggle_utils.data import load_index, read_label, read_volume
+    from kaggle_utils.probs import as_probability, find_prob_files, read_probs
 
     img_dir.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -178,7 +179,8 @@ def plot(results: dict, out: Path, img_dir: Path) -> None:
     z = image.shape[0] // 2
     panels = [("image", image[z], "gray", None), ("label (0 bg, 1 surface, 2 ignore)", label[z], "viridis", (0, 2))]
     for name in results:
-        prob = np.load(out / name / "oof" / f"{meta['id']}.npy").astype(np.float32)
+        found = [f for f in find_prob_files(out / name / "oof", recursive=False) if f.stem == meta["id"]]
+        prob = as_probability(read_probs(found[0]))  # {id}.npz (uint8 codes) or the old {id}.npy
         panels.append((f"{name}: probability", prob[z], "magma", (0, 1)))
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4))
     for ax, (title, arr, cmap, lim) in zip(axes, panels):
