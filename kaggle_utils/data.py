@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import contextlib
 import io
 import logging
 import os
@@ -219,6 +220,29 @@ class _TiffErrors(logging.Handler):
             self.messages.append(record.getMessage())
 
 
+@contextlib.contextmanager
+def _corrupt_tiff_is_a_data_error(name: str | os.PathLike) -> Iterator[None]:
+    """Run a tifffile read so that any damage is one :class:`DataError` naming ``name``: "corrupt TIFF,
+    truncated or damaged (...)". tifffile only *logs* some damage (bad page offsets: the pages before it are
+    returned), so its ERROR records of this thread are collected and turned into the error too.
+    :class:`MissingCodecError` (a setup problem, not bad data) passes through."""
+    errors = _TiffErrors()
+    tiff_log = logging.getLogger("tifffile")
+    tiff_log.addHandler(errors)
+    propagate, tiff_log.propagate = tiff_log.propagate, False  # no stray "<TiffPages> invalid offset" lines
+    try:
+        yield
+        if errors.messages:
+            raise ValueError("; ".join(errors.messages[:2]))
+    except MissingCodecError:
+        raise
+    except Exception as exc:  # tifffile raises many types for broken files
+        raise DataError(f"{name}: corrupt TIFF, truncated or damaged ({type(exc).__name__}: {exc})") from None
+    finally:
+        tiff_log.removeHandler(errors)
+        tiff_log.propagate = propagate
+
+
 def read_tiff(source: str | os.PathLike | bytes, what: str | os.PathLike | None = None) -> np.ndarray:
     """Decode a whole TIFF (a file or its bytes, e.g. a zip member) as stored: any dtype, any ndim.
 
@@ -239,11 +263,7 @@ def read_tiff(source: str | os.PathLike | bytes, what: str | os.PathLike | None 
     import tifffile
 
     name = str(what if what is not None else (source if not isinstance(source, bytes) else "TIFF"))
-    errors = _TiffErrors()
-    tiff_log = logging.getLogger("tifffile")
-    tiff_log.addHandler(errors)
-    propagate, tiff_log.propagate = tiff_log.propagate, False  # no stray "<TiffPages> invalid offset" lines
-    try:
+    with _corrupt_tiff_is_a_data_error(name):
         with tifffile.TiffFile(io.BytesIO(source) if isinstance(source, bytes) else source) as tif:
             if len(tif.pages) == 0 or not tif.series:
                 raise ValueError("no image pages")
@@ -251,15 +271,6 @@ def read_tiff(source: str | os.PathLike | bytes, what: str | os.PathLike | None 
             if problem is not None:
                 raise MissingCodecError(problem)
             vol = tif.asarray()
-        if errors.messages:
-            raise ValueError("; ".join(errors.messages[:2]))
-    except MissingCodecError:
-        raise
-    except Exception as exc:  # tifffile raises many types for broken files
-        raise DataError(f"{name}: corrupt TIFF, truncated or damaged ({type(exc).__name__}: {exc})") from None
-    finally:
-        tiff_log.removeHandler(errors)
-        tiff_log.propagate = propagate
     return vol
 
 
@@ -297,11 +308,7 @@ def check_tiff_header(path: str | os.PathLike) -> tuple[int, int, int]:
     size = path.stat().st_size
     if size == 0:
         raise DataError(f"{path}: empty file (0 bytes), expected a TIFF volume")
-    errors = _TiffErrors()
-    tiff_log = logging.getLogger("tifffile")
-    tiff_log.addHandler(errors)
-    propagate, tiff_log.propagate = tiff_log.propagate, False
-    try:
+    with _corrupt_tiff_is_a_data_error(path):
         with tifffile.TiffFile(path) as tif:
             problem = tiff_codec_problem(tif, path) if len(tif.pages) else None
             if problem is not None:
@@ -315,15 +322,6 @@ def check_tiff_header(path: str | os.PathLike) -> tuple[int, int, int]:
             if n_pages == 0 or not tif.series:
                 raise ValueError("no image pages")
             shape, dtype = tuple(int(n) for n in tif.series[0].shape), tif.series[0].dtype
-        if errors.messages:
-            raise ValueError("; ".join(errors.messages[:2]))
-    except MissingCodecError:
-        raise
-    except Exception as exc:  # tifffile raises many types for broken files
-        raise DataError(f"{path}: corrupt TIFF, truncated or damaged ({type(exc).__name__}: {exc})") from None
-    finally:
-        tiff_log.removeHandler(errors)
-        tiff_log.propagate = propagate
     if len(shape) != 3:
         raise DataError(f"{path}: expected a 3D volume (z, y, x), got {len(shape)}D array of shape {shape}")
     if dtype != np.uint8:
