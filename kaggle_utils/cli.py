@@ -109,9 +109,13 @@ def _args_prepare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, default=None,
                    help="competition-layout folder with train.csv, train_images/, train_labels/ (default: Kaggle mount)")
     p.add_argument("--out", required=True, type=Path, help="cache folder to write (resumes what is there)")
-    p.add_argument("--labels", choices=("npy", "packed", "none"), default="npy",
-                   help="label storage: npy (1 byte/voxel), packed (2 bits/voxel, a quarter), none (images only; "
+    p.add_argument("--labels", choices=("npy", "packed", "blosc2", "none"), default="npy",
+                   help="label storage: npy (1 byte/voxel), packed (2 bits/voxel, a quarter), blosc2 (compressed, "
+                        "~0.5 MB per 320^3 volume; needs blosc2, in Kaggle's image), none (images only; "
                         "training decodes labels from the TIFFs)")
+    p.add_argument("--images", choices=("npy", "blosc2"), default="npy",
+                   help="image storage: npy (memory-mapped, fastest) or blosc2 (compressed; saves what the "
+                        "scans' noise allows: measure on a few volumes first)")
     p.add_argument("--ids", nargs="+", default=None, help="prepare only these ids")
     p.add_argument("--folds", nargs="+", type=int, default=None,
                    help="prepare only the volumes of these scroll-grouped folds (of --n-folds)")
@@ -133,7 +137,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
     try:
         report = prepare(find_data_root(args.data_dir), args.out, ids=args.ids, folds=args.folds,
                          n_folds=args.n_folds, part=args.part, labels=args.labels,
-                         surface_points=args.surface_points, workers=args.workers, progress=not args.no_progress)
+                         images=args.images, surface_points=args.surface_points, workers=args.workers, progress=not args.no_progress)
     except OSError as exc:  # full or read-only disk
         print(f"error: prepare: cannot write {exc.filename or args.out}: {exc.strerror or exc}", file=sys.stderr)
         return 2

@@ -434,7 +434,7 @@ def train_memory_inputs(cfg: Any, train_ids: Sequence[str], val_ids: Sequence[st
     """:class:`TrainMemoryInputs` of a :class:`~kaggle_utils.train.config.TrainConfig` ``cfg`` training on
     ``train_ids`` and validating ``val_ids`` (shapes from :func:`volume_shapes`).
 
-    ``prepared_labels``: the label storage of the prepared cache (``npy``, ``packed``, ``none``), ``None``
+    ``prepared_labels``: the label storage of the prepared cache (``npy``, ``packed``, ``blosc2``, ``none``), ``None``
     without one. A cache without labels keeps decoded labels in each worker's LRU: one byte per voxel.
     """
     tc, sc = cfg.train, cfg.sampler
@@ -446,4 +446,4 @@ def train_memory_inputs(cfg: Any, train_ids: Sequence[str], val_ids: Sequence[st
         dataset_bytes=sum(vox) * max(per_voxel, 1), batch_bytes=tc.batch_size * patch * 5,
         prefetch_factor=2, pin_memory=on_gpu,
         val_voxels=max((_voxels(shapes[i]) for i in val_ids), default=0), model_bytes=model_bytes, on_gpu=on_gpu,
-        cache_bytes=sc.cache_bytes, prepared=prepared_labels in ("npy", "packed"))
+        cache_bytes=sc.cache_bytes, prepared=prepared_labels in ("npy", "packed", "blosc2"))

@@ -9,14 +9,21 @@ DataLoader worker decodes a TIFF, and the OS page cache, shared by all of them, 
 Layout of ``CACHE`` (stable; :data:`FORMAT` / :data:`VERSION` in ``manifest.json``)::
 
     manifest.json              {"format", "version", "labels", "surface_points", "volumes": {id: entry}}
-    volumes/{id}.image.npy     uint8 (Z, Y, X), the decoded image
+    volumes/{id}.image.npy     uint8 (Z, Y, X), the decoded image                 (images: npy)
+    volumes/{id}.image.b2nd    the same, a blosc2 NDArray (zstd level 1, chunks 64^3) (images: blosc2)
     volumes/{id}.label.npy     uint8 (Z, Y, X) in {0, 1, 2}               (labels: npy)
     volumes/{id}.label2b.npy   uint8 (Z, Y, ceil(X/4)): four 2-bit labels per byte, x = 4k + j in
                                bits 2j..2j+1 (labels: packed, a quarter of the disk)
+    volumes/{id}.label.b2nd    uint8 (Z, Y, X) as a blosc2 NDArray (zstd level 1 + bit shuffle,
+                               chunks 64^3): ~1/60 of the disk on label volumes (labels: blosc2)
     volumes/{id}.surface.npy   int32 (N, 3) z, y, x of label-1 voxels: the sampler's surface index,
                                the same deterministic subsample of ``surface_points`` that
                                :class:`~kaggle_utils.sampling.VolumeCache` draws from the TIFFs
     volumes/{id}.json          the volume's manifest entry, written last: the volume is done
+
+blosc2 files (``--images blosc2``, ``--labels blosc2``; the ``blosc2`` package, which Kaggle's image
+has) are read a patch at a time: only the 64^3 chunks a patch touches are decompressed, one thread
+per DataLoader worker (BENCHMARKS.md, "The prepared cache: .npy or blosc2").
 
 A manifest entry: ``id, scroll_id, shape, label_shares [bg, surface, ignore], stats [lo, hi, mean,
 std]`` (:class:`~kaggle_utils.data.IntensityStats` of the whole image), ``n_surface`` (label-1
@@ -34,7 +41,8 @@ in {0, 1, 2} (a corrupt file stops the run with one line naming it).
 Public API: :func:`prepare` (-> :class:`PrepareReport`), :func:`select_ids`, :func:`open_prepared`
 (-> :class:`PreparedVolumes`, what the sampler and validation read), :func:`find_prepared` (the caches
 under ``/kaggle/input``; the train notebook's ``PREPARED = "auto"``), :func:`pack_labels` /
-:func:`unpack_labels` / :class:`PackedLabel`, :func:`source_fingerprint`, :class:`PreparedCacheError`.
+:func:`unpack_labels` / :class:`PackedLabel`, :class:`Blosc2Volume`, :func:`source_fingerprint`,
+:class:`PreparedCacheError`.
 """
 
 from __future__ import annotations
@@ -72,6 +80,8 @@ __all__ = [
     "PreparedCacheError",
     "PrepareReport",
     "PackedLabel",
+    "Blosc2Volume",
+    "IMAGE_STORAGE",
     "PreparedVolumes",
     "pack_labels",
     "unpack_labels",
@@ -123,7 +133,11 @@ def surface_subsample(label: np.ndarray, key: str, max_points: int) -> np.ndarra
 
 FORMAT = "kaggle_utils.prepared"
 VERSION = 1
-LABEL_STORAGE = ("npy", "packed", "none")
+LABEL_STORAGE = ("npy", "packed", "blosc2", "none")
+IMAGE_STORAGE = ("npy", "blosc2")
+#: blosc2 settings per kind: codec level, filter, chunk and block edge (benchmarks/blosc2_cache.py:
+#: zstd-1 with bit shuffle packs labels best; shuffle, a no-op on bytes, leaves images to zstd)
+_BLOSC2 = {"image": (1, "SHUFFLE", 64, 32), "label": (1, "BITSHUFFLE", 64, 32)}
 _FINGERPRINT_BYTES = 64 * 1024
 
 
@@ -195,6 +209,88 @@ class PackedLabel:
 
 
 # ----------------------------------------------------------------------------------------------
+# blosc2 arrays
+# ----------------------------------------------------------------------------------------------
+
+
+def _blosc2(path: Path) -> Any:
+    """The ``blosc2`` module, or :class:`PreparedCacheError` saying how to get it."""
+    try:
+        import blosc2
+    except ImportError:
+        raise PreparedCacheError(f"{path}: stored with blosc2, which is not installed: pip install blosc2 "
+                                 "(Kaggle's image has it)") from None
+    return blosc2
+
+
+def _save_blosc2(path: Path, arr: np.ndarray, kind: str) -> None:
+    """Write ``arr`` as a blosc2 NDArray file, atomically (settings :data:`_BLOSC2` of ``kind``)."""
+    blosc2 = _blosc2(path)
+    clevel, filt, chunk, block = _BLOSC2[kind]
+    cparams = {"codec": blosc2.Codec.ZSTD, "clevel": clevel, "filters": [getattr(blosc2.Filter, filt)],
+               "nthreads": 1}  # a dict, not CParams: blosc2 2.x reads it too
+    with atomic_path(path) as tmp:
+        blosc2.asarray(np.ascontiguousarray(arr), urlpath=str(tmp), mode="w", chunks=(chunk,) * 3,
+                       blocks=(block,) * 3, cparams=cparams)
+
+
+class Blosc2Volume:
+    """A read-only ``uint8 (Z, Y, X)`` volume in a blosc2 file, read a slice at a time.
+
+    Supports what the sampler and validation do with an image or a label array: ``.shape``,
+    ``.dtype``, ``.ndim``, ``vol[z0:z1, y0:y1, x0:x1]`` (decompresses only the chunks it touches, one
+    thread) and ``np.asarray(vol)``. The file is opened on first read in each process (DataLoader
+    workers fork after the volume was handed out). A damaged file raises :class:`PreparedCacheError`
+    naming it.
+    """
+
+    memory_mapped = True
+
+    def __init__(self, path: str | os.PathLike, shape: Sequence[int] | None = None):
+        self.path = Path(path)
+        self._nd: Any = None
+        self._pid = -1
+        nd = self._array()
+        self.shape = tuple(int(s) for s in nd.shape)
+        self.dtype = np.dtype(nd.dtype)
+        self.ndim = len(self.shape)
+        if shape is not None and list(self.shape) != [int(s) for s in shape]:
+            raise PreparedCacheError(f"{self.path}: shape {list(self.shape)} != {list(shape)} in the manifest; "
+                                     f"delete the volume's .json beside it and rerun prepare to redo it")
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_nd": None, "_pid": -1}
+
+    def _damaged(self, exc: Exception) -> PreparedCacheError:
+        return PreparedCacheError(f"{self.path}: unreadable blosc2 array ({type(exc).__name__}: {exc}); delete the "
+                                  f"volume's .json beside it and rerun prepare to redo it")
+
+    def _array(self) -> Any:
+        if self._nd is None or self._pid != os.getpid():
+            blosc2 = _blosc2(self.path)
+            try:
+                self._nd = blosc2.open(str(self.path), mode="r", dparams={"nthreads": 1})
+            except (OSError, RuntimeError, ValueError) as exc:
+                raise self._damaged(exc) from None
+            self._pid = os.getpid()
+        return self._nd
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        try:
+            return np.asarray(self._array()[key])
+        except (RuntimeError, ValueError) as exc:
+            raise self._damaged(exc) from None
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[...]
+        return out if dtype is None else out.astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
 # Preparing
 # ----------------------------------------------------------------------------------------------
 
@@ -240,14 +336,13 @@ def select_ids(index: DatasetIndex, ids: Sequence[str] | None = None, folds: Seq
     return chosen
 
 
-def _volume_paths(out: Path, vid: str, labels: str) -> dict[str, Path]:
+def _volume_paths(out: Path, vid: str, labels: str, images: str = "npy") -> dict[str, Path]:
     base = out / "volumes"
-    paths = {"image": base / f"{vid}.image.npy", "surface": base / f"{vid}.surface.npy",
-             "entry": base / f"{vid}.json"}
-    if labels == "npy":
-        paths["label"] = base / f"{vid}.label.npy"
-    elif labels == "packed":
-        paths["label"] = base / f"{vid}.label2b.npy"
+    paths = {"image": base / f"{vid}.image.{'b2nd' if images == 'blosc2' else 'npy'}",
+             "surface": base / f"{vid}.surface.npy", "entry": base / f"{vid}.json"}
+    suffix = {"npy": "label.npy", "packed": "label2b.npy", "blosc2": "label.b2nd"}.get(labels)
+    if suffix is not None:
+        paths["label"] = base / f"{vid}.{suffix}"
     return paths
 
 
@@ -269,7 +364,7 @@ def _decode_checked(rec: VolumeRecord) -> tuple[np.ndarray, np.ndarray]:
 
 
 def prepare_volume(rec: VolumeRecord, out: str | os.PathLike, labels: str = "npy",
-                   surface_points: int = 50_000) -> dict:
+                   surface_points: int = 50_000, images: str = "npy") -> dict:
     """Decode, check and write one volume into the cache ``out`` (see the module doc); its manifest entry.
 
     Raises:
@@ -278,7 +373,7 @@ def prepare_volume(rec: VolumeRecord, out: str | os.PathLike, labels: str = "npy
     """
 
     out = Path(out)
-    paths = _volume_paths(out, rec.id, labels)
+    paths = _volume_paths(out, rec.id, labels, images)
     source = {"image": source_fingerprint(rec.image_path), "label": source_fingerprint(rec.label_path)}
     image, label = _decode_checked(rec)
     surface = surface_subsample(label, rec.id, surface_points)
@@ -287,27 +382,37 @@ def prepare_volume(rec: VolumeRecord, out: str | os.PathLike, labels: str = "npy
     entry = {"id": rec.id, "scroll_id": rec.scroll_id, "shape": list(image.shape),
              "label_shares": [round(c / max(label.size, 1), 6) for c in counts],
              "stats": [stats.lo, stats.hi, stats.mean, stats.std], "n_surface": counts[1],
-             "surface_points": int(surface_points), "labels": labels, "source": source,
+             "surface_points": int(surface_points), "labels": labels, "images": images, "source": source,
              "files": {k: p.name for k, p in paths.items() if k != "entry"}}
-    _save_npy(paths["image"], image)
+    if images == "blosc2":
+        _save_blosc2(paths["image"], image, "image")
+    else:
+        _save_npy(paths["image"], image)
     if labels == "npy":
         _save_npy(paths["label"], label)
     elif labels == "packed":
         _save_npy(paths["label"], pack_labels(label))
+    elif labels == "blosc2":
+        _save_blosc2(paths["label"], label, "label")
     _save_npy(paths["surface"], surface)
     with atomic_path(paths["entry"]) as tmp:  # last: the volume is done
         Path(tmp).write_text(json.dumps(entry, indent=1))
     return entry
 
 
-def _done_entry(rec: VolumeRecord, out: Path, labels: str, surface_points: int) -> dict | None:
+def _settings(entry: dict) -> tuple:
+    """``(labels, surface_points, images)`` of a manifest or an entry (``images`` absent: npy)."""
+    return entry.get("labels"), entry.get("surface_points"), entry.get("images", "npy")
+
+
+def _done_entry(rec: VolumeRecord, out: Path, labels: str, surface_points: int, images: str = "npy") -> dict | None:
     """The entry of an already prepared volume that still matches its source and settings, else ``None``."""
-    paths = _volume_paths(out, rec.id, labels)
+    paths = _volume_paths(out, rec.id, labels, images)
     try:
         entry = json.loads(paths["entry"].read_text())
     except (OSError, ValueError):
         return None
-    if entry.get("labels") != labels or entry.get("surface_points") != surface_points:
+    if _settings(entry) != (labels, surface_points, images):
         return None
     if not all(p.is_file() for p in paths.values()):
         return None
@@ -327,15 +432,15 @@ def _remove_temp_files(folder: Path) -> int:
     return n
 
 
-def _write_manifest(out: Path, labels: str, surface_points: int) -> dict:
+def _write_manifest(out: Path, labels: str, surface_points: int, images: str = "npy") -> dict:
     """``manifest.json`` from every finished volume in ``out/volumes`` (atomic); the manifest."""
     volumes = {}
     for p in sorted((out / "volumes").glob("*.json")):
         entry = json.loads(p.read_text())
-        if entry.get("labels") == labels and entry.get("surface_points") == surface_points:
+        if _settings(entry) == (labels, surface_points, images):
             volumes[entry["id"]] = entry
-    manifest = {"format": FORMAT, "version": VERSION, "labels": labels, "surface_points": surface_points,
-                "volumes": volumes}
+    manifest = {"format": FORMAT, "version": VERSION, "labels": labels, "images": images,
+                "surface_points": surface_points, "volumes": volumes}
     with atomic_path(out / "manifest.json") as tmp:
         Path(tmp).write_text(json.dumps(manifest, indent=1))
     return manifest
@@ -357,9 +462,13 @@ class PrepareReport:
                 f"{self.out} holds {self.n_volumes} volume(s), {self.disk_bytes / 1e9:.2f} GB")
 
 
-def _check_settings(out: Path, labels: str, surface_points: int) -> None:
+def _check_settings(out: Path, labels: str, surface_points: int, images: str = "npy") -> None:
     if labels not in LABEL_STORAGE:
         raise ValueError(f"labels: must be one of {list(LABEL_STORAGE)}, got {labels!r}")
+    if images not in IMAGE_STORAGE:
+        raise ValueError(f"images: must be one of {list(IMAGE_STORAGE)}, got {images!r}")
+    if "blosc2" in (labels, images):
+        _blosc2(out)  # missing package: say so before decoding anything
     if surface_points < 1:
         raise ValueError(f"surface_points: must be >= 1, got {surface_points}")
     manifest = out / "manifest.json"
@@ -368,34 +477,39 @@ def _check_settings(out: Path, labels: str, surface_points: int) -> None:
             old = json.loads(manifest.read_text())
         except ValueError:
             return
-        if (old.get("labels"), old.get("surface_points")) != (labels, surface_points):
-            raise PreparedCacheError(f"{manifest}: prepared with labels {old.get('labels')!r}, surface_points "
-                                     f"{old.get('surface_points')}; use the same settings or another --out")
+        if _settings(old) != (labels, surface_points, images):
+            raise PreparedCacheError(f"{manifest}: prepared with labels {old.get('labels')!r}, images "
+                                     f"{old.get('images', 'npy')!r}, surface_points {old.get('surface_points')}; "
+                                     f"use the same settings or another --out")
 
 
 def prepare(data_dir: str | os.PathLike, out: str | os.PathLike, *, ids: Sequence[str] | None = None,
             folds: Sequence[int] | None = None, n_folds: int = 5, part: tuple[int, int] | None = None,
             labels: str = "npy", surface_points: int = 50_000, workers: int = 2,
-            progress: bool = True) -> PrepareReport:
+            progress: bool = True, images: str = "npy") -> PrepareReport:
     """Decode the training volumes of ``data_dir`` (or a subset, :func:`select_ids`) into the cache ``out``.
 
     Resumable: volumes already prepared from the same source files with the same settings are skipped.
 
     Args:
-        labels: ``npy`` (uint8, as large as the image), ``packed`` (2 bits per voxel) or ``none``
-            (images and the surface index only; training then decodes labels from the TIFFs).
+        labels: ``npy`` (uint8, as large as the image), ``packed`` (2 bits per voxel), ``blosc2``
+            (compressed, ~0.5 MB per 320^3 label volume; needs ``blosc2``) or ``none`` (images and the
+            surface index only; training then decodes labels from the TIFFs).
+        images: ``npy`` (memory-mapped, fastest to read) or ``blosc2`` (compressed; what it saves
+            depends on the scans' noise: 12 % on the synthetic images, unmeasured on real CT).
         surface_points: size of each volume's surface index (``sampler.surface_points``).
         workers: volumes decoded in parallel (threads: LZW decoding releases the GIL).
 
     Raises:
         DataError: a corrupt source volume (naming the file), an unknown id, bad folds.
-        PreparedCacheError: ``out`` was prepared with other ``labels``/``surface_points``.
+        PreparedCacheError: ``out`` was prepared with other ``labels``/``images``/``surface_points``,
+            or blosc2 storage without the ``blosc2`` package.
     """
     from .progress import progress_bar
 
     t0 = time.monotonic()
     out = Path(out)
-    _check_settings(out, labels, surface_points)
+    _check_settings(out, labels, surface_points, images)
     index = load_index(data_dir, "train")
     chosen = index.subset(select_ids(index, ids, folds, n_folds, part)).records
     (out / "volumes").mkdir(parents=True, exist_ok=True)
@@ -403,17 +517,17 @@ def prepare(data_dir: str | os.PathLike, out: str | os.PathLike, *, ids: Sequenc
     report = PrepareReport(out)
     todo = []
     for rec in chosen:
-        (report.skipped.append(rec.id) if _done_entry(rec, out, labels, surface_points) else todo.append(rec))
+        (report.skipped.append(rec.id) if _done_entry(rec, out, labels, surface_points, images) else todo.append(rec))
     bar = progress_bar(total=len(todo), desc="prepare", unit="vol", enabled=progress)
     pool = ThreadPoolExecutor(max_workers=max(1, workers))
     try:
-        for entry in pool.map(lambda r: prepare_volume(r, out, labels, surface_points), todo):
+        for entry in pool.map(lambda r: prepare_volume(r, out, labels, surface_points, images), todo):
             report.prepared.append(entry["id"])
             bar.update()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # after a corrupt volume, start no more
         bar.close()
-    manifest = _write_manifest(out, labels, surface_points)
+    manifest = _write_manifest(out, labels, surface_points, images)
     report.n_volumes = len(manifest["volumes"])
     report.disk_bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     report.seconds = time.monotonic() - t0
@@ -479,7 +593,7 @@ class PreparedVolumes:
 
     Drop-in for :class:`~kaggle_utils.sampling.VolumeCache` in :class:`~kaggle_utils.sampling.PatchDataset`
     (and what validation reads): images and labels are memory-mapped (``np.load(mmap_mode="r")``),
-    packed labels wrapped in :class:`PackedLabel`. Nothing is decoded, and nothing counts against a
+    packed labels wrapped in :class:`PackedLabel`, blosc2 files in :class:`Blosc2Volume`. Nothing is decoded, and nothing counts against a
     worker's ``cache_bytes`` except labels of a cache without labels (``labels: none``), which are read
     from the TIFFs into an LRU of ``label_cache_bytes``. A ``surface_points`` other than the cache's
     recomputes the (same, deterministic) surface subsample from the label on first use.
@@ -528,13 +642,16 @@ class PreparedVolumes:
     def shape(self, vid: str) -> tuple[int, int, int]:
         return tuple(self.entries[vid]["shape"])  # type: ignore[return-value]
 
-    def image(self, vid: str) -> np.ndarray:
-        """``uint8 (Z, Y, X)`` memmap of the image."""
+    def image(self, vid: str) -> Any:
+        """``uint8 (Z, Y, X)`` image: a memmap, or a :class:`Blosc2Volume` (``images: blosc2``)."""
         return self._array(self._entry(vid), "image")
 
-    def _array(self, entry: dict, kind: str, mmap: bool = True) -> np.ndarray:
-        """One of the volume's arrays (memory-mapped); :class:`PreparedCacheError` naming a damaged file."""
+    def _array(self, entry: dict, kind: str, mmap: bool = True) -> Any:
+        """One of the volume's arrays (memory-mapped, or a :class:`Blosc2Volume`); :class:`PreparedCacheError`
+        naming a damaged file."""
         path = Path(entry["dir"]) / entry["files"][kind]
+        if path.suffix == ".b2nd":
+            return Blosc2Volume(path, entry["shape"])
         try:
             arr = np.load(path, mmap_mode="r" if mmap else None)
         except (OSError, ValueError, EOFError) as exc:
@@ -547,10 +664,11 @@ class PreparedVolumes:
         return arr
 
     def label(self, record: VolumeRecord) -> Any:
-        """``uint8 (Z, Y, X)`` labels: a memmap, a :class:`PackedLabel`, or decoded from the TIFF (``labels: none``)."""
+        """``uint8 (Z, Y, X)`` labels: a memmap, a :class:`PackedLabel`, a :class:`Blosc2Volume`, or decoded
+        from the TIFF (``labels: none``)."""
         entry = self._entry(record.id)
         kind = entry["labels"]
-        if kind == "npy":
+        if kind in ("npy", "blosc2"):
             return self._array(entry, "label")
         if kind == "packed":
             return PackedLabel(self._array(entry, "label"), entry["shape"])

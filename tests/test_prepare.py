@@ -15,6 +15,7 @@ import pytest
 from kaggle_utils.cli import main
 from kaggle_utils.data import DataError, label_shares, load_index, read_label, read_volume, write_volume
 from kaggle_utils.prepare import (
+    Blosc2Volume,
     PackedLabel,
     find_prepared,
     PreparedCacheError,
@@ -49,10 +50,17 @@ def test_pack_unpack_round_trip_and_slices():
         lab[0]
 
 
-@pytest.mark.parametrize("labels", ["npy", "packed"])
-def test_round_trip_equals_the_decoded_tiffs(tiny_train_data, tmp_path, labels):
+def _needs_blosc2(*storage: str) -> None:
+    if "blosc2" in storage:
+        pytest.importorskip("blosc2")
+
+
+@pytest.mark.parametrize("labels,images", [("npy", "npy"), ("packed", "npy"), ("blosc2", "blosc2")])
+def test_round_trip_equals_the_decoded_tiffs(tiny_train_data, tmp_path, labels, images):
+    _needs_blosc2(labels, images)
     out = tmp_path / "cache"
-    report = prepare(tiny_train_data, out, labels=labels, surface_points=500, workers=2, progress=False)
+    report = prepare(tiny_train_data, out, labels=labels, images=images, surface_points=500, workers=2,
+                     progress=False)
     index = load_index(tiny_train_data, "train")
     assert sorted(report.prepared) == sorted(index.ids) and report.n_volumes == 3
     manifest = json.loads((out / "manifest.json").read_text())
@@ -60,12 +68,14 @@ def test_round_trip_equals_the_decoded_tiffs(tiny_train_data, tmp_path, labels):
     for rec in index:
         image, label = read_volume(rec.image_path), read_label(rec.label_path)
         got = vols.get(rec)
-        assert isinstance(got.image, np.memmap)
-        np.testing.assert_array_equal(got.image, image)
+        assert isinstance(got.image, np.memmap if images == "npy" else Blosc2Volume)
+        np.testing.assert_array_equal(np.asarray(got.image), image)
+        np.testing.assert_array_equal(got.image[3:40, 5:9, 60:64], image[3:40, 5:9, 60:64])
+        np.testing.assert_array_equal(got.label[1:2, 0:64, 7:50], label[1:2, 0:64, 7:50])
         np.testing.assert_array_equal(np.asarray(got.label), label)
         np.testing.assert_array_equal(got.surface, surface_subsample(label, rec.id, 500))
         entry = manifest["volumes"][rec.id]
-        assert entry["shape"] == list(image.shape) and entry["labels"] == labels
+        assert entry["shape"] == list(image.shape) and entry["labels"] == labels and entry["images"] == images
         np.testing.assert_allclose(entry["label_shares"], label_shares(label), atol=1e-6)
         assert entry["n_surface"] == int((label == 1).sum())
     assert not list((out / "volumes").glob(".*"))  # no temp files left
@@ -170,6 +180,8 @@ def test_a_cache_that_does_not_match_the_data_folder(data, tmp_path):
     assert report.prepared == [rec.id]
     with pytest.raises(PreparedCacheError, match="labels 'npy'"):
         prepare(data, out, labels="packed", progress=False)
+    with pytest.raises(PreparedCacheError, match="images 'npy'"):
+        prepare(data, out, images="blosc2", progress=False)
 
 
 def test_a_damaged_cache_file_is_one_line_naming_it(tiny_train_data, tmp_path):
@@ -183,10 +195,56 @@ def test_a_damaged_cache_file_is_one_line_naming_it(tiny_train_data, tmp_path):
         vols.get(rec)
 
 
-@pytest.mark.parametrize("labels", ["npy", "packed", "none"])
-def test_sampler_draws_the_same_patches_from_the_cache_as_from_the_tiffs(tiny_train_data, tmp_path, labels):
+def test_a_damaged_blosc2_file_is_one_line_naming_it(tiny_train_data, tmp_path):
+    pytest.importorskip("blosc2")
     out = tmp_path / "cache"
-    prepare(tiny_train_data, out, labels=labels, surface_points=300, progress=False)
+    prepare(tiny_train_data, out, labels="blosc2", images="blosc2", progress=False)
+    recs = load_index(tiny_train_data, "train").records
+    label = out / "volumes" / f"{recs[0].id}.label.b2nd"
+    label.write_bytes(label.read_bytes()[:200])  # truncated: cannot even be opened
+    with pytest.raises(PreparedCacheError, match=f"{label}: unreadable blosc2 array .* rerun prepare"):
+        open_prepared(out, [recs[0]]).get(recs[0])
+    image = out / "volumes" / f"{recs[1].id}.image.b2nd"
+    image.write_bytes(b"\0" * 5000)  # overwritten (a bad copy)
+    with pytest.raises(PreparedCacheError, match=f"{image}: unreadable blosc2 array"):
+        open_prepared(out, [recs[1]]).get(recs[1])
+    image.unlink()
+    with pytest.raises(PreparedCacheError, match=f"{image}: unreadable blosc2 array"):
+        open_prepared(out, [recs[1]]).get(recs[1])
+
+
+def test_blosc2_volumes_survive_pickling_and_reopen_in_each_process(tiny_train_data, tmp_path):
+    import pickle
+
+    pytest.importorskip("blosc2")
+    out = tmp_path / "cache"
+    prepare(tiny_train_data, out, labels="blosc2", progress=False)
+    rec = load_index(tiny_train_data, "train").records[0]
+    lab = open_prepared(out, [rec]).label(rec)
+    want = read_label(rec.label_path)
+    assert isinstance(lab, Blosc2Volume) and lab.shape == want.shape and lab.dtype == np.uint8
+    copy = pickle.loads(pickle.dumps(lab))  # what a spawned DataLoader worker gets
+    assert copy._nd is None
+    np.testing.assert_array_equal(copy[0:40, 10:20, 30:64], want[0:40, 10:20, 30:64])
+    lab._pid = -2  # as after a fork: the next read opens the file again in this process
+    np.testing.assert_array_equal(np.asarray(lab), want)
+    assert lab._pid > 0
+
+
+def test_blosc2_storage_without_the_package_says_how_to_get_it(tiny_train_data, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "blosc2", None)  # import blosc2 -> ImportError
+    with pytest.raises(PreparedCacheError, match="pip install blosc2"):
+        prepare(tiny_train_data, tmp_path / "cache", labels="blosc2", progress=False)
+    assert not (tmp_path / "cache" / "volumes").exists()  # refused before any decode
+
+
+@pytest.mark.parametrize("labels,images", [("npy", "npy"), ("packed", "npy"), ("none", "npy"), ("blosc2", "blosc2")])
+def test_sampler_draws_the_same_patches_from_the_cache_as_from_the_tiffs(tiny_train_data, tmp_path, labels, images):
+    _needs_blosc2(labels, images)
+    out = tmp_path / "cache"
+    prepare(tiny_train_data, out, labels=labels, images=images, surface_points=300, progress=False)
     index = load_index(tiny_train_data, "train")
     kw = dict(patch_size=(32, 32, 48), patches_per_epoch=12, surface_share=0.6, surface_points=300)
     tiff = PatchDataset(index, SamplerConfig(**kw), seed=4)
@@ -272,3 +330,20 @@ def test_two_gloo_ranks_train_on_a_prepared_cache(tiny_train_data, tmp_path, cap
     assert [(r.fold, r.epochs_completed, r.stopped) for r in results] == [(0, 1, "completed")]
     assert printed.count("decoded-volume cache: none (prepared cache") == 1  # rank 0 prints the plan once
     assert "for 2 rank(s) x 1 worker(s)" in printed and "budget (set to 4 GiB)" in printed
+
+
+def test_blosc2_cache_benchmark_runs(tmp_path, capsys):
+    # smoke test of benchmarks/blosc2_cache.py at a tiny size: every variant writes, reads back equal, prints a row
+    pytest.importorskip("blosc2")
+    import importlib.util
+
+    from test_train import REPO
+
+    spec = importlib.util.spec_from_file_location("blosc2_cache", REPO / "benchmarks" / "blosc2_cache.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--work", str(tmp_path), "--n-volumes", "1", "--size", "48", "--patch", "16",
+                       "--patches", "3"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| image") or
+            line.startswith("| label")]
+    assert len(rows) == 2 * (1 + len(bench.GRID)) + 1  # npy + grid for both, packed for labels
