@@ -446,6 +446,9 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--checkpoint", type=Path, default=None)
     ap.add_argument("--interval", type=float, default=0.5)
     ap.add_argument("--skip", nargs="*", default=[], choices=["loader-lzw", "validate", "predict"])
+    ap.add_argument("--labels", default="npy", choices=["npy", "packed", "blosc2", "none"],
+                    help="prepare's label storage")
+    ap.add_argument("--images", default="npy", choices=["npy", "blosc2"], help="prepare's image storage")
     args = ap.parse_args()
     if args.quick:
         args.n_320, args.n_256, args.n_384, args.n_base, args.n_test = 6, 1, 1, 2, 2
@@ -480,7 +483,8 @@ def main() -> int:
 
     prep_dir = work / "prepared"
     shutil.rmtree(prep_dir, ignore_errors=True)
-    st, rep = measured("prepare", prepare, args.interval, comp, prep_dir, workers=2, progress=False)
+    st, rep = measured(f"prepare (labels {args.labels}, images {args.images})", prepare, args.interval, comp,
+                       prep_dir, workers=2, progress=False, labels=args.labels, images=args.images)
     st.disk = du(prep_dir)
     st.extra = {"volumes": len(rep.prepared), "projected to 786 volumes": project(st, voxels)}
     stages.append(st)
