@@ -218,8 +218,8 @@ def _blosc2(path: Path) -> Any:
     try:
         import blosc2
     except ImportError:
-        raise PreparedCacheError(f"{path}: stored with blosc2, which is not installed: pip install blosc2 "
-                                 "(Kaggle's image has it)") from None
+        raise PreparedCacheError(f"{path}: blosc2 storage needs the blosc2 package, which is not installed: "
+                                 "pip install blosc2 (Kaggle's image has it)") from None
     return blosc2
 
 
