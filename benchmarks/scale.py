@@ -483,10 +483,11 @@ def main() -> int:
 
     prep_dir = work / "prepared"
     shutil.rmtree(prep_dir, ignore_errors=True)
-    st, rep = measured(f"prepare (labels {args.labels}, images {args.images})", prepare, args.interval, comp,
-                       prep_dir, workers=2, progress=False, labels=args.labels, images=args.images)
+    st, rep = measured("prepare", prepare, args.interval, comp, prep_dir, workers=2, progress=False,
+                       labels=args.labels, images=args.images)
     st.disk = du(prep_dir)
-    st.extra = {"volumes": len(rep.prepared), "projected to 786 volumes": project(st, voxels)}
+    st.extra = {"labels": args.labels, "images": args.images, "volumes": len(rep.prepared),
+                "projected to 786 volumes": project(st, voxels)}
     stages.append(st)
 
     cache = int(args.lzw_cache_gib * 2**30)
