@@ -136,8 +136,8 @@ def _run_prepare(args: argparse.Namespace) -> int:
     check_output(args.out, "dir", what="--out")  # read-only, a file in the way, a full disk: before any decode
     try:
         report = prepare(find_data_root(args.data_dir), args.out, ids=args.ids, folds=args.folds,
-                         n_folds=args.n_folds, part=args.part, labels=args.labels,
-                         images=args.images, surface_points=args.surface_points, workers=args.workers, progress=not args.no_progress)
+                         n_folds=args.n_folds, part=args.part, labels=args.labels, images=args.images,
+                         surface_points=args.surface_points, workers=args.workers, progress=not args.no_progress)
     except OSError as exc:  # full or read-only disk
         print(f"error: prepare: cannot write {exc.filename or args.out}: {exc.strerror or exc}", file=sys.stderr)
         return 2

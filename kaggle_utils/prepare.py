@@ -8,7 +8,7 @@ DataLoader worker decodes a TIFF, and the OS page cache, shared by all of them, 
 
 Layout of ``CACHE`` (stable; :data:`FORMAT` / :data:`VERSION` in ``manifest.json``)::
 
-    manifest.json              {"format", "version", "labels", "surface_points", "volumes": {id: entry}}
+    manifest.json              {"format", "version", "labels", "images", "surface_points", "volumes": {id: entry}}
     volumes/{id}.image.npy     uint8 (Z, Y, X), the decoded image                 (images: npy)
     volumes/{id}.image.b2nd    the same, a blosc2 NDArray (zstd level 1, chunks 64^3) (images: blosc2)
     volumes/{id}.label.npy     uint8 (Z, Y, X) in {0, 1, 2}               (labels: npy)
@@ -27,7 +27,8 @@ per DataLoader worker (BENCHMARKS.md, "The prepared cache: .npy or blosc2").
 
 A manifest entry: ``id, scroll_id, shape, label_shares [bg, surface, ignore], stats [lo, hi, mean,
 std]`` (:class:`~kaggle_utils.data.IntensityStats` of the whole image), ``n_surface`` (label-1
-voxels), ``surface_points``, ``labels`` and ``source: {image: [size, crc], label: [size, crc]}``: the
+voxels), ``surface_points``, ``labels``, ``images`` (absent in caches made before it: npy) and
+``source: {image: [size, crc], label: [size, crc]}``: the
 TIFFs' byte sizes and a CRC-32 of their first and last 64 KiB (not mtimes: a copy of the data, as in
 another Kaggle session, keeps them). :func:`open_prepared` checks the ids a run uses against the data
 folder by that fingerprint.
@@ -173,7 +174,27 @@ def unpack_labels(packed: np.ndarray, x_size: int, x_start: int = 0, x_stop: int
     return out[..., x_start - 4 * k0: x_stop - 4 * k0]
 
 
-class PackedLabel:
+class _SlicedVolume:
+    """What :class:`PackedLabel` and :class:`Blosc2Volume` share: a read-only volume read through
+    ``vol[z0:z1, y0:y1, x0:x1]`` (the subclass's ``__getitem__``, which also takes ``...``), with
+    ``.shape``, ``.size`` and ``np.asarray(vol)`` (the whole volume)."""
+
+    memory_mapped = True
+    shape: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        raise NotImplementedError
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[...]
+        return out if dtype is None else out.astype(dtype)
+
+
+class PackedLabel(_SlicedVolume):
     """A read-only ``uint8 (Z, Y, X)`` label volume stored packed (:func:`pack_labels`), usually memory-mapped.
 
     Supports what the sampler and validation do with a label array: ``.shape``, ``.dtype``, ``.ndim``,
@@ -181,17 +202,11 @@ class PackedLabel:
     ``np.asarray(label)`` (the whole volume).
     """
 
-    memory_mapped = True
-
     def __init__(self, packed: np.ndarray, shape: Sequence[int]):
         self.packed = packed
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(np.uint8)
         self.ndim = 3
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape))
 
     def __getitem__(self, key: Any) -> np.ndarray:
         if key is Ellipsis:
@@ -202,10 +217,6 @@ class PackedLabel:
             raise TypeError("PackedLabel supports only unit-step slices")
         x0, x1, _ = key[2].indices(self.shape[2])
         return unpack_labels(self.packed[key[0], key[1]], self.shape[2], x0, max(x0, x1))
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        out = self[...]
-        return out if dtype is None else out.astype(dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,7 +245,7 @@ def _save_blosc2(path: Path, arr: np.ndarray, kind: str) -> None:
                        blocks=(block,) * 3, cparams=cparams)
 
 
-class Blosc2Volume:
+class Blosc2Volume(_SlicedVolume):
     """A read-only ``uint8 (Z, Y, X)`` volume in a blosc2 file, read a slice at a time.
 
     Supports what the sampler and validation do with an image or a label array: ``.shape``,
@@ -244,9 +255,7 @@ class Blosc2Volume:
     naming it.
     """
 
-    memory_mapped = True
-
-    def __init__(self, path: str | os.PathLike, shape: Sequence[int] | None = None):
+    def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._nd: Any = None
         self._pid = -1
@@ -254,13 +263,6 @@ class Blosc2Volume:
         self.shape = tuple(int(s) for s in nd.shape)
         self.dtype = np.dtype(nd.dtype)
         self.ndim = len(self.shape)
-        if shape is not None and list(self.shape) != [int(s) for s in shape]:
-            raise PreparedCacheError(f"{self.path}: shape {list(self.shape)} != {list(shape)} in the manifest; "
-                                     f"delete the volume's .json beside it and rerun prepare to redo it")
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape))
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_nd": None, "_pid": -1}
@@ -284,10 +286,6 @@ class Blosc2Volume:
             return np.asarray(self._array()[key])
         except (RuntimeError, ValueError) as exc:
             raise self._damaged(exc) from None
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        out = self[...]
-        return out if dtype is None else out.astype(dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -593,8 +591,8 @@ class PreparedVolumes:
 
     Drop-in for :class:`~kaggle_utils.sampling.VolumeCache` in :class:`~kaggle_utils.sampling.PatchDataset`
     (and what validation reads): images and labels are memory-mapped (``np.load(mmap_mode="r")``),
-    packed labels wrapped in :class:`PackedLabel`, blosc2 files in :class:`Blosc2Volume`. Nothing is decoded, and nothing counts against a
-    worker's ``cache_bytes`` except labels of a cache without labels (``labels: none``), which are read
+    packed labels wrapped in :class:`PackedLabel`, blosc2 files in :class:`Blosc2Volume`. Nothing is
+    decoded, and nothing counts against a worker's ``cache_bytes`` except labels of a cache without labels (``labels: none``), which are read
     from the TIFFs into an LRU of ``label_cache_bytes``. A ``surface_points`` other than the cache's
     recomputes the (same, deterministic) surface subsample from the label on first use.
 
@@ -651,13 +649,15 @@ class PreparedVolumes:
         naming a damaged file."""
         path = Path(entry["dir"]) / entry["files"][kind]
         if path.suffix == ".b2nd":
-            return Blosc2Volume(path, entry["shape"])
-        try:
-            arr = np.load(path, mmap_mode="r" if mmap else None)
-        except (OSError, ValueError, EOFError) as exc:
-            raise PreparedCacheError(f"{path}: unreadable prepared array ({type(exc).__name__}: {exc}); delete "
-                                     f"{entry['id']}.json beside it and rerun prepare to redo the volume") from None
-        expected = entry["shape"] if kind == "image" or (kind == "label" and entry["labels"] == "npy") else None
+            arr = Blosc2Volume(path)
+        else:
+            try:
+                arr = np.load(path, mmap_mode="r" if mmap else None)
+            except (OSError, ValueError, EOFError) as exc:
+                raise PreparedCacheError(f"{path}: unreadable prepared array ({type(exc).__name__}: {exc}); delete "
+                                         f"{entry['id']}.json beside it and rerun prepare to redo the volume") from None
+        full_size = kind == "image" or (kind == "label" and entry["labels"] in ("npy", "blosc2"))
+        expected = entry["shape"] if full_size else None
         if expected is not None and list(arr.shape) != list(expected):
             raise PreparedCacheError(f"{path}: shape {list(arr.shape)} != {list(expected)} in the manifest; delete "
                                      f"{entry['id']}.json beside it and rerun prepare to redo the volume")

@@ -18,7 +18,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -237,6 +237,16 @@ def _sd_voi(pred_bin: np.ndarray, gt_bin: np.ndarray, reuse: ScoreBound | None,
     return sd, v.score, v.split, v.merge
 
 
+def _beside_sd_voi(topo: Callable[[], Any], pred_bin: np.ndarray, gt_bin: np.ndarray, reuse: ScoreBound | None,
+                   gt_cache: GroundTruthCache | None) -> tuple[Any, tuple[float, float, float, float]]:
+    """``(topo(), _sd_voi(...))``, SurfaceDice and VOI computed in a second thread while ``topo`` runs
+    TopoScore's octant threads: the numba kernels release the GIL, so the cores stay busy to the end
+    (~17 % less wall time on 2 cores). Each writes only its own fields of ``gt_cache``."""
+    with ThreadPoolExecutor(max_workers=1) as side:
+        sd_voi = side.submit(_sd_voi, pred_bin, gt_bin, reuse, gt_cache)
+        return topo(), sd_voi.result()
+
+
 def _gt_forms(gt_bin: np.ndarray, gt_cache: GroundTruthCache | None) -> list | None:
     """The GT's per-octant closed forms from ``gt_cache`` (computed and stored at first use)."""
     if gt_cache is None:
@@ -255,12 +265,8 @@ def _score_ours(pred_bin: np.ndarray, gt_bin: np.ndarray, topo_cache: OctantCach
     if gt_cache is not None:
         gt_cache.bind(gt_bin)
     gt_forms = _gt_forms(gt_bin, gt_cache)
-    # SurfaceDice and VOI (their own fields of gt_cache) run beside TopoScore's octant threads:
-    # the numba kernels release the GIL, so the cores stay busy to the end (~20 % less wall time)
-    with ThreadPoolExecutor(max_workers=1) as side:
-        sd_voi = side.submit(_sd_voi, pred_bin, gt_bin, reuse, gt_cache)
-        counts = topo_counts(pred_bin, gt_bin, cache=topo_cache, gt_forms=gt_forms)
-        sd, voi_score, split, merge = sd_voi.result()
+    counts, (sd, voi_score, split, merge) = _beside_sd_voi(
+        lambda: topo_counts(pred_bin, gt_bin, cache=topo_cache, gt_forms=gt_forms), pred_bin, gt_bin, reuse, gt_cache)
     topo = float(topo_score_from_counts(counts))
     return VolumeScore(
         score=_combine(topo, sd, voi_score), topo_score=topo, surface_dice=sd, voi_score=voi_score,
@@ -337,10 +343,8 @@ def score_bound(pred: np.ndarray, gt: np.ndarray, *, topo_cache: OctantCache | N
     pred_bin, gt_bin = preprocess(pred, gt)
     if gt_cache is not None:
         gt_cache.bind(gt_bin)
-    with ThreadPoolExecutor(max_workers=1) as side:  # as in score_volume
-        sd_voi = side.submit(_sd_voi, pred_bin, gt_bin, None, gt_cache)
-        counts, n_exact = topo_counts_bound(pred_bin, gt_bin, cache=topo_cache)
-        sd, voi_score, split, merge = sd_voi.result()
+    (counts, n_exact), (sd, voi_score, split, merge) = _beside_sd_voi(
+        lambda: topo_counts_bound(pred_bin, gt_bin, cache=topo_cache), pred_bin, gt_bin, None, gt_cache)
     topo = float(topo_score_from_counts(counts))
     return ScoreBound(upper=_combine(topo, sd, voi_score), topo_upper=topo, surface_dice=sd, voi_score=voi_score,
                       voi_split=split, voi_merge=merge, exact_octants=n_exact)
